@@ -1,0 +1,121 @@
+"""The translation log: one line per received message, saying what it became.
+
+Lines are appended and flushed at once so that `tail -f` follows the feed. The default format is
+logfmt (`key=value`, quoted when needed), which people read and tools parse; `json` writes one
+object a line. Keys always come in the same order; empty values are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+FIELD_ORDER = (
+    "time",
+    "peer",
+    "control_id",
+    "type",
+    "order_control",
+    "accession",
+    "patient_id",
+    "outcome",
+    "ack",
+    "file",
+    "reason",
+    "kept_as",
+    "note",
+    "ms",
+)
+
+
+def _logfmt_value(value: Any) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\') and text.isprintable():
+        return text
+    escaped = (
+        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    )
+    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+    return f'"{escaped}"'
+
+
+def format_logfmt(record: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_logfmt_value(value)}" for key, value in record.items())
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """Read back one logfmt line (for tests and tools)."""
+    result: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        eq = line.find("=", i)
+        if eq < 0:
+            break
+        key = line[i:eq]
+        i = eq + 1
+        if i < n and line[i] == '"':
+            i += 1
+            out = []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n:
+                    nxt = line[i + 1]
+                    if nxt == "x" and i + 3 < n:
+                        out.append(chr(int(line[i + 2 : i + 4], 16)))
+                        i += 4
+                        continue
+                    out.append({"n": "\n", "r": "\r"}.get(nxt, nxt))
+                    i += 2
+                    continue
+                out.append(line[i])
+                i += 1
+            i += 1
+            result[key] = "".join(out)
+        else:
+            end = line.find(" ", i)
+            end = n if end < 0 else end
+            result[key] = line[i:end]
+            i = end
+    return result
+
+
+class TranslationLog:
+    def __init__(self, target: str | Path, fmt: str = "logfmt") -> None:
+        self.format = fmt
+        self._lock = threading.Lock()
+        if str(target) == "-":
+            self._stream: IO[str] = sys.stdout
+            self._owned = False
+        else:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._stream = open(path, "a", encoding="utf-8", buffering=1)
+            self._owned = True
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """Append one line; returns the record as written."""
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        }
+        for key in FIELD_ORDER[1:]:
+            value = fields.pop(key, None)
+            if value not in (None, ""):
+                record[key] = value
+        record.update({k: v for k, v in fields.items() if v not in (None, "")})
+        if self.format == "json":
+            line = json.dumps(record, ensure_ascii=False)
+        else:
+            line = format_logfmt(record)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        return record
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()

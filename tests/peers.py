@@ -1,0 +1,116 @@
+"""Real peers for the tests: dcmtk's findscu and wlmscpfs, free ports, waiting for listeners.
+
+A missing peer skips the test on a developer's machine and fails it under CI (CI=true): the
+interoperability tests are the point, so they must never vanish silently there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "public"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program, or skip (fail under CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install dcmtk)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_public_samples() -> Path:
+    """The public dcm4che samples folder beside the project, or skip where it is absent."""
+    folder = SHARED_SAMPLES / "dcm4che"
+    if not folder.is_dir():
+        if IN_CI:
+            pytest.fail(f"public samples missing at {folder}")
+        pytest.skip(f"public samples not found at {folder}")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, timeout: float = 15.0, process: subprocess.Popen | None = None
+) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)  # polling a port that is not yet bound: no event to wait on
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def findscu(
+    port: int,
+    keys: list[str],
+    called_aet: str = "WLBRIDGE",
+    calling_aet: str = "FINDSCU",
+    extra: list[str] | None = None,
+    out_dir: Path | None = None,
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess:
+    """Run `findscu -W` (worklist model) with `-k` keys; with out_dir, answers are written there
+    as rsp*.dcm files (`-X`)."""
+    exe = require_tool("findscu")
+    cmd = [exe, "-W", "-aet", calling_aet, "-aec", called_aet]
+    for key in keys:
+        cmd += ["-k", key]
+    if out_dir is not None:
+        cmd += ["-X", "-od", str(out_dir)]
+    cmd += list(extra or []) + ["127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_answers(out_dir: Path) -> list:
+    """The datasets that `findscu -X` wrote, in the order received."""
+    import pydicom
+
+    files = sorted(out_dir.glob("rsp*.dcm"))
+    return [pydicom.dcmread(f) for f in files]
+
+
+@contextmanager
+def wlmscpfs(data_files_path: Path, port: int | None = None) -> Iterator[int]:
+    """Run dcmtk's wlmscpfs on `data_files_path` (which holds one folder per called AE title,
+    each with a `lockfile`); yields its port."""
+    exe = require_tool("wlmscpfs")
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [exe, "-dfp", str(data_files_path), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process=proc)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

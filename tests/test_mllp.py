@@ -1,0 +1,165 @@
+"""MLLP framing: split reads, several frames a read, noise, size limit, order of answers."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from bridge.mllp import END, START, MLLPFactory, frame
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def __call__(self, message: bytes, peer: str) -> bytes:
+        self.messages.append(message)
+        return b"ACK:" + message
+
+
+def connect(handler, **kwargs):
+    factory = MLLPFactory(handler, **kwargs)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return factory, proto, transport
+
+
+def answers(transport: StringTransport) -> list[bytes]:
+    data = transport.value()
+    return [part.split(END)[0] for part in data.split(START)[1:]]
+
+
+def test_one_frame_one_answer_framed():
+    handler = Recorder()
+    _, proto, transport = connect(handler)
+    proto.dataReceived(frame(b"MSH|one"))
+    assert handler.messages == [b"MSH|one"]
+    assert transport.value() == START + b"ACK:MSH|one" + END + b"\r"
+
+
+def test_half_frames_across_reads_and_several_frames_in_one_read():
+    handler = Recorder()
+    _, proto, transport = connect(handler)
+    stream = frame(b"MSH|a") + frame(b"MSH|b") + frame(b"MSH|c")
+    proto.dataReceived(stream[:3])
+    assert handler.messages == []
+    proto.dataReceived(stream[3:20])
+    proto.dataReceived(stream[20:])
+    assert handler.messages == [b"MSH|a", b"MSH|b", b"MSH|c"]
+    assert answers(transport) == [b"ACK:MSH|a", b"ACK:MSH|b", b"ACK:MSH|c"]
+
+
+def test_bytes_outside_frames_are_discarded():
+    handler = Recorder()
+    _, proto, _ = connect(handler)
+    proto.dataReceived(b"noise\r\n" + frame(b"MSH|x") + b"\r\njunk" + frame(b"MSH|y"))
+    assert handler.messages == [b"MSH|x", b"MSH|y"]
+
+
+def test_unfinished_frame_is_dropped_when_a_new_one_starts():
+    handler = Recorder()
+    _, proto, _ = connect(handler)
+    proto.dataReceived(START + b"MSH|truncated" + frame(b"MSH|whole"))
+    assert handler.messages == [b"MSH|whole"]
+
+
+def test_oversized_frame_is_refused_and_connection_closed_without_buffering_it():
+    handler = Recorder()
+    refused = []
+
+    def on_oversized(head: bytes, peer: str) -> bytes:
+        refused.append(head)
+        return b"AR"
+
+    _, proto, transport = connect(handler, max_frame_size=1024, on_oversized=on_oversized)
+    proto.dataReceived(START + b"MSH|" + b"x" * 2000)
+    assert handler.messages == []
+    assert refused and refused[0].startswith(b"MSH|")
+    assert transport.disconnecting
+    assert answers(transport) == [b"AR"]
+    proto.dataReceived(b"y" * 5000 + END + b"\r")  # the rest of it is ignored, not held
+    assert len(proto._buffer) == 0
+    assert handler.messages == []
+
+
+def test_asynchronous_answers_keep_the_order_of_messages():
+    pending: list[defer.Deferred] = []
+
+    def handler(message: bytes, peer: str) -> defer.Deferred:
+        d = defer.Deferred()
+        d.addCallback(lambda _: b"ACK:" + message)
+        pending.append(d)
+        return d
+
+    _, proto, transport = connect(handler)
+    proto.dataReceived(frame(b"1") + frame(b"2"))
+    assert len(pending) == 1  # the second waits for the first answer
+    pending[0].callback(None)
+    assert len(pending) == 2
+    pending[1].callback(None)
+    assert answers(transport) == [b"ACK:1", b"ACK:2"]
+
+
+def test_connection_limit_and_source_allow_list():
+    class Addr:
+        def __init__(self, host):
+            self.host = host
+
+    factory = MLLPFactory(Recorder(), max_connections=1, allowed_sources=["127.0.0.1"])
+    assert factory.buildProtocol(Addr("10.9.9.9")) is None
+    first = factory.buildProtocol(Addr("127.0.0.1"))
+    assert first is not None
+    assert factory.buildProtocol(Addr("127.0.0.1")) is None
+    first.makeConnection(StringTransport())
+    first.connectionLost(None)
+    assert factory.buildProtocol(Addr("127.0.0.1")) is not None
+
+
+def test_idle_connection_is_closed():
+    from twisted.internet.task import Clock
+
+    factory = MLLPFactory(Recorder(), idle_timeout=5)
+    proto = factory.buildProtocol(None)
+    clock = Clock()
+    proto.callLater = clock.callLater
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(4)
+    proto.dataReceived(b"x")
+    clock.advance(4)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+
+
+payloads = st.lists(
+    st.binary(max_size=200).map(lambda b: b.replace(START, b"").replace(END, b"")),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payloads, st.lists(st.integers(min_value=1, max_value=50), max_size=20))
+def test_any_split_of_the_stream_gives_the_same_messages(messages, cuts):
+    handler = Recorder()
+    _, proto, _ = connect(handler)
+    stream = b"".join(frame(m) for m in messages)
+    pos = 0
+    for cut in cuts:
+        proto.dataReceived(stream[pos : pos + cut])
+        pos += cut
+    proto.dataReceived(stream[pos:])
+    assert handler.messages == messages
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000))
+def test_arbitrary_bytes_never_raise_and_never_exceed_the_limit(data):
+    handler = Recorder()
+    _, proto, _ = connect(handler, max_frame_size=1024)
+    proto.dataReceived(data)
+    assert len(proto._buffer) <= 1024
+    assert all(len(m) <= 1024 for m in handler.messages)
