@@ -16,13 +16,13 @@ run: $(STAMP)
 	$(BIN)/wlbridge serve --config samples/wlbridge.toml
 
 test: $(STAMP)
-	$(BIN)/ruff check bridge tests bench
-	$(BIN)/ruff format --check bridge tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix bridge tests bench
-	$(BIN)/ruff format bridge tests bench
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
