@@ -114,3 +114,28 @@ def wlmscpfs(data_files_path: Path, port: int | None = None) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def dump2dcm(dump: Path, out: Path) -> Path:
+    """Convert a dcmtk dump file (plain or .gz) to a DICOM file with dcmtk's dump2dcm."""
+    import gzip
+
+    exe = require_tool("dump2dcm")
+    if dump.suffix == ".gz":
+        plain = out.with_suffix(".dump")
+        plain.write_bytes(gzip.decompress(dump.read_bytes()))
+        dump = plain
+    subprocess.run([exe, "-q", str(dump), str(out)], check=True, capture_output=True, timeout=30)
+    return out
+
+
+def findscu_file(port: int, query_file: Path, called_aet: str = "WLBRIDGE",
+                 calling_aet: str = "FINDSCU", out_dir: Path | None = None,
+                 timeout: float = 30.0) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run `findscu -W` with a query file (as dcmtk's example queries are used)."""
+    exe = require_tool("findscu")
+    cmd = [exe, "-W", "-aet", calling_aet, "-aec", called_aet]
+    if out_dir is not None:
+        cmd += ["-X", "-od", str(out_dir)]
+    cmd += ["127.0.0.1", str(port), str(query_file)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,455 @@
+"""Step 2 of the pipeline: the bytes of one MLLP frame become an HL7 v2 message.
+
+Decoding follows MSH-18 (the bytes are decoded with the charset the message declares), segments
+may end in CR, LF or CRLF, and escape sequences are decoded when a value is read. This tokenizer
+is the hot path's parser; what a message must look like for its version (segment order, required
+fields, data types) comes from hl7apy's definitions in `hl7schema`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+from bridge.errors import (
+    DATA_TYPE_ERROR,
+    REQUIRED_FIELD_MISSING,
+    SEGMENT_SEQUENCE_ERROR,
+    TABLE_VALUE_NOT_FOUND,
+    HL7Error,
+)
+
+# MSH-18 value -> (Python codec, DICOM SpecificCharacterSet or "" for the default repertoire)
+CHARSETS: dict[str, tuple[str, str]] = {
+    "": ("ascii", ""),
+    "ASCII": ("ascii", ""),
+    "8859/1": ("latin-1", "ISO_IR 100"),
+    "8859/2": ("iso8859-2", "ISO_IR 101"),
+    "8859/3": ("iso8859-3", "ISO_IR 109"),
+    "8859/4": ("iso8859-4", "ISO_IR 110"),
+    "8859/5": ("iso8859-5", "ISO_IR 144"),
+    "8859/6": ("iso8859-6", "ISO_IR 127"),
+    "8859/7": ("iso8859-7", "ISO_IR 126"),
+    "8859/8": ("iso8859-8", "ISO_IR 138"),
+    "8859/9": ("iso8859-9", "ISO_IR 148"),
+    "8859/15": ("iso8859-15", "ISO_IR 203"),
+    "UNICODE UTF-8": ("utf-8", "ISO_IR 192"),
+    "UNICODE": ("utf-8", "ISO_IR 192"),
+    "UTF-8": ("utf-8", "ISO_IR 192"),
+}
+UTF8 = ("utf-8", "ISO_IR 192")
+
+_SEGMENT_END = re.compile(r"\r\n|\r|\n")
+_SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+_C1_CONTROLS = re.compile("[\x80-\x9f]")
+
+
+@dataclass(frozen=True)
+class Delimiters:
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent
+
+
+class Segment:
+    """One segment. Field numbers are HL7's: `PID-3` is `segment.raw(3)`; for MSH, MSH-1 is the
+    field separator and MSH-2 the encoding characters, as the standard counts them."""
+
+    __slots__ = ("name", "position", "occurrence", "_fields", "_delims", "_codec")
+
+    def __init__(
+        self,
+        name: str,
+        position: int,
+        fields: list[str],
+        delims: Delimiters,
+        codec: str = "latin-1",
+        occurrence: int = 1,
+    ) -> None:
+        self.name = name
+        self.position = position  # 1-based place of the segment in the message
+        # 1-based count of this segment ID so far: ERR-2.2 / ERR-1.2 (the 2nd OBR is OBR^2)
+        self.occurrence = occurrence
+        self._fields = fields  # _fields[0] is the segment name
+        self._delims = delims
+        self._codec = codec  # the message's charset, for \Xhh\ escapes
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name}#{self.position})"
+
+    @property
+    def field_count(self) -> int:
+        return len(self._fields) - 1 + (1 if self.name == "MSH" else 0)
+
+    def raw(self, field: int) -> str:
+        """The field's text as received, escapes and separators intact ("" when absent)."""
+        if self.name == "MSH":
+            if field == 1:
+                return self._delims.field
+            index = field - 1
+        else:
+            index = field
+        if index < 1 or index >= len(self._fields):
+            return ""
+        return self._fields[index]
+
+    def repetitions(self, field: int) -> list[str]:
+        """Raw repetitions of a field (at least one, possibly empty)."""
+        text = self.raw(field)
+        if self.name == "MSH" and field in (1, 2):
+            return [text]
+        return text.split(self._delims.repetition)
+
+    def value(
+        self, field: int, component: int = 1, subcomponent: int = 1, repetition: int = 1
+    ) -> str:
+        """One leaf value, escapes decoded, "" when absent."""
+        reps = self.repetitions(field)
+        if repetition > len(reps):
+            return ""
+        return self.leaf(reps[repetition - 1], component, subcomponent)
+
+    def components(self, field: int, repetition: int = 1) -> list[str]:
+        """Every component of one repetition (first subcomponent of each), escapes decoded."""
+        reps = self.repetitions(field)
+        if repetition > len(reps):
+            return []
+        d = self._delims
+        return [
+            self.unescape(c.split(d.subcomponent)[0])
+            for c in reps[repetition - 1].split(d.component)
+        ]
+
+    def leaf(self, repetition_text: str, component: int = 1, subcomponent: int = 1) -> str:
+        d = self._delims
+        comps = repetition_text.split(d.component)
+        if component > len(comps):
+            return ""
+        subs = comps[component - 1].split(d.subcomponent)
+        if subcomponent > len(subs):
+            return ""
+        return self.unescape(subs[subcomponent - 1])
+
+    def unescape(self, text: str) -> str:
+        return unescape(text, self._delims, self._codec)
+
+
+def unescape(text: str, delims: Delimiters, codec: str = "latin-1") -> str:
+    """Decode HL7 escape sequences (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ \\.br\\); formatting
+    escapes (\\H\\ \\N\\ ...) are dropped; an unknown or unterminated one is kept as written.
+    Adjacent \\Xhh\\ escapes are decoded together: a UTF-8 character may span several."""
+    esc = delims.escape
+    if esc not in text:
+        return text
+    simple = {
+        "F": delims.field,
+        "S": delims.component,
+        "T": delims.subcomponent,
+        "R": delims.repetition,
+        "E": delims.escape,
+        ".br": "\r\n",
+        "H": "",
+        "N": "",
+    }
+    out: list[str] = []
+    hex_run: list[tuple[bytes, str]] = []  # (bytes, escape as written) of adjacent \Xhh\
+
+    def flush() -> None:
+        if not hex_run:
+            return
+        try:
+            out.append(b"".join(b for b, _ in hex_run).decode(codec))
+        except UnicodeDecodeError:
+            out.extend(written for _, written in hex_run)
+        hex_run.clear()
+
+    i, n = 0, len(text)
+    while i < n:
+        end = text.find(esc, i)
+        if end < 0:
+            flush()
+            out.append(text[i:])
+            break
+        if end > i:
+            flush()
+            out.append(text[i:end])
+            i = end
+        close = text.find(esc, i + 1)
+        if close < 0:
+            flush()
+            out.append(text[i:])
+            break
+        body = text[i + 1 : close]
+        written = text[i : close + 1]
+        data = _hex_bytes(body)
+        if data is not None:
+            hex_run.append((data, written))
+        else:
+            flush()
+            out.append(simple.get(body, written))
+        i = close + 1
+    flush()
+    return "".join(out)
+
+
+def _hex_bytes(body: str) -> bytes | None:
+    if body[:1] != "X" or len(body) < 3 or len(body) % 2 == 0:
+        return None
+    try:
+        return bytes.fromhex(body[1:])
+    except ValueError:
+        return None
+
+
+@dataclass
+class MessageHeader:
+    """What an ACK needs from MSH, read even from a message that cannot be parsed further."""
+
+    delimiters: Delimiters
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    structure: str = ""
+    control_id: str = ""
+    processing_id: str = ""
+    version: str = ""
+    charset: str = ""  # MSH-18 as received (first repetition)
+    charsets: tuple[str, ...] = ()  # every repetition of MSH-18 (ISO 2022 code extensions)
+
+
+class HL7Message:
+    """A decoded message: its segments, its header fields and the charset it declared."""
+
+    def __init__(
+        self,
+        raw: bytes,
+        text: str,
+        segments: list[Segment],
+        header: MessageHeader,
+        codec: str,
+        dicom_charset: str,
+    ) -> None:
+        self.raw = raw
+        self.text = text
+        self.segments = segments
+        self.header = header
+        self.codec = codec  # the Python codec the bytes were decoded with
+        self.dicom_charset = dicom_charset  # SpecificCharacterSet for what this message carries
+        self.notes: list[str] = []  # things worth a line in the translation log
+
+    @property
+    def delimiters(self) -> Delimiters:
+        return self.header.delimiters
+
+    @property
+    def msh(self) -> Segment:
+        return self.segments[0]
+
+    @property
+    def control_id(self) -> str:
+        return self.header.control_id
+
+    @property
+    def version(self) -> str:
+        return self.header.version
+
+    @property
+    def message_type(self) -> str:
+        """`ORM^O01` style: MSH-9.1 and MSH-9.2."""
+        return f"{self.header.message_type}^{self.header.trigger_event}"
+
+    def all(self, name: str) -> list[Segment]:
+        return [s for s in self.segments if s.name == name]
+
+    def first(self, name: str) -> Segment | None:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        return None
+
+
+_DELIMITER_CHARS = frozenset(string.punctuation)
+# What framing and file tools leave around a message: MLLP bytes, NULs, a BOM, blank lines.
+_LEADING_JUNK = b"\x00\x0b\x1c\r\n\t "
+_TRAILING_JUNK = b"\x00\x0b\x1c\x1a\r\n"  # not spaces: they may end the last field
+_BOM = b"\xef\xbb\xbf"
+
+
+def _trim(raw: bytes) -> bytes:
+    raw = raw.lstrip(_LEADING_JUNK)
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM) :].lstrip(_LEADING_JUNK)
+    return raw.rstrip(_TRAILING_JUNK)
+
+
+def _split_header_bytes(raw: bytes) -> tuple[Delimiters, list[bytes]]:
+    if not raw.startswith(b"MSH") or len(raw) < 8:
+        raise HL7Error(SEGMENT_SEQUENCE_ERROR, "MSH^1", "the message does not start with MSH", "AR")
+    sep = raw[3:4].decode("latin-1")
+    if sep not in _DELIMITER_CHARS:
+        raise HL7Error(DATA_TYPE_ERROR, "MSH^1^1", f"invalid field separator {sep!r}", "AR")
+    line = _SEGMENT_END.split(raw.decode("latin-1"), maxsplit=1)[0].encode("latin-1")
+    fields = line.split(sep.encode())
+    enc = fields[1].decode("latin-1") if len(fields) > 1 else ""
+    if (
+        len(enc) < 4
+        or len(set(enc[:4] + sep)) != 5
+        or not all(c in _DELIMITER_CHARS for c in enc[:4])
+    ):
+        raise HL7Error(DATA_TYPE_ERROR, "MSH^1^2", f"invalid encoding characters {enc!r}", "AR")
+    delims = Delimiters(sep, enc[0], enc[1], enc[2], enc[3])
+    return delims, fields
+
+
+def header_codec(charset: str) -> str:
+    """The codec for MSH fields and the ACK: the declared charset's, or latin-1 when it is not one
+    we know (latin-1 maps every byte, so what is echoed back is what was received)."""
+    return CHARSETS.get(charset.strip().upper(), ("latin-1", ""))[0]
+
+
+def read_header(raw: bytes) -> MessageHeader | None:
+    """MSH fields for an ACK, from bytes that may not parse; None when there is no usable MSH."""
+    try:
+        delims, fields = _split_header_bytes(_trim(raw))
+    except HL7Error:
+        return None
+
+    def first(n: int) -> bytes:
+        # MSH-n is fields[n - 1]: MSH-1 is the separator itself
+        return fields[n - 1] if n - 1 < len(fields) else b""
+
+    rep = delims.repetition.encode()
+    comp = delims.component.encode()
+    charsets = tuple(r.split(comp)[0].decode("latin-1").strip() for r in first(18).split(rep))
+    charset = charsets[0]
+    codec = header_codec(charset)
+
+    def text(n: int) -> str:
+        return first(n).decode(codec, errors="replace")
+
+    def get(n: int, component: int = 1) -> str:
+        comps = text(n).split(delims.repetition)[0].split(delims.component)
+        value = comps[component - 1] if component <= len(comps) else ""
+        return unescape(value.split(delims.subcomponent)[0], delims, codec).strip()
+
+    return MessageHeader(
+        delimiters=delims,
+        sending_application=text(3),
+        sending_facility=text(4),
+        receiving_application=text(5),
+        receiving_facility=text(6),
+        message_type=get(9, 1),
+        trigger_event=get(9, 2),
+        structure=get(9, 3),
+        control_id=get(10),
+        processing_id=get(11),
+        version=get(12),
+        charset=charset,
+        charsets=charsets if any(charsets) else (),
+    )
+
+
+def _decode(raw: bytes, header: MessageHeader) -> tuple[str, str, str, str | None]:
+    """Decode the bytes with the declared charset: (text, codec, dicom charset, note)."""
+    label = header.charset or "ASCII"
+    declared = header.charset.upper()
+    if declared not in CHARSETS:
+        raise HL7Error(TABLE_VALUE_NOT_FOUND, "MSH^1^18", f"unsupported character set {label!r}")
+    if len(header.charsets) > 1 and b"\x1b" in raw:
+        # MSH-18 repetitions name ISO 2022 code extensions, switched by ESC sequences.
+        raise HL7Error(
+            TABLE_VALUE_NOT_FOUND,
+            "MSH^1^18^2",
+            f"character set switching ({'~'.join(header.charsets)}) is not supported",
+        )
+    codec, dicom = CHARSETS[declared]
+    eight_bit = codec.startswith(("latin", "iso8859")) and not raw.isascii()
+    if eight_bit:
+        # UTF-8 under an 8859 label is common (the public dcm4che samples do it), and text that
+        # is really 8859 and non-ASCII is almost never valid UTF-8: trust the bytes.
+        try:
+            return raw.decode("utf-8"), *UTF8, f"MSH-18 says {label} but the bytes are UTF-8"
+        except UnicodeDecodeError:
+            pass
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise _charset_error(raw, exc.start, header, label) from None
+    if eight_bit and (c1 := _C1_CONTROLS.search(text)):
+        # C1 bytes are never text in ISO 8859. Under 8859/1 they are Windows-1252 (as web
+        # browsers read that label); its characters (en dash, euro) need UTF-8 in DICOM.
+        if declared == "8859/1":
+            try:
+                return raw.decode("cp1252"), *UTF8, f"MSH-18 says {label} but the bytes are cp1252"
+            except UnicodeDecodeError:
+                pass
+        raise _charset_error(raw, c1.start(), header, label)
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise HL7Error(
+            DATA_TYPE_ERROR,
+            _location_of_offset(raw, nul, header.delimiters),
+            "the message contains a NUL byte",
+        )
+    return text, codec, dicom, None
+
+
+def _charset_error(raw: bytes, offset: int, header: MessageHeader, label: str) -> HL7Error:
+    return HL7Error(
+        DATA_TYPE_ERROR,
+        _location_of_offset(raw, offset, header.delimiters),
+        f"byte 0x{raw[offset]:02X} does not fit the declared character set {label}",
+    )
+
+
+def _location_of_offset(raw: bytes, offset: int, delims: Delimiters) -> str:
+    """ERR-2 location (SEG^occurrence^field) of a byte offset, for charset errors."""
+    lines = _SEGMENT_END.split(raw[:offset].decode("latin-1"))
+    name = lines[-1][:3]
+    if not _SEGMENT_NAME.match(name) or delims.field not in lines[-1]:
+        return ""  # the bad byte is in a segment name
+    occurrence = sum(1 for line in lines if line[:3] == name)
+    field = lines[-1].count(delims.field) + (1 if name == "MSH" else 0)
+    return f"{name}^{occurrence}^{field}"
+
+
+def parse_message(raw: bytes) -> HL7Message:
+    """Tokenize one message. Raises HL7Error (and nothing else) for what makes it unreadable."""
+    raw = _trim(raw)
+    header = read_header(raw)
+    if header is None:
+        _split_header_bytes(raw)  # raises the precise reason
+        raise HL7Error(SEGMENT_SEQUENCE_ERROR, "MSH^1", "unreadable MSH segment", "AR")
+    text, codec, dicom_charset, note = _decode(raw, header)
+    delims = header.delimiters
+    segments: list[Segment] = []
+    seen: dict[str, int] = {}
+    for line in _SEGMENT_END.split(text):
+        if not line.strip():
+            continue
+        fields = line.split(delims.field)
+        name = fields[0]
+        if not _SEGMENT_NAME.match(name):
+            raise HL7Error(
+                SEGMENT_SEQUENCE_ERROR,
+                "",
+                f"segment {len(segments) + 1} has an invalid name {name[:10]!r}",
+            )
+        seen[name] = seen.get(name, 0) + 1
+        segments.append(Segment(name, len(segments) + 1, fields, delims, codec, seen[name]))
+    if not header.control_id:
+        raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty")
+    message = HL7Message(raw, text, segments, header, codec, dicom_charset)
+    if note:
+        message.notes.append(note)
+    return message
