@@ -1,0 +1,636 @@
+"""In-memory index of the worklist folder, kept in step with the files.
+
+Items are held as compact records (bridge.matching.Record) with secondary indexes (patient ID,
+accession number, study UID, requested procedure ID, station AE title, modality, SPS ID, SPS
+start date), so a selective query touches only its candidates. Updates come from the reactor
+thread (the bridge's own store calls put/discard; the watcher applies changes made by other
+programs); queries come from pynetdicom's association threads. One lock guards the maps and is
+held only for dictionary work: files are read and queries matched outside it.
+
+A restart reads a cache file (`.wlbridge-index.cache` in the folder) and re-reads only the files
+whose name, size, mtime or inode changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from bridge.config import Settings
+from bridge.matching import (
+    ACCESSION_NUMBER,
+    ISSUER_OF_PATIENT_ID,
+    MODALITY,
+    PATIENT_ID,
+    REQUESTED_PROCEDURE_ID,
+    SPS_ID,
+    SPS_SEQUENCE,
+    SPS_START_DATE,
+    STATION_AET,
+    STUDY_INSTANCE_UID,
+    Query,
+    Record,
+    canonical_date,
+    missing_required,
+    record_from_dataset,
+    sort_key,
+)
+
+CACHE_NAME = ".wlbridge-index.cache"
+CACHE_VERSION = 1
+SAFETY_NET_INTERVAL = 60.0  # seconds between full rescans when inotify reports changes
+_RECENT = 2.0  # files younger than this are left out of the cache: mtime may not yet tell
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
+
+# Hint name (bridge.matching.Hints) -> (level, tag) the values come from.
+_INDEXED = {
+    "patient_ids": ("top", PATIENT_ID),
+    "accession_numbers": ("top", ACCESSION_NUMBER),
+    "study_uids": ("top", STUDY_INSTANCE_UID),
+    "requested_procedure_ids": ("top", REQUESTED_PROCEDURE_ID),
+    "station_aets": ("sps", STATION_AET),
+    "modalities": ("sps", MODALITY),
+    "sps_ids": ("sps", SPS_ID),
+}
+
+
+class Entry:
+    __slots__ = ("key", "folder", "record", "sig", "order")
+
+    def __init__(self, key: str, folder: str, record: Record, sig: Signature | None) -> None:
+        self.key = key
+        self.folder = folder
+        self.record = record
+        self.sig = sig
+        self.order = (sort_key(record), key)
+
+
+def _vals(value: Any) -> tuple:
+    if value is None or value == "":
+        return ()
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _index_values(rec: Record) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {name: set() for name in _INDEXED}
+    out["dates"] = set()
+    steps = [s for s in _vals(rec.get(SPS_SEQUENCE)) if isinstance(s, Record)]
+    for name, (level, tag) in _INDEXED.items():
+        sources = (rec,) if level == "top" else steps
+        for src in sources:
+            out[name].update(v for v in _vals(src.get(tag)) if isinstance(v, str))
+    for step in steps:
+        for v in _vals(step.get(SPS_START_DATE)):
+            date = canonical_date(str(v))
+            if date:
+                out["dates"].add(date)
+    return out
+
+
+# Index maps hold a single key (str) while a value has one item, a set beyond: most patient
+# IDs and accession numbers name one item, and a set per value would cost 200+ bytes.
+def _add(index: dict, value: str, key: str) -> None:
+    held = index.get(value)
+    if held is None:
+        index[value] = key
+    elif isinstance(held, str):
+        if held != key:
+            index[value] = {held, key}
+    else:
+        held.add(key)
+
+
+def _remove(index: dict, value: str, key: str) -> None:
+    held = index.get(value)
+    if held is None:
+        return
+    if isinstance(held, str):
+        if held == key:
+            del index[value]
+        return
+    held.discard(key)
+    if len(held) == 1:
+        index[value] = next(iter(held))
+    elif not held:
+        del index[value]
+
+
+def _size(held: Any) -> int:
+    return 0 if held is None else 1 if isinstance(held, str) else len(held)
+
+
+def _keys(held: Any) -> Iterable[str]:
+    return () if held is None else (held,) if isinstance(held, str) else held
+
+
+class _CacheUnpickler(pickle.Unpickler):
+    """The cache lives in a folder other programs write to: unpickle our two types only."""
+
+    _ALLOWED = {("bridge.matching", "Record"), ("bridge.matching", "layout_of")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in the index cache")
+        return super().find_class(module, name)
+
+
+def read_record(path: str) -> tuple[Record, Signature]:
+    """The record of a worklist file and the signature of the version read."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return record_from_dataset(ds), (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _signature(path: str) -> Signature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def is_worklist_name(name: str) -> bool:
+    return name.endswith(".wl") and not name.startswith(".")
+
+
+class WorklistIndex:
+    """The worklist items of `settings.worklist_dir` (flat or per-ae layout)."""
+
+    def __init__(self, settings: Settings, log: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.log = log or logging.getLogger("bridge.index")
+        self.root = os.path.abspath(settings.worklist_dir)
+        self.per_ae = settings.worklist_layout == "per-ae"
+        self.cache_path = os.path.join(self.root, CACHE_NAME)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._entries: dict[str, Entry] = {}
+        self._maps: dict[str, dict] = {name: {} for name in (*_INDEXED, "dates", "folders")}
+        self._dates: list[str] = []  # sorted distinct SPS start dates, for range look-ups
+        self._warned: dict[str, tuple[str, ...]] = {}  # key -> missing attributes logged
+        self._failed: dict[str, Signature | None] = {}  # unreadable files already logged
+        self._dirty = False
+        self.generation = 0  # counts applied changes; waiters are woken on each
+        self._reactor: Any = None
+        self._notifier: Any = None
+        self._poller: Any = None
+        self._polling = False
+        self.load_stats: dict[str, float] = {}  # of the last load(): items, read, cached, seconds
+
+    # ---- paths
+
+    def _key(self, path: str | os.PathLike) -> str:
+        return os.path.abspath(path)
+
+    def _folder(self, key: str) -> str | None:
+        """The called AE sub-folder of a file (per-ae), "" (flat); None outside the layout."""
+        rel = os.path.relpath(key, self.root)
+        parts = rel.split(os.sep)
+        if parts[0] == "..":
+            return None
+        if self.per_ae:
+            return parts[0] if len(parts) == 2 else None
+        return "" if len(parts) == 1 else None
+
+    def ae_folders(self) -> set[str]:
+        """Names of the called AE sub-folders that exist now (per-ae layout)."""
+        try:
+            with os.scandir(self.root) as it:
+                return {e.name for e in it if e.is_dir() and not e.name.startswith(".")}
+        except OSError:
+            return set()
+
+    def _scan(self) -> dict[str, Signature]:
+        """Every worklist file under the root, by key, with its signature."""
+        found: dict[str, Signature] = {}
+        folders = [self.root]
+        if self.per_ae:
+            folders = [os.path.join(self.root, name) for name in sorted(self.ae_folders())]
+        for folder in folders:
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        if not is_worklist_name(e.name):
+                            continue
+                        try:
+                            st = e.stat()
+                        except OSError:
+                            continue  # removed while scanning
+                        found[e.path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+            except OSError as exc:
+                self.log.warning("cannot list worklist folder %s: %s", folder, exc)
+        return found
+
+    # ---- loading and the cache
+
+    def load(self) -> None:
+        """Initial scan: cached records for unchanged files, a fresh read for the others."""
+        started = time.monotonic()
+        os.makedirs(self.root, exist_ok=True)
+        cached = self._read_cache()
+        found = self._scan()
+        loaded: list[tuple[str, Record, Signature]] = []
+        reread = 0
+        for key, sig in found.items():
+            hit = cached.get(key)
+            if hit is not None and hit[0] == sig:
+                loaded.append((key, hit[1], sig))
+                continue
+            reread += 1
+            result = self._read(key, sig)
+            if result is not None:
+                loaded.append((key, result[0], result[1]))
+        with self._lock:
+            for key in list(self._entries):
+                if key not in found:
+                    self._remove_entry(key)
+            for key, record, sig in loaded:
+                self._set_entry(key, record, sig)
+            self._bump()
+        self._dirty = reread > 0 or len(cached) != len(loaded)
+        if self._dirty:
+            self.save_cache()
+        self.load_stats = {
+            "items": len(loaded), "read": reread, "cached": len(loaded) - reread + 0,
+            "seconds": time.monotonic() - started,
+        }  # fmt: skip
+        self.log.info(
+            "worklist index: %d items (%d read, %d from cache) in %.2f s",
+            len(loaded), reread, len(loaded) - reread, time.monotonic() - started,
+        )  # fmt: skip
+
+    def _read_cache(self) -> dict[str, tuple[Signature, Record]]:
+        try:
+            with open(self.cache_path, "rb") as f:
+                data = _CacheUnpickler(f).load()
+            if data.get("version") != CACHE_VERSION or data.get("per_ae") != self.per_ae:
+                return {}
+            return {os.path.join(self.root, rel): v for rel, v in data["entries"].items()}
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # a damaged or foreign cache only costs a full read
+            self.log.warning("ignoring index cache %s: %s", self.cache_path, exc)
+            return {}
+
+    def save_cache(self) -> None:
+        """Write the cache atomically (temporary file, then rename)."""
+        horizon = time.time_ns() - int(_RECENT * 1e9)
+        with self._lock:
+            entries = {
+                os.path.relpath(e.key, self.root): (e.sig, e.record)
+                for e in self._entries.values()
+                if e.sig is not None and e.sig[1] < horizon
+            }
+            self._dirty = False
+        tmp = f"{self.cache_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                pickle.dump(
+                    {"version": CACHE_VERSION, "per_ae": self.per_ae, "entries": entries},
+                    f,
+                    protocol=pickle.HIGHEST_PROTOCOL,
+                )
+            os.replace(tmp, self.cache_path)
+        except OSError as exc:
+            self.log.warning("cannot write index cache %s: %s", self.cache_path, exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _read(self, key: str, sig: Signature | None) -> tuple[Record, Signature] | None:
+        """Read one file; an unreadable file is logged once per version and skipped."""
+        try:
+            return read_record(key)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            if self._failed.get(key, ()) != sig:
+                self._failed[key] = sig
+                self.log.warning("skipping unreadable worklist file %s: %s", key, exc)
+            return None
+
+    # ---- updates (reactor thread)
+
+    def put(self, path: Path, dataset: Dataset) -> None:
+        """The bridge wrote `dataset` to `path` (durably): index it now."""
+        key = self._key(path)
+        record = record_from_dataset(dataset)
+        with self._lock:
+            self._set_entry(key, record, _signature(key))
+            self._bump()
+        self._dirty = True
+
+    def discard(self, path: Path) -> None:
+        """The bridge deleted `path`."""
+        key = self._key(path)
+        with self._lock:
+            if self._remove_entry(key):
+                self._bump()
+        self._dirty = True
+
+    def _bump(self) -> None:
+        self.generation += 1
+        self._changed.notify_all()
+
+    def _set_entry(self, key: str, record: Record, sig: Signature | None) -> None:
+        folder = self._folder(key)
+        if folder is None:
+            self.log.warning("not indexing %s: outside the worklist folder layout", key)
+            return
+        self._remove_entry(key)
+        entry = Entry(key, folder, record, sig)
+        self._entries[key] = entry
+        maps = self._maps
+        for name, values in _index_values(record).items():
+            for value in values:
+                if name == "dates" and value not in maps["dates"]:
+                    bisect.insort(self._dates, value)
+                _add(maps[name], value, key)
+        _add(maps["folders"], folder, key)
+        self._failed.pop(key, None)
+        missing = tuple(missing_required(record))
+        if missing and self._warned.get(key) != missing:
+            self.log.warning(
+                "worklist item %s lacks required attributes (served anyway; modalities may "
+                "drop it): %s", key, ", ".join(missing),
+            )  # fmt: skip
+        if missing:
+            self._warned[key] = missing
+        else:
+            self._warned.pop(key, None)
+
+    def _remove_entry(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        maps = self._maps
+        for name, values in _index_values(entry.record).items():
+            for value in values:
+                _remove(maps[name], value, key)
+                if name == "dates" and value not in maps["dates"]:
+                    i = bisect.bisect_left(self._dates, value)
+                    if i < len(self._dates) and self._dates[i] == value:
+                        del self._dates[i]
+        _remove(maps["folders"], entry.folder, key)
+        return True
+
+    # ---- reading (any thread)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (woken by each applied change) until `predicate()` holds; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                self._lock.release()
+                try:
+                    if predicate():
+                        return True
+                finally:
+                    self._lock.acquire()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+
+    def record(self, path: str | os.PathLike) -> Record | None:
+        entry = self._entries.get(self._key(path))
+        return entry.record if entry is not None else None
+
+    def get(self, path: str | os.PathLike) -> Dataset | None:
+        """The indexed item at `path` as a Dataset (read from its file), None if not indexed."""
+        key = self._key(path)
+        if key not in self._entries:
+            return None
+        try:
+            return pydicom.dcmread(key)
+        except (OSError, InvalidDicomError) as exc:
+            self.log.warning("cannot read indexed worklist file %s: %s", key, exc)
+            return None
+
+    def items_of_patient(
+        self, patient_id: str, issuer: str | None = None
+    ) -> list[tuple[Path, Dataset]]:
+        """Every item (whatever its status) of a patient; with `issuer`, only items whose
+        IssuerOfPatientID is that issuer."""
+        with self._lock:
+            keys = list(_keys(self._maps["patient_ids"].get(patient_id)))
+            entries = [self._entries[k] for k in keys]
+        out = []
+        for entry in sorted(entries, key=lambda e: e.order):
+            if issuer and _vals(entry.record.get(ISSUER_OF_PATIENT_ID))[:1] != (issuer,):
+                continue
+            ds = self.get(entry.key)
+            if ds is not None:
+                out.append((Path(entry.key), ds))
+        return out
+
+    def search(self, query: Query, folder: str | None = None) -> list[Record]:
+        """Records matching `query` (in `folder` for the per-ae layout), in SPS start order."""
+        with self._lock:
+            candidates = self._candidates(query, folder)
+        if folder is not None:
+            candidates = [e for e in candidates if e.folder == folder]
+        found = [e for e in candidates if query.matches(e.record)]
+        found.sort(key=lambda e: e.order)
+        return [e.record for e in found]
+
+    def _candidates(self, query: Query, folder: str | None) -> list[Entry]:
+        """The smallest candidate set the query's exact values allow (lock held)."""
+        hints = query.hints
+        best: tuple[int, Callable[[], Iterable[str]]] | None = None
+        for name in _INDEXED:
+            values = getattr(hints, name)
+            if values is None:
+                continue
+            index = self._maps[name]
+            size = sum(_size(index.get(v)) for v in values)
+            if best is None or size < best[0]:
+                best = (size, lambda index=index, values=values: _union(index, values))
+        if hints.date_range is not None:
+            lo, hi = hints.date_range
+            i = bisect.bisect_left(self._dates, lo) if lo else 0
+            j = bisect.bisect_right(self._dates, hi) if hi else len(self._dates)
+            dates = self._dates[i:j]
+            index = self._maps["dates"]
+            size = sum(_size(index.get(d)) for d in dates)
+            if best is None or size < best[0]:
+                best = (size, lambda index=index, dates=dates: _union(index, dates))
+        if folder is not None:
+            index = self._maps["folders"]
+            size = _size(index.get(folder))
+            if best is None or size < best[0]:
+                best = (size, lambda index=index: _keys(index.get(folder)))
+        if best is None:
+            return list(self._entries.values())
+        entries = self._entries
+        return [entries[k] for k in best[1]()]
+
+    # ---- watching files that other programs change
+
+    def start_watching(self, reactor: Any) -> None:
+        """Follow changes made by other programs: inotify where available (a full rescan
+        every SAFETY_NET_INTERVAL s as well), else a rescan every index_poll_interval s."""
+        from twisted.internet.task import LoopingCall
+
+        self._reactor = reactor
+        interval = self.settings.index_poll_interval
+        try:
+            self._start_inotify(reactor)
+            interval = max(interval, SAFETY_NET_INTERVAL)
+        except Exception as exc:
+            self._notifier = None
+            self.log.info("inotify unavailable (%s): polling every %.1f s", exc, interval)
+        self._poller = LoopingCall(self._poll)
+        self._poller.clock = reactor
+        self._poller.start(interval, now=False)
+
+    def stop_watching(self) -> None:
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        if self._dirty:
+            self.save_cache()
+
+    def _start_inotify(self, reactor: Any) -> None:
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        notifier = inotify.INotify(reactor=reactor)
+        notifier.startReading()
+        self._notifier = notifier
+        mask = (
+            inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+            | inotify.IN_DELETE | inotify.IN_CREATE | inotify.IN_ATTRIB
+        )  # fmt: skip
+        self._inotify_mask = mask
+        notifier.watch(FilePath(self.root), mask=mask, callbacks=[self._on_event])
+        if self.per_ae:
+            for name in self.ae_folders():
+                self._watch_folder(os.path.join(self.root, name))
+
+    def _watch_folder(self, folder: str) -> None:
+        from twisted.python.filepath import FilePath
+
+        self._notifier.watch(FilePath(folder), mask=self._inotify_mask, callbacks=[self._on_event])
+
+    def _on_event(self, _watch: Any, filepath: Any, mask: int) -> None:
+        from twisted.internet import inotify
+
+        path = os.fsdecode(filepath.path)
+        if mask & inotify.IN_Q_OVERFLOW:
+            self._poll()  # events were lost: rescan everything
+            return
+        if mask & inotify.IN_ISDIR:
+            if self.per_ae and mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
+                name = os.path.basename(path)
+                if os.path.dirname(path) == self.root and not name.startswith("."):
+                    self._watch_folder(path)
+                    self._poll()  # files may have landed before the watch existed
+            return
+        if not is_worklist_name(os.path.basename(path)):
+            return
+        if mask & inotify.IN_CREATE:
+            return  # wait for IN_CLOSE_WRITE: the file is still being written
+        self._refresh([self._key(path)])
+
+    def _refresh(self, keys: list[str]) -> None:
+        """Re-read `keys` in a worker thread; apply the results on the reactor thread."""
+        from twisted.internet.threads import deferToThreadPool
+
+        reactor = self._reactor
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), self._read_many, keys)
+        d.addCallback(self._apply)
+        d.addErrback(lambda f: self.log.error("worklist refresh failed: %s", f.getTraceback()))
+
+    def _read_many(self, keys: list[str]) -> list[tuple[str, Record | None, Signature | None]]:
+        out = []
+        for key in keys:
+            sig = _signature(key)
+            if sig is None:
+                out.append((key, None, None))
+                continue
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry.sig == sig:
+                    continue  # already indexed as it is (the bridge's own write)
+                if key in self._failed and self._failed[key] == sig:
+                    continue  # known unreadable, unchanged
+            result = self._read(key, sig)
+            if result is not None:
+                out.append((key, result[0], result[1]))
+        return out
+
+    def _apply(self, results: list[tuple[str, Record | None, Signature | None]]) -> None:
+        """Apply what a worker read, unless the file changed again since (a later event or
+        the bridge's own put() carries the newer version)."""
+        changed = False
+        with self._lock:
+            for key, record, sig in results:
+                if _signature(key) != sig:
+                    continue
+                if record is None:
+                    changed |= self._remove_entry(key)
+                    self._failed.pop(key, None)
+                    self._warned.pop(key, None)
+                else:
+                    self._set_entry(key, record, sig)
+                    changed = True
+            if changed:
+                self._bump()
+        if changed:
+            self._dirty = True
+
+    def _poll(self) -> None:
+        """Compare the folder with the index in a worker thread; refresh what differs."""
+        if self._polling:
+            return
+        self._polling = True
+        from twisted.internet.threads import deferToThreadPool
+
+        def diff_and_read() -> list:
+            found = self._scan()
+            with self._lock:
+                known = {k: e.sig for k, e in self._entries.items()}
+            changed = [k for k, sig in found.items() if known.get(k) != sig]
+            return self._read_many(changed + [k for k in known if k not in found])
+
+        def done(result: Any) -> Any:
+            with self._lock:
+                self._polling = False
+                self._changed.notify_all()  # wakes wait_until() callers waiting for a rescan
+            return result
+
+        reactor = self._reactor
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), diff_and_read)
+        d.addCallback(self._apply)
+        d.addBoth(done)
+        d.addErrback(lambda f: self.log.error("worklist rescan failed: %s", f.getTraceback()))
+
+
+def _union(index: dict, values: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for v in values:
+        out.update(_keys(index.get(v)))
+    return out

@@ -1,0 +1,691 @@
+"""Modality Worklist matching (DICOM PS3.4 C.2.2.2, Table K.6-1). Pure functions, no I/O.
+
+Worklist items are held as compact `Record`s (a shared tag/VR layout plus a tuple of values)
+rather than pydicom Datasets: a folder of 100,000 items then fits in a few hundred MB. A C-FIND
+identifier is compiled once into a `Query`, whose `matches(record)` is cheap to run over many
+records and whose `answer(record)` builds the response identifier.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import keyword_for_tag
+from pydicom.multival import MultiValue
+
+SPECIFIC_CHARACTER_SET = 0x00080005
+QUERY_RETRIEVE_LEVEL = 0x00080052
+MODALITY = 0x00080060
+ACCESSION_NUMBER = 0x00080050
+PATIENT_NAME = 0x00100010
+PATIENT_ID = 0x00100020
+ISSUER_OF_PATIENT_ID = 0x00100021
+STUDY_INSTANCE_UID = 0x0020000D
+SPS_SEQUENCE = 0x00400100
+STATION_AET = 0x00400001
+SPS_START_DATE = 0x00400002
+SPS_START_TIME = 0x00400003
+SPS_ID = 0x00400009
+SPS_STATUS = 0x00400020
+REQUESTED_PROCEDURE_ID = 0x00401001
+
+# Leading and trailing spaces are insignificant for these VRs; for PN, LT, ST, UT only trailing.
+_STRIP_BOTH = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", "UC"})
+TEXT_VRS = _STRIP_BOTH | {"PN", "LT", "ST", "UT", "UR"}
+WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+NUMERIC_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+
+# Table K.6-1 return keys of Type 1 and 2. Pairs are Type 1C "one of the two" requirements.
+REQUIRED_TOP: dict[int, int] = {
+    SPS_SEQUENCE: 1, REQUESTED_PROCEDURE_ID: 1, STUDY_INSTANCE_UID: 1, PATIENT_NAME: 1,
+    PATIENT_ID: 1, ACCESSION_NUMBER: 2, 0x00081110: 2, 0x00401003: 2, 0x00401004: 2,
+    0x00321032: 2, 0x00080090: 2, 0x00380010: 2, 0x00380300: 2, 0x00081120: 2, 0x00100030: 2,
+    0x00100040: 2, 0x00101030: 2, 0x00403001: 2, 0x00380500: 2, 0x001021C0: 2, 0x00102000: 2,
+    0x00102110: 2, 0x00380050: 2,
+}  # fmt: skip
+REQUIRED_SPS: dict[int, int] = {
+    STATION_AET: 1, SPS_START_DATE: 1, SPS_START_TIME: 1, MODALITY: 1, SPS_ID: 1,
+    0x00400006: 2, 0x00400010: 2, 0x00400011: 2,
+}  # fmt: skip
+ONE_OF_TOP = ((0x00321060, 0x00321064),)  # Requested Procedure Description / Code Sequence
+ONE_OF_SPS = ((0x00400007, 0x00400008),)  # SPS Description / Scheduled Protocol Code Sequence
+
+
+class QueryError(ValueError):
+    """The identifier cannot be processed as given (answered with a failure status)."""
+
+    def __init__(self, message: str, tag: int | None = None) -> None:
+        super().__init__(message)
+        self.tag = tag
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+class Layout:
+    """The (tag, VR) pairs of a record, shared by every record with the same attributes."""
+
+    __slots__ = ("key", "pos")
+
+    def __init__(self, key: tuple[tuple[int, str], ...]) -> None:
+        self.key = key
+        self.pos = {tag: i for i, (tag, _vr) in enumerate(key)}
+
+    def __reduce__(self) -> tuple:
+        return (layout_of, (self.key,))
+
+
+_LAYOUTS: dict[tuple, Layout] = {}
+
+
+def layout_of(key: tuple[tuple[int, str], ...]) -> Layout:
+    found = _LAYOUTS.get(key)
+    if found is None:
+        found = _LAYOUTS.setdefault(key, Layout(key))
+    return found
+
+
+class Record:
+    """An immutable worklist item (or sequence item). Values: str (single text value, "" when
+    empty), tuple of str (multi-valued text), tuple of Record (SQ), else as pydicom gives them."""
+
+    __slots__ = ("layout", "values")
+
+    def __init__(self, layout: Layout, values: tuple) -> None:
+        self.layout = layout
+        self.values = values
+
+    def get(self, tag: int, default: Any = None) -> Any:
+        i = self.layout.pos.get(tag)
+        return default if i is None else self.values[i]
+
+    def vr(self, tag: int) -> str | None:
+        i = self.layout.pos.get(tag)
+        return None if i is None else self.layout.key[i][1]
+
+    def __contains__(self, tag: int) -> bool:
+        return tag in self.layout.pos
+
+    def items(self) -> Iterable[tuple[int, str, Any]]:
+        for (tag, vr), value in zip(self.layout.key, self.values, strict=True):
+            yield tag, vr, value
+
+    def __reduce__(self) -> tuple:
+        return (Record, (self.layout, self.values))
+
+    def __repr__(self) -> str:
+        return f"Record({ {keyword_for_tag(t) or hex(t): v for t, _vr, v in self.items()} })"
+
+
+def _norm_text(text: str, vr: str) -> str:
+    text = text.strip(" \x00") if vr in _STRIP_BOTH else text.rstrip(" \x00")
+    return sys.intern(text)
+
+
+def _stored_value(vr: str, value: Any) -> Any:
+    if vr == "SQ":
+        return tuple(record_from_dataset(item) for item in value or ())
+    if value is None or value == "" or value == b"":
+        return ""
+    multi = isinstance(value, MultiValue | list | tuple)
+    if vr in TEXT_VRS:
+        if multi:
+            return tuple(_norm_text(str(v), vr) for v in value)
+        return _norm_text(str(value), vr)
+    return tuple(value) if multi else value
+
+
+def record_from_dataset(ds: Dataset) -> Record:
+    """The compact record of a dataset (file meta, group lengths and pixel data left out)."""
+    key = []
+    values = []
+    for elem in ds:
+        tag = int(elem.tag)
+        if tag >> 16 == 0x0002 or tag & 0xFFFF == 0 or tag == 0x7FE00010:
+            continue
+        key.append((tag, elem.VR))
+        values.append(_stored_value(elem.VR, elem.value))
+    return Record(layout_of(tuple(key)), tuple(values))
+
+
+def _values(stored: Any) -> tuple:
+    if stored is None or stored == "":
+        return ()
+    return stored if isinstance(stored, tuple) else (stored,)
+
+
+def missing_required(rec: Record) -> list[str]:
+    """Names of Table K.6-1 Type 1/2 attributes an item lacks (Type 1: or has empty)."""
+
+    def check(r: Record, required: dict[int, int], one_of: tuple, prefix: str) -> list[str]:
+        out = []
+        for tag, kind in required.items():
+            if tag not in r or (kind == 1 and not _values(r.get(tag))):
+                out.append(prefix + (keyword_for_tag(tag) or f"{tag:08X}"))
+        for a, b in one_of:
+            if not _values(r.get(a)) and not _values(r.get(b)):
+                out.append(f"{prefix}{keyword_for_tag(a)} or {keyword_for_tag(b)}")
+        return out
+
+    missing = check(rec, REQUIRED_TOP, ONE_OF_TOP, "")
+    for sps in _values(rec.get(SPS_SEQUENCE)):
+        missing += check(sps, REQUIRED_SPS, ONE_OF_SPS, "ScheduledProcedureStepSequence>")
+    return sorted(set(missing))
+
+
+def sort_key(rec: Record) -> str:
+    """SPS start date and time of the first step: the order answers are sent in."""
+    steps = _values(rec.get(SPS_SEQUENCE))
+    if not steps:
+        return ""
+    first = steps[0]
+    return f"{_first(first.get(SPS_START_DATE))}{_first(first.get(SPS_START_TIME))}"
+
+
+def _first(stored: Any) -> str:
+    values = _values(stored)
+    return str(values[0]) if values else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dates and times. Canonical forms are fixed-width strings, so comparing strings compares
+# instants: TM "HHMMSS.ffffff", DA "YYYYMMDD", DT "YYYYMMDDHHMMSS.ffffff".
+
+_TM_RE = re.compile(r"(\d\d)(\d\d)?(\d\d)?(?:\.(\d{1,6}))?")
+_DA_RE = re.compile(r"\d{8}")
+_DT_RE = re.compile(r"(\d{4,14})(?:\.(\d{1,6}))?(?:[+-]\d{4})?")
+_DT_HIGH = "99991231235959"
+_DT_LOW = "00000101000000"
+
+
+def canonical_time(text: str, high: bool = False) -> str | None:
+    """TM as `HHMMSS.ffffff`; missing parts are the earliest (or, `high`, the latest) value.
+    Accepts the old `HH:MM:SS` form. None when not a time."""
+    m = _TM_RE.fullmatch(text.replace(":", ""))
+    if m is None:
+        return None
+    hh, mm, ss, frac = m.groups()
+    fill = "59" if high else "00"
+    frac = (frac or "").ljust(6, "9" if high else "0")
+    return f"{hh}{mm or fill}{ss or fill}.{frac}"
+
+
+def canonical_date(text: str) -> str | None:
+    text = text.replace(".", "")  # old ACR-NEMA form YYYY.MM.DD
+    return text if _DA_RE.fullmatch(text) else None
+
+
+def canonical_datetime(text: str, high: bool = False) -> str | None:
+    """DT without its UTC offset (offsets are not converted), padded like `canonical_time`."""
+    m = _DT_RE.fullmatch(text)
+    if m is None or len(m.group(1)) % 2:
+        return None
+    digits, frac = m.groups()
+    digits += (_DT_HIGH if high else _DT_LOW)[len(digits) :]
+    return f"{digits}.{(frac or '').ljust(6, '9' if high else '0')}"
+
+
+def _split_range(text: str, tag: int) -> tuple[str, str] | None:
+    """(low, high) of `a-b`, `a-`, `-b`; None for a single value."""
+    if "-" not in text:
+        return None
+    parts = text.split("-")
+    if len(parts) != 2 or parts == ["", ""]:
+        raise QueryError(f"bad range {text!r}", tag)
+    return parts[0], parts[1]
+
+
+def _range_test(vr: str, text: str, tag: int) -> Callable[[str], bool]:
+    """Single value or range matching of one DA, TM or DT query value."""
+    if vr == "DA":
+        canon_lo = canon_hi = canonical_date
+    elif vr == "TM":
+        canon_lo, canon_hi = canonical_time, lambda t: canonical_time(t, high=True)
+    else:
+        canon_lo, canon_hi = canonical_datetime, lambda t: canonical_datetime(t, high=True)
+    stored_canon = canon_lo
+    bounds = None if vr == "DT" and _DT_RE.fullmatch(text) else _split_range(text, tag)
+    a, b = bounds if bounds is not None else (text, text)
+    lo = canon_lo(a) if a else ""
+    hi = canon_hi(b) if b else ""
+    if lo is None or hi is None:
+        raise QueryError(f"{text!r} is not a valid {vr} value or range", tag)
+    wraps = vr == "TM" and lo and hi and lo > hi  # a time range across midnight: 2200-0200
+
+    def test(stored: str) -> bool:
+        s = stored_canon(stored)
+        if s is None:
+            return False
+        if wraps:
+            return s >= lo or s <= hi
+        return (not lo or s >= lo) and (not hi or s <= hi)
+
+    return test
+
+
+# ---------------------------------------------------------------------------------------------
+# Text matching
+
+
+def _wildcard_regex(pattern: str) -> re.Pattern:
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _text_test(text: str, fold: bool) -> Callable[[str], bool]:
+    """Single value or wildcard matching of one text value (already normalised)."""
+    if fold:
+        text = text.casefold()
+    if "*" in text or "?" in text:
+        rx = _wildcard_regex(text)
+        if fold:
+            return lambda s: rx.fullmatch(s.casefold()) is not None
+        return lambda s: rx.fullmatch(s) is not None
+    if fold:
+        return lambda s: s.casefold() == text
+    return lambda s: s == text
+
+
+def _pn_groups(name: str) -> list[str]:
+    # Trailing empty components carry no meaning: SMITH^JOHN^^ is SMITH^JOHN.
+    return [g.rstrip(" ^") for g in name.split("=")]
+
+
+def _pn_test(text: str, fold: bool) -> Callable[[str], bool]:
+    """A query without `=` matches any component group of the stored name (alphabetic,
+    ideographic or phonetic); with `=`, each non-empty query group matches the same group."""
+    groups = _pn_groups(text)
+    if len(groups) == 1:
+        one = _text_test(groups[0], fold)
+        return lambda s: any(one(g) for g in _pn_groups(s))
+    tests = [(i, _text_test(g, fold)) for i, g in enumerate(groups) if g]
+
+    def test(s: str) -> bool:
+        stored = _pn_groups(s)
+        return all(i < len(stored) and t(stored[i]) for i, t in tests)
+
+    return test
+
+
+def _number_test(text: str) -> Callable[[str], bool]:
+    # IS and DS: equal as numbers ("+7" is "7"; PS3.4 leaves it to the implementation).
+    try:
+        wanted = float(text)
+    except ValueError:
+        return lambda s: s == text
+
+    def test(s: str) -> bool:
+        try:
+            return float(s) == wanted
+        except ValueError:
+            return False
+
+    return test
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled queries
+
+ValueTest = Callable[[Any], bool]
+RecordTest = Callable[[Record], bool]
+
+
+@dataclass
+class Hints:
+    """Exact values a matching item must carry: the index picks its candidates from these.
+    None means "no constraint"; a set means "one of these"."""
+
+    patient_ids: frozenset[str] | None = None
+    accession_numbers: frozenset[str] | None = None
+    study_uids: frozenset[str] | None = None
+    requested_procedure_ids: frozenset[str] | None = None
+    station_aets: frozenset[str] | None = None
+    modalities: frozenset[str] | None = None
+    sps_ids: frozenset[str] | None = None
+    date_range: tuple[str, str] | None = None  # (low, high) DA, "" when open
+
+
+_TOP_HINTS = {
+    PATIENT_ID: "patient_ids",
+    ACCESSION_NUMBER: "accession_numbers",
+    STUDY_INSTANCE_UID: "study_uids",
+    REQUESTED_PROCEDURE_ID: "requested_procedure_ids",
+}
+_SPS_HINTS = {STATION_AET: "station_aets", MODALITY: "modalities", SPS_ID: "sps_ids"}
+
+
+@dataclass
+class ReturnKey:
+    tag: int
+    vr: str
+    sub: tuple[ReturnKey, ...] | None = None  # SQ: requested sub-keys; None: whole items
+    select: RecordTest | None = None  # SQ: which stored items are returned
+
+
+@dataclass
+class Query:
+    """A compiled C-FIND identifier."""
+
+    tests: list[RecordTest]
+    returns: tuple[ReturnKey, ...]
+    hints: Hints
+    unsupported: tuple[str, ...] = ()  # keys ignored for matching: answer with FF01
+    wants_charset: bool = False
+    given: tuple[str, ...] = ()  # "Keyword=value" of every key with a value, for the log
+    requested: tuple[str, ...] = field(default_factory=tuple)
+
+    def matches(self, rec: Record) -> bool:
+        for test in self.tests:
+            if not test(rec):
+                return False
+        return True
+
+    def answer(self, rec: Record) -> Dataset:
+        """Exactly the requested keys (+ SpecificCharacterSet), empty when the item lacks one."""
+        ds = Dataset()
+        charset = rec.get(SPECIFIC_CHARACTER_SET)
+        if charset:
+            ds.add_new(SPECIFIC_CHARACTER_SET, "CS", _answer_value(charset))
+        elif self.wants_charset:
+            ds.add_new(SPECIFIC_CHARACTER_SET, "CS", None)
+        _fill(ds, rec, self.returns)
+        return ds
+
+
+def _answer_value(stored: Any) -> Any:
+    if stored is None or stored == "":
+        return None
+    return list(stored) if isinstance(stored, tuple) else stored
+
+
+def _fill(ds: Dataset, rec: Record | None, returns: Iterable[ReturnKey]) -> None:
+    for rk in returns:
+        stored = rec.get(rk.tag) if rec is not None else None
+        if rk.vr == "SQ":
+            items = stored if isinstance(stored, tuple) else ()
+            if rk.select is not None:
+                items = [item for item in items if rk.select(item)]
+            seq = []
+            for item in items:
+                sub = Dataset()
+                if rk.sub is None:
+                    _fill_all(sub, item)
+                else:
+                    _fill(sub, item, rk.sub)
+                seq.append(sub)
+            ds.add_new(rk.tag, "SQ", seq)
+        else:
+            vr = (rec.vr(rk.tag) if rec is not None else None) or rk.vr
+            ds.add_new(rk.tag, vr, _answer_value(stored))
+
+
+def _fill_all(ds: Dataset, rec: Record) -> None:
+    for tag, vr, value in rec.items():
+        if vr == "SQ":
+            seq = []
+            for item in value:
+                sub = Dataset()
+                _fill_all(sub, item)
+                seq.append(sub)
+            ds.add_new(tag, vr, seq)
+        else:
+            ds.add_new(tag, vr, _answer_value(value))
+
+
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _query_values(vr: str, value: Any) -> tuple:
+    """The non-empty values of a query element, normalised like stored ones."""
+    return _values(_stored_value(vr, value))
+
+
+class _Compiler:
+    def __init__(self, pn_fold: bool) -> None:
+        self.pn_fold = pn_fold
+        self.unsupported: list[str] = []
+        self.given: list[str] = []
+        self.hints = Hints()
+
+    def value_test(self, tag: int, vr: str, values: tuple, path: str) -> ValueTest | None:
+        """A test of a stored value, or None for universal matching."""
+        texts = [v for v in values if isinstance(v, str)]
+        if not values or (len(texts) == len(values) == 1 and texts[0] in ("", "*")):
+            return None
+        shown = "\\".join(str(v) for v in values)
+        self.given.append(f"{path}{_keyword(tag)}={shown}")
+        if texts == ['""']:  # Empty Value Matching: the stored attribute is empty or absent
+            return lambda stored: not _values(stored)
+        if vr in NUMERIC_BINARY_VRS:
+            wanted = set(values)
+            return lambda stored: any(v in wanted for v in _values(stored))
+        if vr not in TEXT_VRS:
+            self.unsupported.append(path + _keyword(tag))
+            return None
+        if vr == "UI":
+            if any("*" in v or "?" in v for v in texts):
+                raise QueryError(f"wildcards are not allowed in {_keyword(tag)} (UI)", tag)
+            uids = frozenset(texts)  # List of UID Matching
+            return lambda stored: any(v in uids for v in _values(stored))
+        if vr in ("DA", "TM", "DT"):
+            if any(("*" in v or "?" in v) for v in texts):
+                raise QueryError(f"wildcards are not allowed in {_keyword(tag)} ({vr})", tag)
+            tests = [_range_test(vr, t, tag) for t in texts]
+        elif vr == "PN":
+            tests = [_pn_test(t, self.pn_fold) for t in texts]
+        elif vr in WILDCARD_VRS:
+            tests = [_text_test(t, False) for t in texts]
+        elif vr in ("IS", "DS"):
+            tests = [_number_test(t) for t in texts]
+        else:
+            tests = [_text_test(t, False) for t in texts]
+        if len(tests) == 1:
+            one = tests[0]
+            return lambda stored: any(one(v) for v in _values(stored))
+        return lambda stored: any(t(v) for v in _values(stored) for t in tests)
+
+    def exact_values(self, vr: str, values: tuple) -> frozenset[str] | None:
+        """The values an exact (index-usable) condition admits, else None."""
+        texts = [v for v in values if isinstance(v, str)]
+        if not texts or len(texts) != len(values) or texts == ['""']:
+            return None
+        if any(v in ("", "*") for v in texts):
+            return None
+        if vr != "UI" and any("*" in v or "?" in v for v in texts):
+            return None
+        return frozenset(texts)
+
+    def item(self, ds: Dataset, path: str, level: str) -> tuple[list, list[ReturnKey]]:
+        """Tests and return keys of one level (the identifier, or a sequence's item)."""
+        tests: list[RecordTest] = []
+        returns: list[ReturnKey] = []
+        elems = {int(e.tag): e for e in ds}
+        skip: set[int] = set()
+        if level == "sps":
+            combined = self.combined_datetime(elems)
+            if combined is not None:
+                tests.append(combined)
+                skip = {SPS_START_DATE, SPS_START_TIME}
+        for tag, elem in sorted(elems.items()):
+            if (
+                tag >> 16 == 0x0002
+                or tag & 0xFFFF == 0
+                or tag
+                in (
+                    SPECIFIC_CHARACTER_SET,
+                    QUERY_RETRIEVE_LEVEL,
+                )
+            ):
+                continue
+            vr = elem.VR
+            if vr == "SQ":
+                returns.append(self.sequence(tag, elem, path, tests))
+                continue
+            returns.append(ReturnKey(tag, vr))
+            if tag in skip:
+                continue
+            values = _query_values(vr, elem.value)
+            test = self.value_test(tag, vr, values, path)
+            if test is None:
+                continue
+            tests.append(lambda rec, tag=tag, test=test: test(rec.get(tag)))
+            hint = (_TOP_HINTS if level == "top" else _SPS_HINTS if level == "sps" else {}).get(tag)
+            exact = self.exact_values(vr, values) if hint else None
+            if hint and exact is not None:
+                setattr(self.hints, hint, exact)
+            if level == "sps" and tag == SPS_START_DATE and len(values) == 1:
+                self.hints.date_range = _date_bounds(values[0])
+        return tests, returns
+
+    def sequence(self, tag: int, elem: Any, path: str, tests: list) -> ReturnKey:
+        items = list(elem.value or ())
+        if len(items) > 1:
+            raise QueryError(f"{_keyword(tag)} must hold at most one item in a query", tag)
+        level = "sps" if tag == SPS_SEQUENCE and not path else "nested"
+        if not items or len(items[0]) == 0:
+            return ReturnKey(tag, "SQ", None)
+        sub_tests, sub_returns = self.item(items[0], f"{path}{_keyword(tag)}>", level)
+        key = ReturnKey(tag, "SQ", tuple(sub_returns))
+        if sub_tests:
+            key.select = _all_of(sub_tests)
+            if level != "sps":  # the steps' test is added by compile_query, with the scoping
+                tests.append(_any_item(tag, key.select))
+        return key
+
+    def combined_datetime(self, elems: dict) -> RecordTest | None:
+        """SPS start date and time matched as one date-time range when the time is a range."""
+        d_elem, t_elem = elems.get(SPS_START_DATE), elems.get(SPS_START_TIME)
+        if d_elem is None or t_elem is None:
+            return None
+        dates = _query_values("DA", d_elem.value)
+        times = _query_values("TM", t_elem.value)
+        if len(dates) != 1 or len(times) != 1 or "-" not in times[0] or dates[0] in ("*", '""'):
+            return None
+        date, time = dates[0], times[0]
+        d_lo, d_hi = _split_range(date, SPS_START_DATE) or (date, date)
+        t_lo, t_hi = _split_range(time, SPS_START_TIME) or (time, time)
+        lo_d, hi_d = canonical_date(d_lo) if d_lo else "", canonical_date(d_hi) if d_hi else ""
+        lo_t = canonical_time(t_lo or "00")
+        hi_t = canonical_time(t_hi or "23", high=True)
+        if lo_d is None or hi_d is None or lo_t is None or hi_t is None:
+            raise QueryError(f"bad date-time range {date!r} {time!r}", SPS_START_DATE)
+        lo = f"{lo_d}{lo_t}" if lo_d else ""
+        hi = f"{hi_d}{hi_t}" if hi_d else ""
+        self.given.append(f"ScheduledProcedureStepStartDate+Time={date} {time}")
+        self.hints.date_range = (lo_d, hi_d)
+
+        def test(rec: Record) -> bool:
+            d = canonical_date(_first(rec.get(SPS_START_DATE)))
+            t = canonical_time(_first(rec.get(SPS_START_TIME)))
+            if d is None or t is None:
+                return False
+            s = d + t
+            return (not lo or s >= lo) and (not hi or s <= hi)
+
+        return test
+
+
+def _date_bounds(text: str) -> tuple[str, str] | None:
+    if text in ("*", '""'):
+        return None
+    lo, hi = _split_range(text, SPS_START_DATE) or (text, text)
+    return (canonical_date(lo) or "" if lo else "", canonical_date(hi) or "" if hi else "")
+
+
+def _all_of(tests: list[RecordTest]) -> RecordTest:
+    if len(tests) == 1:
+        return tests[0]
+    return lambda rec: all(t(rec) for t in tests)
+
+
+def _any_item(tag: int, select: RecordTest) -> RecordTest:
+    def test(rec: Record) -> bool:
+        items = rec.get(tag)
+        return isinstance(items, tuple) and any(select(item) for item in items)
+
+    return test
+
+
+def compile_query(
+    identifier: Dataset,
+    *,
+    pn_case_insensitive: bool = True,
+    hidden_statuses: Iterable[str] = (),
+    station_aet: str | None = None,
+) -> Query:
+    """Compile a Modality Worklist C-FIND identifier.
+
+    `hidden_statuses`: SPS statuses not returned unless the query's SPS status key names them.
+    `station_aet`: when the query gives no station AE title, only steps scheduled on this AE
+    title match (the "own items only" scoping). Raises QueryError for an identifier that
+    cannot be processed.
+    """
+    compiler = _Compiler(pn_case_insensitive)
+    tests, returns = compiler.item(identifier, "", "top")
+    extras, scoped = _sps_extras(identifier, frozenset(hidden_statuses), station_aet)
+    if scoped:
+        compiler.hints.station_aets = frozenset({station_aet})
+    sps_key = next((rk for rk in returns if rk.tag == SPS_SEQUENCE), None)
+    step_tests = ([sps_key.select] if sps_key is not None and sps_key.select else []) + extras
+    if step_tests:
+        select = _all_of(step_tests)
+        if sps_key is not None:
+            sps_key.select = select  # the scoping also decides which steps are returned
+        tests.append(_any_step(select))
+    return Query(
+        tests=tests,
+        returns=tuple(returns),
+        hints=compiler.hints,
+        unsupported=tuple(compiler.unsupported),
+        wants_charset=SPECIFIC_CHARACTER_SET in identifier,
+        given=tuple(compiler.given),
+        requested=tuple(_keyword(rk.tag) for rk in returns),
+    )
+
+
+def _sps_extras(
+    identifier: Dataset, hidden: frozenset[str], station_aet: str | None
+) -> tuple[list[RecordTest], bool]:
+    """Step-level conditions the scoping adds to the query's own; and whether the
+    station AE title scoping is one of them."""
+    sps_item = None
+    seq = identifier.get(SPS_SEQUENCE)
+    if seq is not None and seq.VR == "SQ" and seq.value:
+        sps_item = seq.value[0]
+    given: dict[int, tuple] = {}
+    if sps_item is not None:
+        for tag in (SPS_STATUS, STATION_AET):
+            if tag in sps_item:
+                given[tag] = _query_values(sps_item[tag].VR, sps_item[tag].value)
+    extras: list[RecordTest] = []
+    status_q = given.get(SPS_STATUS, ())
+    if hidden and (not status_q or status_q == ("*",)):
+        extras.append(lambda rec: _first(rec.get(SPS_STATUS)).upper() not in hidden)
+    aet_q = given.get(STATION_AET, ())
+    scoped = station_aet is not None and (not aet_q or aet_q == ("*",))
+    if scoped:
+        extras.append(lambda rec: station_aet in _values(rec.get(STATION_AET)))
+    return extras, scoped
+
+
+def _any_step(select: RecordTest) -> RecordTest:
+    """One step of the item passes `select`. An item without steps is tested as one empty
+    step: it has no status to hide, but no station AE title or other value to match either."""
+
+    def test(rec: Record) -> bool:
+        items = rec.get(SPS_SEQUENCE)
+        if not isinstance(items, tuple) or not items:
+            return select(_EMPTY)
+        return any(select(item) for item in items)
+
+    return test
+
+
+_EMPTY = Record(layout_of(()), ())

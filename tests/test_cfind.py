@@ -1,0 +1,366 @@
+"""The C-FIND SCP against real clients (dcmtk's findscu, pynetdicom) and dcmtk's wlmscpfs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+
+from bench.worklist_items import generate, make_item, write_item
+from bridge.cfind import start_dicom_server
+from bridge.config import Settings
+from bridge.index import WorklistIndex
+from tests import peers
+
+DCMTK_EXAMPLES = Path("/usr/share/doc/dcmtk/examples")  # Debian's dcmtk package
+
+
+@contextmanager
+def bridge(folder: Path, **settings) -> Iterator[int]:
+    """The bridge's C-FIND SCP over `folder` on a free port; yields the port."""
+    s = Settings(worklist_dir=folder, host="127.0.0.1", dicom_port=peers.free_port(), **settings)
+    index = WorklistIndex(s)
+    index.load()
+    server = start_dicom_server(s, index)
+    try:
+        yield s.dicom_port
+    finally:
+        server.ae.shutdown()
+
+
+def find(port: int, query: Dataset, calling: str = "SCU", called: str = "WLBRIDGE",
+         cancel_after: int | None = None) -> tuple[int, list[Dataset], Dataset | None]:  # fmt: skip
+    """One C-FIND with pynetdicom as the client: (final status, answers, final status set)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association refused"
+    answers = []
+    final = None
+    try:
+        for status, identifier in assoc.send_c_find(
+            query, ModalityWorklistInformationFind, msg_id=7
+        ):
+            if status.Status in (0xFF00, 0xFF01):
+                answers.append(identifier)
+                if cancel_after is not None and len(answers) == cancel_after:
+                    assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
+            else:
+                final = status
+    finally:
+        assoc.release()
+    return final.Status, answers, final
+
+
+def refused(port: int, calling: str = "SCU", called: str = "WLBRIDGE") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return False
+    return assoc.is_rejected
+
+
+def q(sps: dict | None = None, **top) -> Dataset:
+    ds = Dataset()
+    for key, value in top.items():
+        setattr(ds, key, value)
+    if sps is not None:
+        item = Dataset()
+        for key, value in sps.items():
+            setattr(item, key, value)
+        ds.ScheduledProcedureStepSequence = [item]
+    return ds
+
+
+def accessions(answers) -> list[str]:
+    return [a.AccessionNumber for a in answers]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """40 generated items (8 modalities, station <modality>1, 5 days from 2024-01-05), plus
+    items with accented names, two station AE titles, and a completed step."""
+    path = tmp_path_factory.mktemp("worklist")
+    generate(path, 40)
+    write_item(path / "utf8.wl", make_item("UTF8", patient_id="PU", patient_name="Dvořák^Antonín",
+                                           charset="ISO_IR 192"))  # fmt: skip
+    write_item(path / "latin1.wl", make_item("LATIN1", patient_id="PL",
+                                             patient_name="Gaël^Zoë"))  # fmt: skip
+    write_item(path / "two.wl", make_item("TWO", station_aets=["US1", "US9"], modality="US",
+                                          date="20240120"))  # fmt: skip
+    write_item(path / "done.wl", make_item("DONE", status="COMPLETED", date="20240121"))
+    return path
+
+
+def test_c_echo(folder):
+    with bridge(folder) as port:
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_findscu_selective_queries(folder, tmp_path):
+    with bridge(folder) as port:
+        cases = [
+            (["PatientID=P0000003", "AccessionNumber"], ["A0000006", "A0000007"]),
+            (["(0040,0100)[0].ScheduledStationAETitle=MR1",
+              "(0040,0100)[0].ScheduledProcedureStepStartDate=20240105", "AccessionNumber"],
+             ["A0000001"]),
+            (["(0040,0100)[0].ScheduledStationAETitle=US9", "AccessionNumber"], ["TWO"]),
+            (["(0040,0100)[0].Modality=M?", "(0040,0100)[0].ScheduledProcedureStepStartDate="
+              "20240106-20240106", "AccessionNumber"], ["A0000009", "A0000014"]),
+        ]  # fmt: skip
+        for i, (keys, expected) in enumerate(cases):
+            out = tmp_path / f"q{i}"
+            out.mkdir()
+            result = peers.findscu(port, keys, out_dir=out)
+            assert result.returncode == 0, result.stderr
+            assert sorted(accessions(peers.read_answers(out))) == expected, keys
+
+
+@pytest.mark.parametrize(
+    "name, asked, charset",
+    [("Dvořák^Antonín", "DVOŘÁK*", "ISO_IR 192"), ("Gaël^Zoë", "gaël^zoë", "ISO_IR 100")],
+)
+def test_accented_names_end_to_end(folder, tmp_path, name, asked, charset):
+    with bridge(folder) as port:
+        query_file = tmp_path / "q.dcm"
+        query = q(PatientName=asked, AccessionNumber="")
+        query.SpecificCharacterSet = charset
+        write_item(query_file, query)
+        result = peers.findscu_file(port, query_file, out_dir=tmp_path)
+        assert result.returncode == 0, result.stderr
+        answers = peers.read_answers(tmp_path)
+        assert [str(a.PatientName) for a in answers] == [name]
+        assert answers[0].SpecificCharacterSet == charset
+
+
+@pytest.fixture(scope="module")
+def offis(tmp_path_factory) -> Path:
+    """dcmtk's example worklist database as DICOM files, in the per-AE layout."""
+    db = DCMTK_EXAMPLES / "wlistdb" / "OFFIS"
+    if not db.is_dir():
+        if peers.IN_CI:
+            pytest.fail(f"dcmtk examples missing at {db}")
+        pytest.skip("dcmtk examples not installed")
+    root = tmp_path_factory.mktemp("wlistdb")
+    (root / "OFFIS").mkdir()
+    (root / "OFFIS" / "lockfile").touch()  # wlmscpfs needs it; the bridge does not
+    for dump in sorted(db.glob("wklist*.dump*")):
+        name = dump.name.split(".")[0]
+        peers.dump2dcm(dump, root / "OFFIS" / f"{name}.wl")
+    return root
+
+
+# Answers the standard gives for dcmtk's 13 example queries on its example database:
+# most ask for keys universally; the station AE titles AA2/AA4 and modality DD match
+# nothing; wlistqry5 asks for steps starting at 12:00 or later.
+EXAMPLE_ANSWERS = {
+    0: 10, 1: 10, 2: 0, 3: 10, 4: 0, 5: 6, 6: 0, 7: 0, 8: 0, 9: 0, 10: 10, 11: 10, 12: 0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("number", sorted(EXAMPLE_ANSWERS))
+def test_dcmtk_example_queries(offis, tmp_path, number):
+    dump = next((DCMTK_EXAMPLES / "wlistqry").glob(f"wlistqry{number}.dump*"))
+    query_file = peers.dump2dcm(dump, tmp_path / "query.dcm")
+    import pydicom
+
+    query = pydicom.dcmread(query_file)
+    with bridge(offis, worklist_layout="per-ae") as port:
+        out = tmp_path / "out"
+        out.mkdir()
+        result = peers.findscu_file(port, query_file, called_aet="OFFIS", out_dir=out)
+        assert result.returncode == 0, result.stderr
+        answers = peers.read_answers(out)
+    assert len(answers) == EXAMPLE_ANSWERS[number]
+    requested = {e.keyword for e in query if e.tag.group != 0x0002}
+    for answer in answers:
+        assert {e.keyword for e in answer} - {"SpecificCharacterSet"} == requested
+        assert answer.SpecificCharacterSet == "ISO_IR 100"
+    if number == 5:
+        times = sorted(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime
+                       for a in answers)  # fmt: skip
+        assert times == ["135558", "140956", "153600", "160700", "165709", "175609"]
+        step = answers[0].ScheduledProcedureStepSequence[0]
+        assert {e.keyword for e in step} == {
+            "Modality", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
+            "ScheduledPerformingPhysicianName", "ScheduledProcedureStepID"}  # fmt: skip
+
+
+def canonical(ds: Dataset) -> tuple:
+    """A comparable form of an answer: keyword and value, sequences recursively."""
+    out = []
+    for elem in ds:
+        if elem.keyword == "SpecificCharacterSet" or elem.tag.group == 0x0002:
+            continue
+        if elem.VR == "SQ":
+            out.append((elem.keyword, tuple(canonical(i) for i in elem.value)))
+        else:
+            out.append((elem.keyword, str(elem.value if elem.value is not None else "")))
+    return tuple(sorted(out))
+
+
+# Queries on which wlmscpfs follows the standard (it ignores keys outside its fixed list and
+# has no wildcards on IDs, AE titles or modality: those are left out here).
+DIFFERENTIAL = [
+    ["PatientID=AV35674"],
+    ["PatientName=VIVALDI^ANTONIO"],
+    ["PatientName=BEETHOVEN*"],
+    ["(0040,0100)[0].Modality=CT"],
+    ["(0040,0100)[0].ScheduledStationAETitle=AA32"],  # one item holds it as second value
+    ["(0040,0100)[0].ScheduledStationAETitle=NN77"],
+    ["(0040,0100)[0].ScheduledProcedureStepStartDate=19960101-19961231"],
+    ["(0040,0100)[0].ScheduledProcedureStepStartDate=-19951231"],
+    ["(0040,0100)[0].ScheduledProcedureStepStartDate=19960406"],
+    ["(0040,0100)[0].ScheduledProcedureStepStartTime=120000-"],
+    ["AccessionNumber=00007"],
+]
+RETURN_KEYS = [
+    "AccessionNumber", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "RequestedProcedureID", "(0040,0100)[0].Modality",
+    "(0040,0100)[0].ScheduledStationAETitle", "(0040,0100)[0].ScheduledProcedureStepStartDate",
+    "(0040,0100)[0].ScheduledProcedureStepStartTime", "(0040,0100)[0].ScheduledProcedureStepID",
+]  # fmt: skip
+
+
+def test_same_answers_as_wlmscpfs(offis, tmp_path):
+    with peers.wlmscpfs(offis) as theirs, bridge(offis, worklist_layout="per-ae") as ours:
+        for i, keys in enumerate(DIFFERENTIAL):
+            given = {k.split("=")[0] for k in keys}
+            full = keys + [k for k in RETURN_KEYS if k not in given]
+            results = []
+            for name, port in (("wlmscpfs", theirs), ("bridge", ours)):
+                out = tmp_path / f"{i}-{name}"
+                out.mkdir()
+                result = peers.findscu(port, full, called_aet="OFFIS", out_dir=out)
+                assert result.returncode == 0, (name, result.stderr)
+                results.append(sorted(canonical(a) for a in peers.read_answers(out)))
+            assert results[0] == results[1], keys
+            assert results[1], f"{keys} should match something in the example database"
+
+
+def test_c_cancel_stops_the_answers(tmp_path):
+    # Enough matches that the answers are still streaming when the C-CANCEL arrives.
+    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port())
+    index = WorklistIndex(s)
+    index.load()
+    item = make_item("MANY")
+    for i in range(5000):
+        index.put(tmp_path / f"{i}.wl", item)
+    server = start_dicom_server(s, index)
+    try:
+        status, answers, _ = find(s.dicom_port, q(AccessionNumber="", PatientName=""),
+                                  cancel_after=3)  # fmt: skip
+    finally:
+        server.ae.shutdown()
+    assert status == 0xFE00
+    assert 3 <= len(answers) < 5000
+
+
+def test_own_items_only(folder):
+    with bridge(folder, own_items_only=True) as port:
+        status, answers, _ = find(port, q(AccessionNumber="", sps={"Modality": ""}),
+                                  calling="US9")  # fmt: skip
+        assert status == 0 and accessions(answers) == ["TWO"]
+        status, answers, _ = find(port, q(AccessionNumber=""), calling="NOSTATION")
+        assert status == 0 and answers == []
+        # A query naming a station is answered for that station.
+        mr1 = q(AccessionNumber="", sps={"ScheduledStationAETitle": "MR1"})
+        status, answers, _ = find(port, mr1, calling="US9")
+        assert len(answers) == 5
+    with bridge(folder) as port:  # off: everyone's items
+        status, answers, _ = find(port, q(AccessionNumber=""), calling="US9")
+        assert len(answers) == 43  # 44 items, one completed
+
+
+def test_hidden_statuses(folder):
+    with bridge(folder) as port:
+        _, answers, _ = find(port, q(AccessionNumber="DONE"))
+        assert answers == []
+        asked = q(AccessionNumber="DONE", sps={"ScheduledProcedureStepStatus": "COMPLETED"})
+        _, answers, _ = find(port, asked)
+        assert accessions(answers) == ["DONE"]
+
+
+def test_per_ae_layout_and_called_ae_titles(tmp_path):
+    generate(tmp_path / "CTSCANNER", 3, prefix="ct")
+    generate(tmp_path / "MRSCANNER", 2, prefix="mr")
+    (tmp_path / "outside.wl").write_bytes((tmp_path / "CTSCANNER" / "ctitem0000000.wl")
+                                          .read_bytes())  # fmt: skip
+    with bridge(tmp_path, worklist_layout="per-ae") as port:
+        _, answers, _ = find(port, q(AccessionNumber=""), called="CTSCANNER")
+        assert len(answers) == 3
+        _, answers, _ = find(port, q(AccessionNumber=""), called="MRSCANNER")
+        assert len(answers) == 2
+        for called in ("NOSUCH", "..", ".", "CTSCANNER/..", "../CTSCANNER"):
+            assert refused(port, called=called), called
+        result = peers.findscu(port, ["AccessionNumber"], called_aet="NOSUCH")
+        assert result.returncode != 0
+
+
+def test_max_answers(folder):
+    with bridge(folder, max_answers=3) as port:
+        status, answers, final = find(port, q(AccessionNumber="",
+                                              sps={"ScheduledStationAETitle": "CT1"}))  # fmt: skip
+        assert status == 0xA700
+        assert len(answers) == 3
+        assert "7 matches, 3 sent" in final.ErrorComment  # 5 generated + 2 accented
+        status, answers, _ = find(port, q(PatientID="P0000003"))  # 2 answers: under the limit
+        assert status == 0x0000 and len(answers) == 2
+
+
+def test_allowed_calling_ae_titles(folder):
+    with bridge(folder, allowed_calling_aets=["CT1", "MR1"]) as port:
+        assert refused(port, calling="INTRUDER")
+        status, answers, _ = find(port, q(PatientID="P0000003"), calling="MR1")
+        assert status == 0 and len(answers) == 2
+        result = peers.findscu(port, ["PatientID=P0000003"], calling_aet="INTRUDER")
+        assert result.returncode != 0
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_bad_query_values_fail_with_a900(folder):
+    with bridge(folder) as port:
+        status, answers, final = find(port, q(sps={"ScheduledProcedureStepStartDate": "2024*"}))
+        assert status == 0xA900 and answers == []
+        assert "wildcards" in final.ErrorComment
+
+
+def test_unsupported_matching_key_gives_ff01(folder):
+    with bridge(folder) as port:
+        query = q(PatientID="P0000003")
+        query.add_new(0x00091010, "OB", b"\x01\x02")
+        ae = AE()
+        ae.add_requested_context(ModalityWorklistInformationFind, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port)
+        statuses = [s.Status for s, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)]
+        assoc.release()
+        assert statuses == [0xFF01, 0xFF01, 0x0000]
+
+
+def test_each_query_is_logged(folder, caplog):
+    with caplog.at_level(logging.INFO, logger="bridge.cfind"), bridge(folder) as port:
+        find(port, q(PatientID="P0000003", PatientName=""), calling="CT1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.cfind"]
+    assert len(lines) == 1
+    assert "CT1->WLBRIDGE" in lines[0] and "PatientID=P0000003" in lines[0]
+    assert "2 answers" in lines[0] and " ms" in lines[0]
+
+
+def test_pynetdicom_does_not_log_identifiers(folder, caplog):
+    with caplog.at_level(logging.NOTSET), bridge(folder) as port:
+        find(port, q(PatientID="P0000003", PatientName=""))
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom")
+                and "P0000003" in r.getMessage()]  # fmt: skip

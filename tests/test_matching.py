@@ -1,0 +1,383 @@
+"""Matching rules of PS3.4 C.2.2.2 on Modality Worklist items, and the answers built."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from bench.worklist_items import make_item, write_item
+from bridge.matching import (
+    QueryError,
+    compile_query,
+    missing_required,
+    record_from_dataset,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
+
+
+def stored(ds: Dataset):
+    """The record of `ds` after a real encode/decode, as the index would hold it."""
+    buf = io.BytesIO()
+    write_item_to(buf, ds)
+    buf.seek(0)
+    return record_from_dataset(pydicom.dcmread(buf))
+
+
+def write_item_to(buf, ds):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.save_as(buf, enforce_file_format=True)
+
+
+def query(sps: dict | None = None, charset: str | None = None, **top) -> Dataset:
+    q = Dataset()
+    if charset:
+        q.SpecificCharacterSet = charset
+    for key, value in top.items():
+        setattr(q, key, value)
+    if sps is not None:
+        item = Dataset()
+        for key, value in sps.items():
+            setattr(item, key, value)
+        q.ScheduledProcedureStepSequence = [item]
+    return q
+
+
+def matches(q: Dataset, rec, **kwargs) -> bool:
+    return compile_query(q, **kwargs).matches(rec)
+
+
+@pytest.fixture(scope="module")
+def item():
+    return stored(
+        make_item("ACC1", patient_id="PID1", patient_name="Müller^Hans",
+                  station_aets=["CT1", "CT2"], date="20240105", time="233000")
+    )  # fmt: skip
+
+
+def test_single_value_is_exact_and_case_sensitive_outside_pn(item):
+    assert matches(query(PatientID="PID1"), item)
+    assert not matches(query(PatientID="pid1"), item)
+    assert not matches(query(PatientID="PID"), item)
+    assert matches(query(AccessionNumber="ACC1"), item)
+    assert not matches(query(AccessionNumber="ACC2"), item)
+
+
+def test_universal_matching_empty_and_lone_star(item):
+    assert matches(query(PatientID="", PatientName=""), item)
+    assert matches(query(PatientID="*"), item)
+    assert matches(query(sps={"ScheduledProcedureStepStartDate": "*"}), item)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"PatientID": "PID*"},
+        {"PatientID": "P?D1"},
+        {"PatientID": "*1"},
+        {"sps": {"ScheduledStationAETitle": "CT*"}},
+        {"sps": {"Modality": "C?"}},
+        {"sps": {"ScheduledProcedureStepDescription": "*STEP"}},
+    ],
+)
+def test_wildcards_on_ids_ae_titles_and_modality(item, keys):
+    sps = keys.pop("sps", None)
+    assert matches(query(sps=sps, **keys), item)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"PatientID": "X*"}, {"sps": {"ScheduledStationAETitle": "MR*"}}, {"sps": {"Modality": "M?"}}],
+)
+def test_wildcards_that_do_not_match(item, keys):
+    sps = keys.pop("sps", None)
+    assert not matches(query(sps=sps, **keys), item)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"StudyInstanceUID": "1.2.*"},
+        {"sps": {"ScheduledProcedureStepStartDate": "2024*"}},
+        {"sps": {"ScheduledProcedureStepStartTime": "23?000"}},
+        {"sps": {"ScheduledProcedureStepStartDate": "2024-01-05"}},  # ISO form: not a DA
+        {"sps": {"ScheduledProcedureStepStartDate": "20241305x"}},
+    ],
+)
+def test_wildcards_and_bad_values_on_da_tm_ui_are_refused(keys):
+    sps = keys.pop("sps", None)
+    with pytest.raises(QueryError):
+        compile_query(query(sps=sps, **keys))
+
+
+def test_query_on_study_uid_or_sps_id_does_not_return_everything(item):
+    other = stored(make_item("ACC2"))
+    q = query(StudyInstanceUID=item.get(0x0020000D))
+    assert matches(q, item) and not matches(q, other)
+    q = query(sps={"ScheduledProcedureStepID": "SPSACC2"})
+    assert matches(q, other) and not matches(q, item)
+
+
+def test_uid_list_matching(item):
+    uid = item.get(0x0020000D)
+    assert matches(query(StudyInstanceUID=["1.2.3", uid]), item)
+    assert not matches(query(StudyInstanceUID=["1.2.3", "1.2.4"]), item)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("20240105", True),
+        ("20240104", False),
+        ("20240101-20240105", True),
+        ("20240106-20240110", False),
+        ("20240105-", True),
+        ("20240106-", False),
+        ("-20240105", True),
+        ("-20240104", False),
+    ],
+)
+def test_date_single_and_range(item, value, expected):
+    assert matches(query(sps={"ScheduledProcedureStepStartDate": value}), item) is expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("2330", True), ("23", True), ("2331", False), ("2300-2359", True), ("-2329", False),
+     ("2330-", True), ("2200-0100", True), ("0100-2200", False)],
+)  # fmt: skip
+def test_time_single_range_and_wrap_across_midnight(item, value, expected):
+    assert matches(query(sps={"ScheduledProcedureStepStartTime": value}), item) is expected
+
+
+def test_combined_date_time_range_across_midnight():
+    def at(date, time):
+        return stored(make_item("X", date=date, time=time))
+
+    q = compile_query(query(sps={"ScheduledProcedureStepStartDate": "20240105-20240106",
+                                 "ScheduledProcedureStepStartTime": "2200-0200"}))  # fmt: skip
+    assert q.matches(at("20240105", "230000"))
+    assert q.matches(at("20240106", "013000"))
+    assert not q.matches(at("20240105", "013000"))  # before the start instant
+    assert not q.matches(at("20240106", "230000"))  # after the end instant
+    assert q.hints.date_range == ("20240105", "20240106")
+    # Open end: everything from the 5th at 22:00 on.
+    q = compile_query(query(sps={"ScheduledProcedureStepStartDate": "20240105-",
+                                 "ScheduledProcedureStepStartTime": "2200-"}))  # fmt: skip
+    assert q.matches(at("20240107", "010000")) and not q.matches(at("20240105", "210000"))
+
+
+def test_multi_valued_station_ae_matches_on_any_value(item):
+    assert matches(query(sps={"ScheduledStationAETitle": "CT2"}), item)
+    assert matches(query(sps={"ScheduledStationAETitle": "CT1"}), item)
+    assert not matches(query(sps={"ScheduledStationAETitle": "CT3"}), item)
+
+
+def test_person_names_case_insensitive_by_default(item):
+    assert matches(query(PatientName="MÜLLER^HANS"), item)
+    assert matches(query(PatientName="müller*"), item)
+    assert not matches(query(PatientName="MÜLLER^HANS"), item, pn_case_insensitive=False)
+    assert matches(query(PatientName="Müller^Hans"), item, pn_case_insensitive=False)
+    assert not matches(query(PatientName="MULLER^HANS"), item)  # accents are significant
+
+
+@pytest.mark.parametrize(
+    "item_charset, query_charset, name, asked",
+    [
+        ("ISO_IR 100", "ISO_IR 192", "Gaël^Zoë", "GAËL^ZOË"),
+        ("ISO_IR 192", "ISO_IR 100", "Gaël^Zoë", "gaël^zoë"),
+        ("ISO_IR 192", "ISO_IR 192", "Dvořák^Antonín", "DVOŘÁK^*"),
+        ("ISO_IR 100", "ISO_IR 100", "Ødegård^Åse", "ødegård^åse"),
+    ],
+)
+def test_accented_names_across_character_sets(item_charset, query_charset, name, asked):
+    rec = stored(make_item("X", patient_name=name, charset=item_charset))
+    cq = compile_query(stored_query(query(PatientName=asked, charset=query_charset)))
+    assert cq.matches(rec)
+    assert not compile_query(
+        stored_query(query(PatientName="X" + asked, charset=query_charset))
+    ).matches(rec)
+    answer = cq.answer(rec)
+    assert answer.SpecificCharacterSet == item_charset
+    # The answer encodes in the item's character set and decodes back to the same name.
+    assert str(stored_query(answer).PatientName) == name
+
+
+def stored_query(q: Dataset) -> Dataset:
+    """The query as an SCP receives it: encoded with its character set, then decoded."""
+    buf = io.BytesIO()
+    write_item_to(buf, q)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def test_multi_component_person_names():
+    rec = stored(make_item("X", patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+                           charset="ISO_IR 192"))  # fmt: skip
+    assert matches(query(PatientName="YAMADA^TAROU"), rec)
+    assert matches(query(PatientName="山田^太郎"), rec)  # any group when the query has no "="
+    assert matches(query(PatientName="=山田*"), rec)  # the ideographic group only
+    assert not matches(query(PatientName="=やまだ^たろう"), rec)  # phonetic name, wrong group
+    assert matches(query(PatientName="Yamada*=山田^太郎"), rec)
+    assert not matches(query(PatientName="SMITH=山田^太郎"), rec)
+
+
+def test_padding_and_trailing_components_are_not_significant():
+    rec = stored(make_item("X", patient_name="DOE^JOHN^^", station_aets="CT1 "))
+    assert matches(query(PatientName="DOE^JOHN"), rec)
+    assert matches(query(PatientName="DOE^JOHN^"), rec)
+    assert matches(query(sps={"ScheduledStationAETitle": "CT1 "}), rec)
+    assert matches(query(sps={"ScheduledStationAETitle": "CT1"}), rec)
+
+
+def two_step_item():
+    ds = make_item("X", modality="CT", station_aets="CT1", date="20240105")
+    step2 = copy.deepcopy(ds.ScheduledProcedureStepSequence[0])
+    step2.Modality = "MR"
+    step2.ScheduledStationAETitle = "MR1"
+    step2.ScheduledProcedureStepStartDate = "20240106"
+    step2.ScheduledProcedureStepID = "SPS2"
+    ds.ScheduledProcedureStepSequence.append(step2)
+    return stored(ds)
+
+
+def test_sequence_matching_needs_one_item_matching_every_key():
+    rec = two_step_item()
+    assert matches(query(sps={"Modality": "MR", "ScheduledStationAETitle": "MR1"}), rec)
+    # Modality of the first step, station of the second: no single step has both.
+    assert not matches(query(sps={"Modality": "CT", "ScheduledStationAETitle": "MR1"}), rec)
+
+
+def test_answer_carries_the_matching_steps_with_the_requested_keys_only():
+    rec = two_step_item()
+    q = compile_query(query(PatientID="", sps={"Modality": "MR", "ScheduledProcedureStepID": ""}))
+    answer = q.answer(rec)
+    assert [e.keyword for e in answer] == [
+        "SpecificCharacterSet", "PatientID", "ScheduledProcedureStepSequence"]  # fmt: skip
+    steps = answer.ScheduledProcedureStepSequence
+    assert len(steps) == 1
+    assert [e.keyword for e in steps[0]] == ["Modality", "ScheduledProcedureStepID"]
+    assert steps[0].ScheduledProcedureStepID == "SPS2"
+
+
+def test_empty_sequence_in_query_is_universal_and_returns_whole_items():
+    rec = two_step_item()
+    q = query(PatientID="")
+    q.ScheduledProcedureStepSequence = []
+    cq = compile_query(q)
+    assert cq.matches(rec)
+    steps = cq.answer(rec).ScheduledProcedureStepSequence
+    assert len(steps) == 2 and steps[1].ScheduledStationAETitle == "MR1"
+    assert steps[0].ScheduledProtocolCodeSequence[0].CodeValue == "X1"
+
+
+def test_nested_sequence_matching():
+    rec = stored(make_item("X"))
+    code = Dataset()
+    code.CodeValue = "X1"
+    code.CodeMeaning = ""
+    q = query(sps={"Modality": ""})
+    q.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence = [code]
+    assert matches(q, rec)
+    code.CodeValue = "X2"
+    assert not matches(q, rec)
+
+
+def test_requested_key_absent_from_item_is_returned_empty():
+    rec = stored(make_item("X", AdmissionID=None))
+    q = compile_query(query(AdmissionID="", PatientID="PID1", sps={"Modality": ""}))
+    answer = q.answer(rec)
+    assert "AdmissionID" in answer and answer.AdmissionID in ("", None)
+    assert "AccessionNumber" not in answer
+    assert answer.PatientID == "PID1"
+
+
+def test_key_with_value_absent_from_item_does_not_match():
+    rec = stored(make_item("X", AdmissionID=None))
+    assert not matches(query(AdmissionID="ADM1"), rec)
+    assert not matches(query(AdmissionID="*1"), rec)
+
+
+def test_empty_value_matching():
+    rec = stored(make_item("X", AdmissionID=""))
+    assert matches(query(AdmissionID='""'), rec)
+    assert not matches(query(AccessionNumber='""'), rec)
+
+
+def test_keys_we_cannot_match_on_are_reported():
+    q = query(PatientID="PID1")
+    q.add_new(0x00091010, "OB", b"\x01\x02")  # a binary key: no matching rule for it
+    cq = compile_query(q)
+    assert cq.unsupported == ("(0009,1010)",)
+    assert cq.matches(stored(make_item("X")))
+    assert compile_query(query(PatientID="PID1")).unsupported == ()
+
+
+def test_numeric_binary_keys_match_by_value():
+    rec = stored(make_item("X"))  # PregnancyStatus 4
+    assert matches(query(PregnancyStatus=4), rec)
+    assert not matches(query(PregnancyStatus=1), rec)
+
+
+def test_more_than_one_item_in_a_query_sequence_is_refused():
+    q = query(sps={"Modality": "CT"})
+    q.ScheduledProcedureStepSequence.append(Dataset())
+    with pytest.raises(QueryError):
+        compile_query(q)
+
+
+def test_hidden_statuses_unless_asked_for():
+    done = stored(make_item("X", status="COMPLETED"))
+    hidden = ["COMPLETED", "CANCELED"]
+    assert not matches(query(PatientID=""), done, hidden_statuses=hidden)
+    assert not matches(query(sps={"ScheduledProcedureStepStatus": "*"}), done,
+                       hidden_statuses=hidden)  # fmt: skip
+    assert matches(query(sps={"ScheduledProcedureStepStatus": "COMPLETED"}), done,
+                   hidden_statuses=hidden)  # fmt: skip
+    assert matches(query(PatientID=""), done)
+
+
+def test_station_scoping_applies_only_without_a_station_in_the_query(item):
+    assert matches(query(PatientID=""), item, station_aet="CT2")
+    assert not matches(query(PatientID=""), item, station_aet="MR1")
+    assert not matches(query(sps={"Modality": ""}), item, station_aet="MR1")
+    assert matches(query(sps={"ScheduledStationAETitle": "CT1"}), item, station_aet="MR1")
+    cq = compile_query(query(PatientID=""), station_aet="MR1")
+    assert cq.hints.station_aets == frozenset({"MR1"})
+
+
+def test_hints_name_exact_values_only():
+    hints = compile_query(query(PatientID="P1", AccessionNumber="A*",
+                                sps={"ScheduledStationAETitle": "CT1", "Modality": "",
+                                     "ScheduledProcedureStepStartDate": "20240101-"}),
+                          ).hints  # fmt: skip
+    assert hints.patient_ids == frozenset({"P1"})
+    assert hints.accession_numbers is None
+    assert hints.station_aets == frozenset({"CT1"})
+    assert hints.modalities is None
+    assert hints.date_range == ("20240101", "")
+
+
+def test_missing_required_attributes_are_named(tmp_path):
+    ds = make_item("X", PatientBirthDate=None, sps_ScheduledStationAETitle="",
+                   sps_ScheduledProcedureStepDescription=None,
+                   sps_ScheduledProtocolCodeSequence=None)  # fmt: skip
+    path = write_item(tmp_path / "x.wl", ds)
+    missing = missing_required(record_from_dataset(pydicom.dcmread(path)))
+    assert missing == [
+        "PatientBirthDate",
+        "ScheduledProcedureStepSequence>ScheduledProcedureStepDescription or "
+        "ScheduledProtocolCodeSequence",
+        "ScheduledProcedureStepSequence>ScheduledStationAETitle",
+    ]
+    assert missing_required(stored(make_item("Y"))) == []
