@@ -219,3 +219,6 @@ def validate(settings: Settings) -> None:
         raise ValueError("ae_title must be 1 to 16 characters")
     if settings.max_frame_size < 1024:
         raise ValueError("max_frame_size must be at least 1024 bytes")
+    from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
+
+    check_station_rules(settings.station_rules)

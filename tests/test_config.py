@@ -38,3 +38,14 @@ def test_bad_config_is_refused_with_a_reason(tmp_path, text):
     config.write_text(text)
     with pytest.raises(ValueError):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ['match = { "OBR24" = "CT" }', 'match = { "OBR-24" = "/[unclosed/" }'],
+)
+def test_a_station_rule_that_could_never_work_fails_at_start(tmp_path, rule):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[station-rules]]\n{rule}\nae-titles = ["CT1"]\n')
+    with pytest.raises(ValueError, match="station rule 1"):
+        load_settings(config)

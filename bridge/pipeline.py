@@ -1,0 +1,284 @@
+"""One message through the whole pipeline, answered with an ACK and recorded in the log.
+
+    bytes -> hl7message -> hl7schema checks -> order -> worklist_item -> store -> ACK
+
+Every message gets an answer and a translation-log line. A message that was not applied is kept
+as received in the rejected folder. AA is only sent once every change is durably on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom import Dataset
+
+from bridge import hl7schema, order, worklist_item
+from bridge.ack import build_ack
+from bridge.config import Settings
+from bridge.errors import APPLICATION_INTERNAL_ERROR, HL7Error
+from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
+from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
+from bridge.store import StoreError, WorklistStore
+from bridge.translation_log import TranslationLog
+
+log = logging.getLogger("bridge.pipeline")
+
+RECENT_MESSAGES = 10_000  # control IDs remembered for answering retries the same way
+
+
+@dataclass
+class Outcome:
+    """What one message did, for its ACK and its translation-log line."""
+
+    ack_code: str = "AA"
+    outcomes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    order_controls: list[str] = field(default_factory=list)
+    accessions: list[str] = field(default_factory=list)
+    patient_id: str = ""
+    error: HL7Error | None = None
+    kept_as: str = ""
+
+
+def interpret(message: HL7Message, settings: Settings) -> OrderMessage | PatientUpdate | Ignored:
+    """What a parsed message asks of the worklist, after the checks its version calls for."""
+    # The order HL7 v2.5.1 2.9.2 gives: acceptance (header, supported type), then content.
+    hl7schema.validate_header(message, settings)
+    order.check_supported(message)
+    hl7schema.check_structure(message)
+    hl7schema.check_fields(message)
+    return order.read_message(message, settings)
+
+
+class Bridge:
+    """Applies HL7 messages to the worklist. Runs on one thread (the reactor's), which is what
+    keeps two updates of the same order from interleaving."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: WorklistStore,
+        index,
+        translation_log: TranslationLog,
+        rejected_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.translation_log = translation_log
+        self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
+        self._recent: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
+
+    # The MLLP handler: bytes in, ACK bytes out.
+    def handle(self, raw: bytes, peer: str = "") -> bytes:
+        started = time.perf_counter()
+        header = read_header(raw.strip(b"\r\n\t "))
+        digest = hashlib.sha256(raw).hexdigest()
+        key = self._retry_key(header)
+        if key is not None and key in self._recent and self._recent[key][0] == digest:
+            # An engine re-sending after a lost ACK: applied once, answered the same way.
+            ack = self._recent[key][1]
+            self._record(
+                peer,
+                header,
+                None,
+                Outcome(outcomes=["duplicate"]),
+                ack,
+                started,
+                ack_code=_ack_code(ack),
+            )
+            return ack
+        message: HL7Message | None = None
+        result = Outcome()
+        try:
+            message = parse_message(raw)
+            intent = interpret(message, self.settings)
+            self._apply(message, intent, result)
+        except HL7Error as exc:
+            result.ack_code, result.error = exc.ack_code, exc
+        except StoreError as exc:
+            result.ack_code = "AR"
+            result.error = HL7Error(APPLICATION_INTERNAL_ERROR, "", str(exc), "AR")
+        except Exception as exc:  # a bug must cost one message, not the server
+            log.exception("internal error on message %s", header.control_id if header else "?")
+            result.ack_code = "AR"
+            result.error = HL7Error(
+                APPLICATION_INTERNAL_ERROR, "", f"internal error: {type(exc).__name__}", "AR"
+            )
+        if result.error is not None:
+            result.outcomes = ["rejected"]
+            result.kept_as = self._keep_rejected(raw, header, result.error)
+        ack = build_ack(
+            header,
+            result.ack_code,
+            [result.error] if result.error else [],
+            text=result.error.text if result.error else "",
+        )
+        if key is not None and result.ack_code != "AR":  # AR may be transient: retry afresh
+            self._remember(key, digest, ack)
+        self._record(peer, header, message, result, ack, started)
+        return ack
+
+    def refuse_oversized(self, head: bytes, peer: str) -> bytes | None:
+        """The answer to a frame refused for its size, built from its first bytes."""
+        header = read_header(head)
+        error = HL7Error(
+            "207",
+            "",
+            f"message larger than the limit of {self.settings.max_frame_size} bytes",
+            "AR",
+        )
+        ack = build_ack(header, "AR", [error], text=error.text)
+        result = Outcome(ack_code="AR", outcomes=["rejected"], error=error)
+        self._record(peer, header, None, result, ack, time.perf_counter())
+        return ack
+
+    # Applying what a message asks
+    def _apply(self, message: HL7Message, intent, result: Outcome) -> None:
+        if isinstance(intent, Ignored):
+            result.outcomes.append("ignored")
+            message.notes.append(intent.reason)
+        elif isinstance(intent, PatientUpdate):
+            self._apply_patient(message, intent, result)
+        elif isinstance(intent, OrderMessage):
+            self._apply_order(message, intent, result)
+
+    def _apply_order(self, message: HL7Message, intent: OrderMessage, result: Outcome) -> None:
+        result.patient_id = intent.patient.patient_id
+        # Build every item first: a content error in the last step must not leave the first
+        # steps applied.
+        planned: list[tuple[order.ProcedureStep, Dataset]] = []
+        for step in intent.steps:
+            planned.append((step, worklist_item.build_item(message, intent, step, self.settings)))
+        for step, item in planned:
+            path = self.store.path_for(step.identity)
+            existed = path.exists()
+            result.order_controls.append(step.order_control)
+            result.accessions.append(step.accession_number)
+            result.files.append(path.name)
+            if step.action is Action.SCHEDULE:
+                self.store.write(path, item, step.identity)
+                result.outcomes.append("updated" if existed else "created")
+            elif step.action is Action.STATUS:
+                existing = self.store.read(path) if existed else None
+                if existing is None:
+                    self.store.write(path, item, step.identity)
+                    result.outcomes.append("created")
+                else:
+                    worklist_item.set_status(existing, step.status)
+                    self.store.write(path, existing, step.identity)
+                    result.outcomes.append(step.status.lower())
+            else:
+                result.outcomes.append(self._finish(path, existed, step))
+
+    def _finish(self, path: Path, existed: bool, step: order.ProcedureStep) -> str:
+        existing = self.store.read(path) if existed else None
+        if existing is None:
+            return "nothing-to-cancel" if step.status != "COMPLETED" else "nothing-to-complete"
+        if self.settings.finished_retention > 0:
+            worklist_item.set_status(existing, step.status)
+            self.store.write(path, existing, step.identity)
+        else:
+            self.store.delete(path)
+        return "removed"
+
+    def _apply_patient(self, message: HL7Message, update: PatientUpdate, result: Outcome) -> None:
+        patient = update.patient
+        result.patient_id = patient.patient_id
+        lookup_id = update.previous_id or patient.patient_id
+        lookup_issuer = update.previous_issuer if update.previous_id else patient.issuer
+        items = self.index.items_of_patient(lookup_id, lookup_issuer or None)
+        for path, item in items:
+            item = copy.deepcopy(item)
+            worklist_item.apply_patient(item, patient, message)
+            if update.event == "A10":
+                worklist_item.set_status(item, "ARRIVED")
+            self.store.write(path, item)
+            result.files.append(path.name)
+        verb = {"A40": "merged", "A47": "moved", "A10": "arrived"}.get(update.event, "updated")
+        result.outcomes.append(f"patient-{verb}")
+        message.notes.append(f"{len(items)} item(s) of patient {lookup_id}")
+
+    def sweep_finished(self) -> list[str]:
+        """Delete the files of finished items whose retention period has passed."""
+        removed = self.store.remove_expired(
+            self.settings.finished_retention * 3600, self.settings.hidden_statuses
+        )
+        for path in removed:
+            self.translation_log.record(outcome="expired", file=path.name)
+        return [p.name for p in removed]
+
+    # Retries, rejected messages, the log
+    def _retry_key(self, header: MessageHeader | None) -> tuple[str, str, str] | None:
+        if header is None or not header.control_id:
+            return None
+        return (header.sending_application, header.sending_facility, header.control_id)
+
+    def _remember(self, key: tuple[str, str, str], digest: str, ack: bytes) -> None:
+        self._recent[key] = (digest, ack)
+        self._recent.move_to_end(key)
+        while len(self._recent) > RECENT_MESSAGES:
+            self._recent.popitem(last=False)
+
+    def _keep_rejected(self, raw: bytes, header: MessageHeader | None, error: HL7Error) -> str:
+        """Keep the message byte for byte, with its reason beside it, for `wlbridge replay`."""
+        try:
+            self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            control = re.sub(r"[^A-Za-z0-9_-]", "_", header.control_id if header else "")[:32]
+            name = f"{stamp}-{control or 'unknown'}-{hashlib.sha256(raw).hexdigest()[:8]}"
+            path = self.rejected_dir / f"{name}.hl7"
+            path.write_bytes(raw)
+            (self.rejected_dir / f"{name}.reason").write_text(
+                f"{error.ack_code} {error.code} {error.location} {error.text}\n", encoding="utf-8"
+            )
+            return str(path)
+        except OSError as exc:
+            log.error("cannot keep rejected message: %s", exc)
+            return ""
+
+    def _record(
+        self,
+        peer: str,
+        header: MessageHeader | None,
+        message: HL7Message | None,
+        result: Outcome,
+        ack: bytes,
+        started: float,
+        ack_code: str | None = None,
+    ) -> None:
+        error = result.error
+        reason = ""
+        if error is not None:
+            reason = f"{error.code} {error.location + ' ' if error.location else ''}{error.text}"
+        msg_type = ""
+        if header is not None and header.message_type:
+            msg_type = f"{header.message_type}^{header.trigger_event}"
+        self.translation_log.record(
+            peer=peer,
+            control_id=header.control_id if header else "",
+            type=msg_type,
+            order_control=",".join(result.order_controls),
+            accession=",".join(a for a in result.accessions if a),
+            patient_id=result.patient_id,
+            outcome=",".join(result.outcomes),
+            ack=ack_code or result.ack_code,
+            file=",".join(result.files),
+            reason=reason,
+            kept_as=result.kept_as,
+            note="; ".join(message.notes) if message is not None else "",
+            ms=f"{(time.perf_counter() - started) * 1000:.1f}",
+        )
+
+
+def _ack_code(ack: bytes) -> str:
+    match = re.search(rb"MSA.(A[AER])", ack)
+    return match.group(1).decode() if match else ""

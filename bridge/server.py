@@ -1,0 +1,113 @@
+"""`wlbridge serve`: the MLLP listener and the C-FIND SCP in one process, on Twisted's reactor.
+
+The reactor thread does all HL7 work (so changes to one order never interleave); pynetdicom serves
+associations in its own threads and reads the index, which the reactor keeps in step with the
+folder. SIGINT and SIGTERM stop accepting, let the message in hand finish, close both servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from twisted.internet import reactor as default_reactor
+from twisted.internet import task
+
+from bridge.cfind import start_dicom_server
+from bridge.config import Settings
+from bridge.index import WorklistIndex
+from bridge.mllp import MLLPFactory
+from bridge.pipeline import Bridge
+from bridge.store import WorklistStore
+from bridge.tls import dicom_ssl_context, mllp_tls_options
+from bridge.translation_log import TranslationLog
+
+log = logging.getLogger("bridge.server")
+
+SWEEP_INTERVAL = 60.0  # seconds between removals of finished items past their retention
+
+
+class BridgeServer:
+    """Everything `serve` starts, so tests can run it in-process too."""
+
+    def __init__(self, settings: Settings, reactor=default_reactor) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.translation_log = TranslationLog(
+            settings.translation_log, settings.translation_log_format
+        )
+        self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
+        self.store = WorklistStore(settings, self.index)
+        self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
+        self.mllp_port = None
+        self.dicom_server = None
+        self._sweeper: task.LoopingCall | None = None
+
+    def start(self) -> None:
+        leftovers = self.store.prepare()
+        if leftovers:
+            log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
+        self.index.load()
+        s = self.settings
+        factory = MLLPFactory(
+            self.bridge.handle,
+            max_frame_size=s.max_frame_size,
+            idle_timeout=s.idle_timeout,
+            max_connections=s.max_connections,
+            allowed_sources=s.allowed_mllp_sources,
+            on_oversized=self.bridge.refuse_oversized,
+        )
+        tls = mllp_tls_options(s)
+        if tls is not None:
+            self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
+        else:
+            self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
+        self.dicom_server = start_dicom_server(s, self.index, ssl_context=dicom_ssl_context(s))
+        self.index.start_watching(self.reactor)
+        if s.finished_retention > 0:
+            self._sweeper = task.LoopingCall(self.bridge.sweep_finished)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(SWEEP_INTERVAL, now=True)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        log.info(
+            "wlbridge serving MLLP on %s:%d and DICOM %s on %s:%d, worklist %s",
+            s.host,
+            self.mllp_port.getHost().port,
+            s.ae_title,
+            s.host,
+            s.dicom_port,
+            self.store.folder,
+        )
+
+    def stop(self):
+        """Stop accepting, then close both servers. Returns a Deferred for the MLLP side."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self.index.stop_watching()
+        if self.dicom_server is not None:
+            self.dicom_server.ae.shutdown()  # aborts open associations too
+            self.dicom_server = None
+        d = self.mllp_port.stopListening() if self.mllp_port is not None else None
+        self.mllp_port = None
+        if d is not None:
+            d.addBoth(lambda _: self.translation_log.close())
+        else:
+            self.translation_log.close()
+        return d
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
+    server = BridgeServer(settings)
+    try:
+        server.start()
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    default_reactor.run()
+    return 0

@@ -1,0 +1,41 @@
+"""TLS for both listeners, from the certificate, key and CA settings (PEM files).
+
+With a CA configured, clients must present a certificate that chains to it.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from bridge.config import Settings
+
+
+def mllp_tls_options(settings: Settings):
+    """Twisted TLS options for the MLLP listener, or None for plain TCP."""
+    if not settings.mllp_tls_cert:
+        return None
+    from twisted.internet import ssl as tssl
+
+    with open(settings.mllp_tls_cert, "rb") as f:
+        cert_pem = f.read()
+    with open(settings.mllp_tls_key or settings.mllp_tls_cert, "rb") as f:
+        key_pem = f.read()
+    certificate = tssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    if settings.mllp_tls_ca:
+        with open(settings.mllp_tls_ca, "rb") as f:
+            authority = tssl.Certificate.loadPEM(f.read())
+        return certificate.options(authority)
+    return certificate.options()
+
+
+def dicom_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """An SSL context for the DICOM listener, or None for plain TCP."""
+    if not settings.dicom_tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key or None)
+    if settings.dicom_tls_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(settings.dicom_tls_ca)
+    return context

@@ -1,0 +1,110 @@
+"""Fixtures: a real `wlbridge serve` process on free ports, with its folders in a temp dir."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bridge.translation_log import parse_logfmt
+from tests.peers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+READY = "wlbridge serving"
+
+
+@dataclass
+class RunningBridge:
+    process: subprocess.Popen
+    mllp_port: int
+    dicom_port: int
+    ae_title: str
+    worklist_dir: Path
+    log_path: Path
+    rejected_dir: Path
+    stderr_lines: list[str] = field(default_factory=list)
+
+    def log_records(self) -> list[dict[str, str]]:
+        if not self.log_path.exists():
+            return []
+        return [parse_logfmt(line) for line in self.log_path.read_text("utf-8").splitlines()]
+
+    def wl_files(self) -> list[Path]:
+        return sorted(self.worklist_dir.rglob("*.wl"))
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def start_bridge(
+    tmp_path: Path, *extra: str, ae_title: str = "WLBRIDGE", worklist_dir: Path | None = None
+) -> RunningBridge:
+    """Start `python -m bridge serve` and return once it says both listeners are up."""
+    mllp_port, dicom_port = free_port(), free_port()
+    worklist_dir = worklist_dir or tmp_path / "worklists" / ae_title
+    log_path = tmp_path / "logs" / "translation.log"
+    rejected = tmp_path / "rejected"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bridge",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--mllp-port",
+        str(mllp_port),
+        "--dicom-port",
+        str(dicom_port),
+        "--ae-title",
+        ae_title,
+        "--worklist-dir",
+        str(worklist_dir),
+        "--translation-log",
+        str(log_path),
+        "--rejected-dir",
+        str(rejected),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    running = RunningBridge(
+        process, mllp_port, dicom_port, ae_title, worklist_dir, log_path, rejected
+    )
+
+    def pump() -> None:  # keeps the pipe drained for the whole run
+        for line in process.stdout:
+            running.stderr_lines.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=30)
+        except queue.Empty:
+            process.kill()
+            raise RuntimeError("wlbridge did not report ready within 30 s") from None
+        if line is None:
+            raise RuntimeError("wlbridge exited before ready:\n" + "".join(running.stderr_lines))
+        if READY in line:
+            return running
+
+
+@pytest.fixture
+def bridge(tmp_path: Path) -> Iterator[RunningBridge]:
+    running = start_bridge(tmp_path)
+    yield running
+    code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
