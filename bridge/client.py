@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from bridge.mllp import END, START, frame
@@ -166,7 +167,7 @@ def answer_rows(answers: list[Dataset]) -> list[list[str]]:
         for keyword, _ in QUERY_COLUMNS:
             source = step if keyword in SPS_KEYS else answer
             value = source.get(keyword, "")
-            if hasattr(value, "__iter__") and not isinstance(value, str):
+            if isinstance(value, MultiValue):
                 value = "\\".join(str(v) for v in value)
             row.append(str(value))
         rows.append(row)

@@ -16,3 +16,20 @@ def test_ack_summary_reads_msa_and_err():
     code, control, detail = ack_summary(ack)
     assert (code, control) == ("AE", "C1")
     assert "102" in detail
+
+
+def test_answer_rows_show_names_whole_and_multiple_values_joined():
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+
+    from bridge.client import answer_rows
+
+    answer = Dataset()
+    answer.PatientName = "MÜLLER^Jürgen"
+    answer.PatientID = "P1"
+    step = Dataset()
+    step.ScheduledStationAETitle = ["CT1", "CT2"]
+    answer.ScheduledProcedureStepSequence = Sequence([step])
+    [row] = answer_rows([answer])
+    assert row[0] == "MÜLLER^Jürgen" and row[1] == "P1"
+    assert "CT1\\CT2" in row
