@@ -67,13 +67,18 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _command() -> bytes:
+def _command(cancel: bool = False) -> bytes:
     cmd = Dataset()
-    cmd.AffectedSOPClassUID = MWL_FIND
-    cmd.CommandField = 0x0020
-    cmd.MessageID = 1
-    cmd.Priority = 0
-    cmd.CommandDataSetType = 0x0000
+    if cancel:  # C-CANCEL-RQ for message 1
+        cmd.CommandField = 0x0FFF
+        cmd.MessageIDBeingRespondedTo = 1
+        cmd.CommandDataSetType = 0x0101
+    else:  # C-FIND-RQ, message 1
+        cmd.AffectedSOPClassUID = MWL_FIND
+        cmd.CommandField = 0x0020
+        cmd.MessageID = 1
+        cmd.Priority = 0
+        cmd.CommandDataSetType = 0x0000
     body = _encode(cmd)
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body  # (0000,0000) UL group length
 
@@ -100,8 +105,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def c_find(port: int, query: bytes, called: str, calling: str = "BENCH") -> int:
-    """Associate, send one C-FIND, count the pending answers, release. Returns the count."""
+def c_find(port: int, query: bytes, called: str, calling: str = "BENCH",
+           cancel_after: int | None = None) -> tuple[int, int]:  # fmt: skip
+    """Associate, send one C-FIND (and a C-CANCEL once `cancel_after` answers arrived), count
+    the pending answers, release. Returns (answers, final status)."""
     with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(_associate_rq(called, calling))
@@ -130,10 +137,12 @@ def c_find(port: int, query: bytes, called: str, calling: str = "BENCH") -> int:
                 command = b""
                 if cmd.Status in (0xFF00, 0xFF01):
                     answers += 1
+                    if answers == cancel_after:
+                        sock.sendall(_pdata(_command(cancel=True), True))
                 else:
                     sock.sendall(struct.pack(">BxI", 5, 4) + bytes(4))  # A-RELEASE-RQ
                     _recv_pdu(sock)
-                    return answers
+                    return answers, cmd.Status
 
 
 # ---- the servers ---------------------------------------------------------------------------
@@ -337,7 +346,7 @@ def main() -> int:
                 times = []
                 for _ in range(reps):
                     t = time.perf_counter()
-                    counts[name] = c_find(port, query, AE_FOLDER)
+                    counts[name] = c_find(port, query, AE_FOLDER)[0]
                     times.append((time.perf_counter() - t) * 1000)
                 medians[name] = statistics.median(times)
             rows.append((label, medians, counts))

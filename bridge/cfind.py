@@ -129,7 +129,9 @@ class WorklistSCP:
             if query.unsupported:
                 outcome = "success; not matched on " + ",".join(query.unsupported)
             limit = self.settings.max_answers
+            dul = getattr(assoc, "dul", None)
             for record in records:
+                _drain(dul, assoc)
                 if event.is_cancelled:
                     outcome = "cancelled"
                     yield CANCEL, None
@@ -147,6 +149,25 @@ class WorklistSCP:
                 calling, called, keys, sent, total, outcome,
                 (time.perf_counter() - started) * 1000,
             )  # fmt: skip
+
+
+_MAX_QUEUED = 8  # outgoing PDUs
+
+
+def _drain(dul: Any, assoc: Any) -> None:
+    """Pause while pynetdicom's upper layer has much to send, or has data from the peer to
+    read. Its thread reads from the network only when it has nothing left to send: without
+    this pause a long answer is queued whole (in memory) before a C-CANCEL can even be read."""
+    outgoing = getattr(dul, "to_provider_queue", None)
+    sock = getattr(dul, "socket", None)
+    if outgoing is None:
+        return
+    deadline = time.monotonic() + 1.0  # never stall an answer on pynetdicom's internals
+    while assoc.is_established and time.monotonic() < deadline:
+        if outgoing.qsize() > _MAX_QUEUED or (sock is not None and sock.ready):
+            time.sleep(0.0002)
+            continue
+        return
 
 
 def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:

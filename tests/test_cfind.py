@@ -12,6 +12,7 @@ from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
+from bench.cfind import c_find
 from bench.worklist_items import generate, make_item, write_item
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
@@ -56,6 +57,16 @@ def find(port: int, query: Dataset, calling: str = "SCU", called: str = "WLBRIDG
     finally:
         assoc.release()
     return final.Status, answers, final
+
+
+def _implicit(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    return buf.getvalue()
 
 
 def refused(port: int, calling: str = "SCU", called: str = "WLBRIDGE") -> bool:
@@ -261,12 +272,18 @@ def test_c_cancel_stops_the_answers(tmp_path):
         index.put(tmp_path / f"{i}.wl", item)
     server = start_dicom_server(s, index)
     try:
+        # pynetdicom as the client: cancel after the third answer.
         status, answers, _ = find(s.dicom_port, q(AccessionNumber="", PatientName=""),
                                   cancel_after=3)  # fmt: skip
+        assert status == 0xFE00
+        assert 3 <= len(answers) < 5000
+        # A client that reads as fast as answers come: the server must stop within a few.
+        query = _implicit(q(AccessionNumber="", PatientName=""))
+        answers_sent, status = c_find(s.dicom_port, query, "WLBRIDGE", cancel_after=1)
     finally:
         server.ae.shutdown()
     assert status == 0xFE00
-    assert 3 <= len(answers) < 5000
+    assert answers_sent < 50
 
 
 def test_own_items_only(folder):
