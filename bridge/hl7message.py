@@ -386,13 +386,8 @@ def _decode(raw: bytes, header: MessageHeader) -> tuple[str, str, str, str | Non
     except UnicodeDecodeError as exc:
         raise _charset_error(raw, exc.start, header, label) from None
     if eight_bit and (c1 := _C1_CONTROLS.search(text)):
-        # C1 bytes are never text in ISO 8859. Under 8859/1 they are Windows-1252 (as web
-        # browsers read that label); its characters (en dash, euro) need UTF-8 in DICOM.
-        if declared == "8859/1":
-            try:
-                return raw.decode("cp1252"), *UTF8, f"MSH-18 says {label} but the bytes are cp1252"
-            except UnicodeDecodeError:
-                pass
+        # C1 bytes are never text in ISO 8859: guessing (Windows-1252?) would store garbage as
+        # if it were the patient's data, so the sender hears about it instead.
         raise _charset_error(raw, c1.start(), header, label)
     nul = raw.find(b"\x00")
     if nul >= 0:
