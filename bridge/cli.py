@@ -52,7 +52,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     failures = 0
     try:
-        with MLLPClient(args.host, args.port, timeout=args.timeout) as client:
+        tls = _client_tls_context(args)
+        with MLLPClient(args.host, args.port, timeout=args.timeout, tls_context=tls) as client:
             for path in args.files:
                 ack = client.send(path.read_bytes())
                 code, control, detail = ack_summary(ack)
@@ -70,6 +71,18 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     return 1 if failures else 0
+
+
+def _client_tls_context(args: argparse.Namespace):
+    """A TLS context for MLLP over TLS (`--tls-ca`, with a client certificate if given)."""
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
+    if args.tls_cert:
+        context.load_cert_chain(args.tls_cert, args.tls_key or None)
+    return context
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -136,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0)
         if name == "send":
             p.add_argument("--raw", action="store_true", help="print the whole ACK")
+        else:
+            p.add_argument("--tls-ca", default="", help="MLLP over TLS: CA (PEM) of the server")
+            p.add_argument("--tls-cert", default="", help="client certificate (PEM)")
+            p.add_argument("--tls-key", default="", help="client private key (PEM)")
         p.set_defaults(func=func)
 
     query = sub.add_parser("query", help="C-FIND the worklist and print the answers")
