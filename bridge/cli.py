@@ -31,7 +31,8 @@ def _send(args: argparse.Namespace) -> int:
         return 2
     failures = 0
     try:
-        with MLLPClient(args.host, args.port, timeout=args.timeout) as client:
+        tls = _client_tls_context(args)
+        with MLLPClient(args.host, args.port, timeout=args.timeout, tls_context=tls) as client:
             for path, message in messages:
                 ack = client.send(message)
                 code, control, detail = ack_summary(ack)
@@ -147,12 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=2575)
         p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--tls-ca", default="", help="MLLP over TLS: CA (PEM) of the server")
+        p.add_argument("--tls-cert", default="", help="client certificate (PEM)")
+        p.add_argument("--tls-key", default="", help="client private key (PEM)")
         if name == "send":
             p.add_argument("--raw", action="store_true", help="print the whole ACK")
-        else:
-            p.add_argument("--tls-ca", default="", help="MLLP over TLS: CA (PEM) of the server")
-            p.add_argument("--tls-cert", default="", help="client certificate (PEM)")
-            p.add_argument("--tls-key", default="", help="client private key (PEM)")
         p.set_defaults(func=func)
 
     query = sub.add_parser("query", help="C-FIND the worklist and print the answers")

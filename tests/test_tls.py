@@ -171,3 +171,15 @@ def test_replay_over_tls_with_a_client_certificate(tls_bridge, pki, tmp_path):
     assert f"{kept.name}: AA TLSREPLAY" in result.stdout
     assert (kept.parent / "replayed" / kept.name).is_file() and not kept.exists()
     assert (kept.parent / "replayed" / kept.with_suffix(".reason").name).is_file()
+
+
+def test_send_over_tls_with_a_client_certificate(tls_bridge, pki, tmp_path):
+    order = tmp_path / "order.hl7"
+    order.write_bytes(orm(control_id="TLSSEND", accession="ACCTLS3").encode())
+    command = [sys.executable, "-m", "bridge", "send", "--host", "localhost",
+               "--port", str(tls_bridge.mllp_port), "--tls-ca", str(pki.ca),
+               "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key),
+               str(order)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "order.hl7: AA TLSSEND" in result.stdout
