@@ -78,6 +78,10 @@ _UNBOUNDED = 1 << 30
 # Header
 
 
+# MSH-10 is ST(20) up to 2.5.1 and 199 characters from 2.7; engines exceed 20, so allow 199.
+MAX_CONTROL_ID = 199
+
+
 def validate_header(message: HL7Message, settings: Settings) -> None:
     """MSH checks; raises the first failure as HL7Error."""
     h = message.header
@@ -108,6 +112,13 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
         raise HL7Error(DATA_TYPE_ERROR, "MSH^1^7^1^1", f"MSH-7 {msh7!r}: {problem}")
     if not h.control_id:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty")
+    if len(h.control_id) > MAX_CONTROL_ID:
+        raise HL7Error(
+            DATA_TYPE_ERROR,
+            "MSH^1^10",
+            f"MSH-10 (message control ID) has {len(h.control_id)} characters; "
+            f"at most {MAX_CONTROL_ID} are accepted",
+        )
 
 
 def _require_supported_version(version: str) -> None:

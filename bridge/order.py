@@ -751,6 +751,9 @@ def _choose_id(segment: Segment, field_no: int, primary_issuer: str) -> tuple[in
     return reps[0]
 
 
+MAX_OTHER_IDS = 16  # OtherPatientIDsSequence items kept from PID-3's repetitions
+
+
 def read_patient(
     message: HL7Message, pid: Segment, settings: Settings, required: bool = True
 ) -> Patient:
@@ -760,11 +763,19 @@ def read_patient(
         raise HL7Error(
             REQUIRED_FIELD_MISSING, f"PID^{pid.occurrence}^3", "PID-3 (patient ID) is empty"
         )
-    others = []
-    for i, text in enumerate(pid.repetitions(3), start=1):
+    others: dict[tuple[str, str], None] = {}  # ordered and without repeats
+    repetitions = pid.repetitions(3)
+    for i, text in enumerate(repetitions, start=1):
         other = (pid.leaf(text, 1).strip(), pid.leaf(text, 4).strip())
         if i != rep and other[0]:
-            others.append(other)
+            others[other] = None
+            if len(others) == MAX_OTHER_IDS:
+                break
+    if len(others) == MAX_OTHER_IDS and len(repetitions) > MAX_OTHER_IDS + 1:
+        # Every item carries them to every C-FIND answer: a real patient has a handful.
+        message.notes.append(
+            f"PID-3 has {len(repetitions)} repetitions; the first {MAX_OTHER_IDS} other IDs kept"
+        )
     name = xpn_to_pn(pid.components(5))
     if required and not name:
         raise HL7Error(
@@ -798,7 +809,7 @@ def read_patient(
     return Patient(
         patient_id=patient_id,
         issuer=issuer,
-        other_ids=others,
+        other_ids=list(others),
         name=name,
         birth_date=birth,
         sex=SEXES.get(pid.value(8).strip().upper(), ""),

@@ -32,6 +32,7 @@ from bridge.translation_log import TranslationLog
 log = logging.getLogger("bridge.pipeline")
 
 RECENT_MESSAGES = 10_000  # control IDs remembered for answering retries the same way
+MAX_REMEMBERED_ACK = 4096  # bytes: an ACK echoes MSH fields, which a sender may make huge
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Bridge:
         self.index = index
         self.translation_log = translation_log
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
-        self._recent: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
 
     # The MLLP handler: bytes in, ACK bytes out.
     def handle(self, raw: bytes, peer: str = "") -> bytes:
@@ -103,7 +104,9 @@ class Bridge:
             intent = interpret(message, self.settings)
             self._apply(message, intent, result)
         except HL7Error as exc:
-            result.ack_code, result.error = exc.ack_code, exc
+            # Without its traceback: the frames would tie the message's text into a reference
+            # cycle that only the cyclic collector frees, megabytes a message for large ones.
+            result.ack_code, result.error = exc.ack_code, exc.with_traceback(None)
         except StoreError as exc:
             result.ack_code = "AR"
             result.error = HL7Error(APPLICATION_INTERNAL_ERROR, "", str(exc), "AR")
@@ -217,12 +220,18 @@ class Bridge:
         return [p.name for p in removed]
 
     # Retries, rejected messages, the log
-    def _retry_key(self, header: MessageHeader | None) -> tuple[str, str, str] | None:
+    def _retry_key(self, header: MessageHeader | None) -> str | None:
+        """A fixed-size key for a sender's control ID: what a retry repeats."""
         if header is None or not header.control_id:
             return None
-        return (header.sending_application, header.sending_facility, header.control_id)
+        sender = "\x00".join(
+            (header.sending_application, header.sending_facility, header.control_id)
+        )
+        return hashlib.sha256(sender.encode("utf-8", "surrogateescape")).hexdigest()
 
-    def _remember(self, key: tuple[str, str, str], digest: str, ack: bytes) -> None:
+    def _remember(self, key: str, digest: str, ack: bytes) -> None:
+        if len(ack) > MAX_REMEMBERED_ACK:
+            return  # such a sender gets its retry evaluated afresh rather than our memory
         self._recent[key] = (digest, ack)
         self._recent.move_to_end(key)
         while len(self._recent) > RECENT_MESSAGES:

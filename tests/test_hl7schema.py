@@ -62,6 +62,14 @@ def test_header_failures(raw, ack, code, location):
     assert (err.ack_code, err.code, err.location) == (ack, code, location)
 
 
+def test_control_ids_longer_than_199_characters_are_refused():
+    validate_header(parse_message(msg(PID).replace(b"CTRL1", b"C" * 199)), Settings())
+    err = error_of(
+        validate_header, parse_message(msg(PID).replace(b"CTRL1", b"C" * 200)), Settings()
+    )
+    assert (err.ack_code, err.code, err.location) == ("AE", "102", "MSH^1^10")
+
+
 def test_header_checks_follow_the_standards_order():
     # HL7 2.9.2: version before processing ID; both before content errors (MSH-7)
     raw = msg(version="9.9", msh11="X", msh7="")

@@ -11,6 +11,7 @@ from bridge.config import Settings, StationRule
 from bridge.errors import HL7Error
 from bridge.hl7message import HL7Message, parse_message
 from bridge.order import (
+    MAX_OTHER_IDS,
     ORDER_CONTROL_TABLE,
     Action,
     Ignored,
@@ -558,6 +559,15 @@ def test_without_ipc9_or_matching_rule_the_bridge_ae_title_is_the_station():
     v = read_message(message, Settings(station_rules=rules)).steps[0].values
     assert v["ScheduledStationAETitle"] == ["WLBRIDGE"]
     assert any("no station rule matches" in note for note in message.notes)
+
+
+def test_other_ids_are_kept_once_each_and_at_most_sixteen():
+    repeated = "~".join(["111^^^A", "222^^^B", "222^^^B"] + [f"{n}^^^X" for n in range(40)])
+    message = build(base_orm(), {"PID": {3: repeated}})
+    patient = read_message(message, Settings()).patient
+    assert patient.other_ids[:2] == [("222", "B"), ("0", "X")]  # the duplicate 222 kept once
+    assert len(patient.other_ids) == MAX_OTHER_IDS
+    assert any("43 repetitions" in note for note in message.notes)
 
 
 def test_primary_issuer_chooses_the_patient_id():

@@ -511,11 +511,6 @@ def test_allowed_calling_aets_refuses_other_titles(tmp_path):
 # Found by the corpus; the fixes belong to modules outside this suite (see the reasons).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worklist_item._other_ids turns every PID-3 repetition into an OtherPatientIDs item:"
-    " 40,000 repetitions hold the reactor (every sender) for seconds",
-)
 def test_a_message_with_many_repetitions_is_answered_quickly(bridge):
     many = b"~".join([b"P^^^H"] * 40_000)
     payload = order("REPS", control_id="REPS").replace(b"PAT001^^^HOSP^MR", many)
@@ -531,11 +526,6 @@ def test_a_message_with_many_repetitions_is_answered_quickly(bridge):
     assert elapsed < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.Bridge._recent keeps the whole control ID (key) and ACK of 10,000"
-    " messages: 1 MB control IDs grow memory without bound",
-)
 def test_huge_control_ids_do_not_accumulate_in_memory(bridge):
     conn = Connection(bridge.mllp_port, timeout=30)
     sizes = []
