@@ -27,7 +27,6 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 from bench.worklist_items import MODALITIES, day_after, generate
@@ -133,16 +132,29 @@ def c_find(port: int, query: bytes, called: str, calling: str = "BENCH",
                 command += data
                 if not header & 0x02:
                     continue
-                cmd = read_dataset(DicomBytesIO(command), True, True)
+                status = _status(command)
                 command = b""
-                if cmd.Status in (0xFF00, 0xFF01):
+                if status in (0xFF00, 0xFF01):
                     answers += 1
                     if answers == cancel_after:
                         sock.sendall(_pdata(_command(cancel=True), True))
                 else:
                     sock.sendall(struct.pack(">BxI", 5, 4) + bytes(4))  # A-RELEASE-RQ
                     _recv_pdu(sock)
-                    return answers, cmd.Status
+                    return answers, status
+
+
+def _status(command: bytes) -> int:
+    """The Status (0000,0900) of a command set (implicit VR little endian). A walk over the
+    elements rather than pydicom: at ~30 µs a message, decoding was a measurable part of a
+    100-answer query, for every server alike."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        if (group, element) == (0x0000, 0x0900):
+            return struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + length
+    raise RuntimeError("response without a status")
 
 
 # ---- the servers ---------------------------------------------------------------------------

@@ -3,26 +3,35 @@
 pynetdicom runs the server in its own threads: an accept thread, and threads per association.
 Handlers here run in the association's thread and only read the index (bridge.index), whose
 lock is held for dictionary look-ups only.
+
+Answering is where the time goes, so two things bypass pynetdicom's per-answer path, each with a
+fallback to plain pynetdicom if its internals are not what we expect (see _FastSender and
+_poll_briskly): answers are encoded straight from the compact records and handed to the upper
+layer as one P-DATA-TF PDU each, and the upper layer polls briskly while an association is busy.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge.config import Settings
 from bridge.index import WorklistIndex
-from bridge.matching import QueryError, compile_query
+from bridge.matching import AnswerEncoder, Query, QueryError, Record, compile_query
 
 LOG = logging.getLogger("bridge.cfind")
 
@@ -31,6 +40,7 @@ PENDING_WARNING = 0xFF01  # a requested optional key is not supported for matchi
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700  # max_answers exceeded
 IDENTIFIER_ERROR = 0xA900  # identifier does not match the SOP class (bad key values)
+UNABLE_TO_PROCESS = 0xC312  # an answer could not be encoded (as pynetdicom reports it)
 
 # A-ASSOCIATE-RJ: rejected permanent (1), by the service user (1), with a reason.
 _REJECT_CALLING = (0x01, 0x01, 0x03)  # calling AE title not recognised
@@ -66,10 +76,14 @@ class WorklistSCP:
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
+            (evt.EVT_CONN_OPEN, self.on_open),
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_FIND, self.on_find),
         ]
+
+    def on_open(self, event: Any) -> None:
+        _poll_briskly(getattr(event.assoc, "dul", None))
 
     def on_requested(self, event: Any) -> None:
         """Refuse unknown calling AE titles and (per-ae) unknown called AE titles.
@@ -77,6 +91,7 @@ class WorklistSCP:
         A called AE title is only ever compared with the names of the sub-folders that
         exist, never joined into a path."""
         assoc = event.assoc
+        _stay_brisk(getattr(assoc, "dul", None))
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -95,6 +110,7 @@ class WorklistSCP:
             assoc.acceptor.ae_title = called  # answer as the AE title that was called
 
     def on_echo(self, event: Any) -> int:
+        _stay_brisk(getattr(event.assoc, "dul", None))
         return 0x0000
 
     def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
@@ -130,8 +146,12 @@ class WorklistSCP:
                 outcome = "success; not matched on " + ",".join(query.unsupported)
             limit = self.settings.max_answers
             dul = getattr(assoc, "dul", None)
+            send = _FastSender.create(event, query, status) if records else None
             for record in records:
                 _drain(dul, assoc)
+                if not assoc.is_established:
+                    outcome = "association ended"
+                    return
                 if event.is_cancelled:
                     outcome = "cancelled"
                     yield CANCEL, None
@@ -141,9 +161,15 @@ class WorklistSCP:
                     comment = f"{total} matches, {limit} sent: narrow the query"
                     yield _failure(OUT_OF_RESOURCES, comment), None
                     return
-                yield status, query.answer(record)
+                if send is None:
+                    yield status, query.answer(record)  # pynetdicom encodes and sends it
+                elif not send(record):
+                    outcome = "failed: an answer could not be encoded"
+                    yield _failure(UNABLE_TO_PROCESS, "cannot encode an answer"), None
+                    return
                 sent += 1
         finally:
+            _stay_brisk(getattr(assoc, "dul", None))  # the release follows
             LOG.info(
                 "C-FIND %s->%s keys: %s; %d answers (%d matched), %s, %.1f ms",
                 calling, called, keys, sent, total, outcome,
@@ -151,7 +177,145 @@ class WorklistSCP:
             )  # fmt: skip
 
 
-_MAX_QUEUED = 8  # outgoing PDUs
+class _FastSender:
+    """Sends one C-FIND's pending responses without pynetdicom's per-response work.
+
+    pynetdicom turns each yielded (status, Dataset) into a DIMSE message: it encodes the Dataset
+    and a fresh command set with pydicom, and queues a P-DATA for each (two PDUs an answer). Here
+    the command set is encoded once per query by pynetdicom itself (all pending responses of a
+    query share it), each answer is encoded from its record (bridge.matching.AnswerEncoder), and
+    both go to the upper layer (DUL) as one P-DATA primitive: one PDU per answer, sent by the
+    DUL thread like any other, so the socket is still used by that thread only. Only one message
+    per PDU: pynetdicom's own receiver drops whatever follows a complete message in a PDU.
+
+    Relies on pynetdicom internals (C_FIND_RSP.primitive_to_message/encode_msg, P_DATA,
+    dul.send_pdu, dimse.maximum_pdu_size), checked in `create`: when anything is not as
+    expected, `create` returns None and answers are yielded to pynetdicom as before."""
+
+    def __init__(self, dul: Any, context_id: int, command: bytes, max_pdu: int,
+                 to_bytes: Callable[[Record], bytes | None], p_data: Any) -> None:  # fmt: skip
+        self.dul = dul
+        self.context_id = context_id
+        self.command = command  # the command PDV: control header byte + command set
+        self.max_pdu = max_pdu  # the peer's maximum PDU length, 0 for no limit
+        self.to_bytes = to_bytes
+        self.p_data = p_data
+
+    @classmethod
+    def create(cls, event: Any, query: Query, status: int) -> _FastSender | None:
+        try:
+            from pynetdicom.dsutils import encode
+            from pynetdicom.pdu_primitives import P_DATA
+
+            assoc = event.assoc
+            dul = assoc.dul
+            context = event.context
+            context_id = int(context.context_id)
+            max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
+            request = event.request
+            command = _command_pdv(
+                context_id, int(request.MessageID), str(request.AffectedSOPClassUID), status
+            )
+            if command[:1] != b"\x03" or (max_pdu and len(command) + 6 + 8 > max_pdu):
+                return None
+            if not callable(dul.send_pdu):
+                return None
+            ts = UID(context.transfer_syntax)
+            fast = None
+            if ts == ImplicitVRLittleEndian or ts == ExplicitVRLittleEndian:
+                fast = AnswerEncoder(query, implicit=ts == ImplicitVRLittleEndian)
+            implicit, little, deflated = ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
+
+            def to_bytes(record: Record) -> bytes | None:
+                data = fast.encode(record) if fast is not None else None
+                if data is None:  # what pynetdicom would have sent
+                    data = encode(query.answer(record), implicit, little, deflated)
+                return data or None
+
+            return cls(dul, context_id, command, max_pdu, to_bytes, P_DATA)
+        except Exception as exc:  # a pynetdicom that differs from 3.0: answer the slow way
+            LOG.debug("fast C-FIND responses unavailable: %r", exc)
+            return None
+
+    def __call__(self, record: Record) -> bool:
+        """Queue the pending response for `record`; False if it cannot be encoded."""
+        data = self.to_bytes(record)
+        if data is None:
+            return False
+        cx, command, room = self.context_id, self.command, self.max_pdu
+        if not room or (4 + 1 + len(command)) + (4 + 1 + 1 + len(data)) <= room:
+            self._queue([[cx, command], [cx, b"\x02" + data]])
+        else:  # fragments, as pynetdicom cuts them: PDVs of at most max_pdu - 6 bytes of data
+            self._queue([[cx, command]])
+            step = room - 6
+            for start in range(0, len(data), step):
+                last = start + step >= len(data)
+                self._queue([[cx, (b"\x02" if last else b"\x00") + data[start : start + step]]])
+        _stay_brisk(self.dul)
+        return True
+
+    def _queue(self, pdvs: list) -> None:
+        primitive = self.p_data()
+        primitive.presentation_data_value_list = pdvs
+        self.dul.send_pdu(primitive)
+
+
+@functools.lru_cache(maxsize=256)
+def _command_pdv(context_id: int, message_id: int, sop_class: str, status: int) -> bytes:
+    """The command PDV (control header byte + command set) of a C-FIND pending response with a
+    data set, as pynetdicom encodes it."""
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = status
+    rsp.Identifier = io.BytesIO(b"\0\0")  # any data set: "a data set follows"
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    pdata = next(iter(message.encode_msg(context_id, 0)))  # 0: no PDU limit, one PDV
+    ((_cx, command),) = pdata.presentation_data_value_list
+    return bytes(command)
+
+
+# pynetdicom's upper layer (DUL) thread loops over its outgoing queue and the socket and sleeps
+# `_run_loop_delay` (1 ms) whenever both are idle, so every hand-over between it and the
+# association's thread (association request, C-FIND request, answers, release) waits up to 1 ms.
+# While an association is busy, and for a moment after, it polls every 0.2 ms instead; an idle
+# association goes back to 1 ms so that it does not spin.
+_BRISK_DELAY = 0.0002  # s between polls while busy
+_BRISK_FOR = 0.5  # s of brisk polling after the last activity seen (request, answer, echo)
+
+
+class _BriskDUL(DULServiceProvider):
+    """pynetdicom's DUL with `_run_loop_delay` (read before each sleep) made a property."""
+
+    @property
+    def _run_loop_delay(self) -> float:
+        if time.monotonic() < self.__dict__.get("_brisk_until", 0.0):
+            return _BRISK_DELAY
+        return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
+
+    @_run_loop_delay.setter
+    def _run_loop_delay(self, value: float) -> None:
+        self.__dict__["_run_loop_delay"] = value
+
+
+def _poll_briskly(dul: Any) -> None:
+    """Let `dul` poll briskly when _stay_brisk asks, by swapping its class for _BriskDUL (same
+    layout). Anything but pynetdicom's own DUL, as we know it, is left as it is."""
+    if type(dul) is DULServiceProvider and isinstance(vars(dul).get("_run_loop_delay"), float):
+        dul.__class__ = _BriskDUL
+        _stay_brisk(dul)
+
+
+def _stay_brisk(dul: Any) -> None:
+    if type(dul) is _BriskDUL:
+        dul.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
+
+
+_MAX_QUEUED = 16  # outgoing PDUs (one an answer)
 
 
 def _drain(dul: Any, assoc: Any) -> None:

@@ -454,35 +454,36 @@ class WorklistIndex:
         return [e.record for e in found]
 
     def _candidates(self, query: Query, folder: str | None) -> list[Entry]:
-        """The smallest candidate set the query's exact values allow (lock held)."""
+        """The candidates the query's exact values allow (lock held): the keys of the smallest
+        index look-up, less those that another look-up rules out (so a station + date query
+        examines that station's items of the day, not every item of the day)."""
         hints = query.hints
-        best: tuple[int, Callable[[], Iterable[str]]] | None = None
+        lookups: list[tuple[int, list[Any]]] = []  # (size, the index entries of its values)
         for name in _INDEXED:
             values = getattr(hints, name)
-            if values is None:
-                continue
-            index = self._maps[name]
-            size = sum(_size(index.get(v)) for v in values)
-            if best is None or size < best[0]:
-                best = (size, lambda index=index, values=values: _union(index, values))
+            if values is not None:
+                index = self._maps[name]
+                lookups.append(_lookup(index, values))
         if hints.date_range is not None:
             lo, hi = hints.date_range
             i = bisect.bisect_left(self._dates, lo) if lo else 0
             j = bisect.bisect_right(self._dates, hi) if hi else len(self._dates)
-            dates = self._dates[i:j]
-            index = self._maps["dates"]
-            size = sum(_size(index.get(d)) for d in dates)
-            if best is None or size < best[0]:
-                best = (size, lambda index=index, dates=dates: _union(index, dates))
+            lookups.append(_lookup(self._maps["dates"], self._dates[i:j]))
         if folder is not None:
-            index = self._maps["folders"]
-            size = _size(index.get(folder))
-            if best is None or size < best[0]:
-                best = (size, lambda index=index: _keys(index.get(folder)))
-        if best is None:
+            lookups.append(_lookup(self._maps["folders"], (folder,)))
+        if not lookups:
             return list(self._entries.values())
+        lookups.sort(key=lambda lookup: lookup[0])
+        (_size, held), others = lookups[0], lookups[1:]
+        keys: Iterable[str] = _union_of(held)
+        # Filtering by another look-up costs a set test per value per candidate: only worth it
+        # for a few values (a date range of a week, not of a year).
+        for _size, other in others:
+            if len(other) <= _MAX_FILTER_VALUES:
+                sets = [h if isinstance(h, set) else {h} for h in other]
+                keys = [k for k in keys if any(k in s for s in sets)]
         entries = self._entries
-        return [entries[k] for k in best[1]()]
+        return [entries[k] for k in keys]
 
     # ---- watching files that other programs change
 
@@ -553,7 +554,13 @@ class WorklistIndex:
             return
         if mask & inotify.IN_CREATE:
             return  # wait for IN_CLOSE_WRITE: the file is still being written
-        self._refresh([self._key(path)])
+        key = self._key(path)
+        sig = _signature(key)
+        with self._lock:
+            entry = self._entries.get(key)
+        if (entry.sig if entry is not None else None) == sig:
+            return  # the bridge's own write or delete, indexed already: no thread hop
+        self._refresh([key])
 
     def _refresh(self, keys: list[str]) -> None:
         """Re-read `keys` in a worker thread; apply the results on the reactor thread."""
@@ -629,8 +636,19 @@ class WorklistIndex:
         d.addErrback(lambda f: self.log.error("worklist rescan failed: %s", f.getTraceback()))
 
 
-def _union(index: dict, values: Iterable[str]) -> set[str]:
+_MAX_FILTER_VALUES = 8
+
+
+def _lookup(index: dict, values: Iterable[str]) -> tuple[int, list[Any]]:
+    """The index entries (a key or a set of keys) of `values`, and how many keys they hold."""
+    held = [h for h in (index.get(v) for v in values) if h is not None]
+    return sum(_size(h) for h in held), held
+
+
+def _union_of(held: list[Any]) -> Iterable[str]:
+    if len(held) == 1:
+        return _keys(held[0])
     out: set[str] = set()
-    for v in values:
-        out.update(_keys(index.get(v)))
+    for h in held:
+        out.update(_keys(h))
     return out

@@ -8,13 +8,16 @@ records and whose `answer(record)` builds the response identifier.
 
 from __future__ import annotations
 
+import functools
 import re
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.charset import convert_encodings
 from pydicom.datadict import keyword_for_tag
 from pydicom.multival import MultiValue
 
@@ -436,6 +439,158 @@ def _fill_all(ds: Dataset, rec: Record) -> None:
             ds.add_new(tag, vr, seq)
         else:
             ds.add_new(tag, vr, _answer_value(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers encoded straight from records. Building a pydicom Dataset per answer and having pydicom
+# encode it cost ~0.5 ms an answer; this writes the same bytes in a few tens of µs. Anything it
+# does not handle exactly like pydicom raises _Unencodable, and that answer is encoded by pydicom.
+
+
+class _Unencodable(Exception):
+    pass
+
+
+# Python codecs (as pydicom names them) that encode a str the same way whole or in parts, so that
+# `value.encode(codec)` is what pydicom writes. ISO 2022 code extensions are left to pydicom.
+_PLAIN_CODECS = frozenset({
+    "iso8859", "latin_1", "UTF8", "iso8859_2", "iso8859_3", "iso8859_4", "iso_ir_126",
+    "iso_ir_127", "iso_ir_138", "iso_ir_144", "iso_ir_148", "iso_ir_166",
+})  # fmt: skip
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})  # encoded in the charset
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UR"})  # pydicom: always iso8859
+_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+                   "UV": "Q", "SV": "q"}  # fmt: skip
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UR", "UT",
+                              "UN", "SV", "UV"})  # fmt: skip
+_IS_RE = re.compile(r"[+-]?\d+")
+_DS_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_ITEM = b"\xfe\xff\x00\xe0"
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(charset: Any) -> str:
+    """The codec pydicom encodes text with for a Specific Character Set value."""
+    if isinstance(charset, tuple):
+        if len(charset) != 1:
+            raise _Unencodable("several character sets")
+        charset = charset[0]
+    codecs = convert_encodings(charset or None)
+    if len(codecs) != 1 or codecs[0] not in _PLAIN_CODECS:
+        raise _Unencodable(f"character set {charset!r}")
+    return codecs[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _tag_bytes(tag: int) -> bytes:
+    return struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+
+
+class AnswerEncoder:
+    """`query.answer(rec)` encoded in little endian, implicit or explicit VR: the bytes pydicom
+    would write for it, without building the Dataset. `encode` returns None when an answer holds
+    something this encoder leaves to pydicom (encode `query.answer(rec)` then)."""
+
+    def __init__(self, query: Query, implicit: bool) -> None:
+        self.query = query
+        self.implicit = implicit
+
+    def encode(self, rec: Record) -> bytes | None:
+        try:
+            charset = rec.get(SPECIFIC_CHARACTER_SET)
+            codec = _codec(charset if charset else "")
+            parts = []
+            if charset or self.query.wants_charset:
+                parts.append(
+                    (SPECIFIC_CHARACTER_SET, self._element(SPECIFIC_CHARACTER_SET, "CS", charset,
+                                                           codec))
+                )  # fmt: skip
+            self._fill(parts, rec, self.query.returns, codec)
+        except (_Unencodable, UnicodeError, struct.error, TypeError, AttributeError):
+            return None
+        parts.sort(key=_first_of_pair)
+        return b"".join(p for _tag, p in parts)
+
+    def _header(self, tag: int, vr: str, length: int) -> bytes:
+        if self.implicit:
+            return _tag_bytes(tag) + struct.pack("<I", length)
+        if vr in _LONG_LENGTH_VRS:
+            return _tag_bytes(tag) + vr.encode() + struct.pack("<HI", 0, length)
+        if length > 0xFFFF:
+            raise _Unencodable("value too long for explicit VR")
+        return _tag_bytes(tag) + vr.encode() + struct.pack("<H", length)
+
+    def _fill(
+        self, out: list, rec: Record | None, returns: Iterable[ReturnKey], codec: str
+    ) -> None:
+        for rk in returns:
+            stored = rec.get(rk.tag) if rec is not None else None
+            if rk.vr == "SQ":
+                items = stored if isinstance(stored, tuple) else ()
+                if rk.select is not None:
+                    items = [item for item in items if rk.select(item)]
+                body = b"".join(self._item(item, rk.sub, codec) for item in items)
+                out.append((rk.tag, self._header(rk.tag, "SQ", len(body)) + body))
+            else:
+                vr = (rec.vr(rk.tag) if rec is not None else None) or rk.vr
+                out.append((rk.tag, self._element(rk.tag, vr, stored, codec)))
+
+    def _item(self, item: Any, sub: tuple[ReturnKey, ...] | None, codec: str) -> bytes:
+        if not isinstance(item, Record) or SPECIFIC_CHARACTER_SET in item:
+            raise _Unencodable("sequence item")
+        parts: list = []
+        if sub is None:
+            for tag, vr, value in item.items():
+                if vr == "SQ":
+                    if not isinstance(value, tuple):
+                        raise _Unencodable("sequence value")
+                    body = b"".join(self._item(i, None, codec) for i in value)
+                    parts.append((tag, self._header(tag, "SQ", len(body)) + body))
+                else:
+                    parts.append((tag, self._element(tag, vr, value, codec)))
+        else:
+            self._fill(parts, item, sub, codec)
+        parts.sort(key=_first_of_pair)
+        body = b"".join(p for _tag, p in parts)
+        return _ITEM + struct.pack("<I", len(body)) + body
+
+    def _element(self, tag: int, vr: str, stored: Any, codec: str) -> bytes:
+        if stored is None or stored == "" or stored == ():
+            if vr == "SQ" or len(vr) != 2:
+                raise _Unencodable(vr)
+            return self._header(tag, vr, 0)
+        values = stored if isinstance(stored, tuple) else (stored,)
+        if vr in _NUMBER_FORMATS:
+            if not all(isinstance(v, int | float) for v in values):
+                raise _Unencodable(vr)
+            data = struct.pack(f"<{len(values)}{_NUMBER_FORMATS[vr]}", *values)
+        else:
+            if not all(isinstance(v, str) for v in values):
+                raise _Unencodable(vr)
+            if vr in _CHARSET_VRS:
+                if vr == "PN" and any(v.endswith("=") for v in values):
+                    raise _Unencodable("PN with empty trailing groups")  # pydicom drops them
+                data = "\\".join(values).encode(codec)
+                if len(data) % 2:
+                    data += b" "
+            elif vr in _ASCII_VRS or vr == "UI":
+                text = "\\".join(values)
+                if len(text) % 2:
+                    text += "\0" if vr == "UI" else " "
+                data = text.encode("latin_1")
+            elif vr in ("IS", "DS"):
+                number = _IS_RE if vr == "IS" else _DS_RE
+                if not all(number.fullmatch(v) for v in values):
+                    raise _Unencodable(vr)  # pydicom may reformat or refuse it
+                text = "\\".join(values)
+                data = (text + " " if len(text) % 2 else text).encode("latin_1")
+            else:
+                raise _Unencodable(vr)
+        return self._header(tag, vr, len(data)) + data
+
+
+def _first_of_pair(pair: tuple[int, bytes]) -> int:
+    return pair[0]
 
 
 def _keyword(tag: int) -> str:

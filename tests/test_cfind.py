@@ -381,3 +381,39 @@ def test_pynetdicom_does_not_log_identifiers(folder, caplog):
         find(port, q(PatientID="P0000003", PatientName=""))
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom")
                 and "P0000003" in r.getMessage()]  # fmt: skip
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_fast_answers_equal_pynetdicom_answers(folder, monkeypatch, syntax):
+    """Answers sent by the bridge's own sender are those pynetdicom sends from Query.answer."""
+    import bridge.cfind as cfind
+
+    created = []
+    original = cfind._FastSender.create
+
+    def counting(*args):
+        sender = original(*args)
+        created.append(sender is not None)
+        return sender
+
+    def run() -> list[tuple]:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(ModalityWorklistInformationFind, syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title="WLBRIDGE")
+        query = q(AccessionNumber="", PatientName="", PatientID="", PatientWeight="",
+                  sps={"Modality": "", "ScheduledProcedureStepStartDate": "",
+                       "ScheduledStationAETitle": ""})  # fmt: skip
+        query.ReferencedStudySequence = []
+        got = [(s.Status, canonical(i) if i is not None else None)
+               for s, i in assoc.send_c_find(query, ModalityWorklistInformationFind)]  # fmt: skip
+        assoc.release()
+        return got
+
+    with bridge(folder) as port:
+        monkeypatch.setattr(cfind._FastSender, "create", counting)
+        fast = run()
+        monkeypatch.setattr(cfind._FastSender, "create", lambda *args: None)
+        slow = run()
+    assert created == [True]
+    assert len(fast) == 44 and fast[-1] == (0x0000, None)  # 43 answers (one completed) + final
+    assert fast == slow

@@ -11,6 +11,7 @@ from pydicom import Dataset
 
 from bench.worklist_items import make_item, write_item
 from bridge.matching import (
+    AnswerEncoder,
     QueryError,
     compile_query,
     missing_required,
@@ -381,3 +382,60 @@ def test_missing_required_attributes_are_named(tmp_path):
         "ScheduledProcedureStepSequence>ScheduledStationAETitle",
     ]
     assert missing_required(stored(make_item("Y"))) == []
+
+
+def _pydicom_bytes(ds: Dataset, implicit: bool) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def _universal(ds: Dataset) -> Dataset:
+    """Every attribute of `ds` as a universal return key (sequences with an empty item)."""
+    q = Dataset()
+    for elem in ds:
+        q.add_new(elem.tag, elem.VR, [Dataset()] if elem.VR == "SQ" else None)
+    return q
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_answers_encoded_from_records_are_what_pydicom_writes(implicit):
+    """AnswerEncoder writes, byte for byte, pydicom's encoding of Query.answer()."""
+    two = two_step_item()
+    items = [
+        stored(make_item("A")),
+        stored(make_item("U", patient_name="Dvořák^Antonín=ドヴォルザーク", charset="ISO_IR 192")),
+        stored(make_item("L", patient_name="Gaël^Zoë", station_aets=["US1", "US9"])),
+        stored(make_item("N", charset=None, PatientWeight="70.5", AdmissionID=None)),
+        two,
+    ]
+    queries = [
+        _universal(make_item("A")),
+        query(PatientName="", PatientID="", PatientWeight="", PregnancyStatus=None,
+              AdmissionID="", sps={"Modality": "", "ScheduledStationAETitle": "",
+                                   "ScheduledProcedureStepStartDate": ""}),  # fmt: skip
+        query(charset="ISO_IR 100", AccessionNumber="", sps={"Modality": "MR",
+                                                             "ScheduledProcedureStepID": ""}),
+        query(PatientID="", ReferencedStudySequence=[], ScheduledProcedureStepSequence=[]),
+    ]  # fmt: skip
+    for q in queries:
+        cq = compile_query(q)
+        encoder = AnswerEncoder(cq, implicit)
+        for rec in items:
+            assert encoder.encode(rec) == _pydicom_bytes(cq.answer(rec), implicit)
+
+
+def test_answers_with_values_left_to_pydicom():
+    """What the encoder does not write exactly as pydicom would, it declines (None)."""
+    ds = make_item("B")
+    ds.add_new(0x00091010, "OB", b"\x01\x02\x03")  # binary VRs: pydicom pads them
+    rec = stored(ds)
+    q = query(PatientID="")
+    q.add_new(0x00091010, "OB", None)
+    assert AnswerEncoder(compile_query(q), True).encode(rec) is None
+    jis = stored(make_item("J", charset=["ISO 2022 IR 6", "ISO 2022 IR 87"]))  # code extensions
+    assert AnswerEncoder(compile_query(query(PatientName="")), True).encode(jis) is None
