@@ -211,7 +211,7 @@ class WorklistStore:
     def write(self, path: Path, dataset: Dataset, identity: str | None = None) -> None:
         """Replace `path` (inside the folder) with `dataset`, durably."""
         self._check_inside(path)
-        data = encode_file(dataset, _uid_from_identity(identity or path.name))
+        data = encode_file(dataset, self._instance_uid(dataset, identity, path))
         temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -233,6 +233,16 @@ class WorklistStore:
             raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         if self.index is not None:
             self.index.put(path, dataset)
+
+    @staticmethod
+    def _instance_uid(dataset: Dataset, identity: str | None, path: Path) -> str:
+        """Stable across rewrites: from the order's identity, else the file's own (an item read
+        back for an ADT update keeps its UID), else from the file name."""
+        if identity:
+            return _uid_from_identity(identity)
+        meta = getattr(dataset, "file_meta", None)
+        existing = meta.get("MediaStorageSOPInstanceUID") if meta is not None else None
+        return str(existing) if existing else _uid_from_identity(path.name)
 
     def delete(self, path: Path) -> bool:
         """Remove an item durably; False when it was not there."""

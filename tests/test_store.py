@@ -105,3 +105,14 @@ def test_per_ae_layout_writes_into_the_own_ae_title_folder(tmp_path):
     store, _ = make_store(tmp_path, worklist_layout="per-ae", ae_title="MWL1")
     assert store.folder == tmp_path / "wl" / "MWL1"
     assert (store.folder / LOCKFILE).exists()
+
+
+def test_a_rewritten_item_keeps_its_sop_instance_uid(tmp_path):
+    store, _ = make_store(tmp_path)
+    path = store.path_for("order-1")
+    store.write(path, item(), "order-1")
+    first = pydicom.dcmread(path).file_meta.MediaStorageSOPInstanceUID
+    read_back = pydicom.dcmread(path)
+    read_back.PatientName = "Doe^Janet"
+    store.write(path, read_back)  # as an ADT update does: no identity at hand
+    assert pydicom.dcmread(path).file_meta.MediaStorageSOPInstanceUID == first
