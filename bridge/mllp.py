@@ -59,8 +59,8 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
             restart = data.find(START, pos, end if end >= 0 else size)
             if restart >= 0:
                 # A new frame began before this one ended: the unfinished one is dropped.
-                log.warning("dropped an unfinished MLLP frame from %s", self.peer)
-                self._buffer.clear()
+                self._buffer += memoryview(data)[pos:restart][: self.factory.max_frame_size]
+                self._drop_unfinished("a new frame began before it ended")
                 pos = restart + 1
                 continue
             if end < 0:
@@ -123,8 +123,18 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         log.info("closing idle MLLP connection from %s", self.peer)
         self.transport.abortConnection()
 
+    def _drop_unfinished(self, why: str) -> None:
+        """An unfinished frame is never answered (the sender will retry it) but is reported."""
+        head = bytes(self._buffer[:4096])
+        self._buffer.clear()
+        log.warning("dropped an unfinished MLLP frame from %s: %s", self.peer, why)
+        if self.factory.on_dropped is not None:
+            self.factory.on_dropped(head, self.peer, why)
+
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.setTimeout(None)
+        if self._in_frame and self._buffer and not self._refused:
+            self._drop_unfinished("the connection closed before the frame ended")
         self._buffer = bytearray()
         self._queue.clear()
         self.factory.connection_closed(self)
@@ -135,7 +145,8 @@ class MLLPFactory(protocol.ServerFactory):
 
     `handler(message, peer)` returns the answer (bytes, or a Deferred firing with bytes), or None
     to close the connection without an answer. `on_oversized(head, peer)` may return an answer
-    for a frame refused for its size (built from its first bytes).
+    for a frame refused for its size (built from its first bytes). `on_dropped(head, peer, why)`
+    hears of frames dropped unfinished.
     """
 
     protocol = MLLPReceiver
@@ -148,6 +159,7 @@ class MLLPFactory(protocol.ServerFactory):
         max_connections: int = 200,
         allowed_sources: list[str] | None = None,
         on_oversized: Callable[[bytes, str], bytes | None] | None = None,
+        on_dropped: Callable[[bytes, str, str], None] | None = None,
     ) -> None:
         self.handler = handler
         self.max_frame_size = max_frame_size
@@ -155,6 +167,7 @@ class MLLPFactory(protocol.ServerFactory):
         self.max_connections = max_connections
         self.allowed_sources = set(allowed_sources or [])
         self.on_oversized = on_oversized
+        self.on_dropped = on_dropped
         self.connections: set[MLLPReceiver] = set()
 
     def buildProtocol(self, addr):

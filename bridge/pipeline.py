@@ -144,6 +144,13 @@ class Bridge:
         self._record(peer, header, None, result, ack, time.perf_counter())
         return ack
 
+    def record_dropped(self, head: bytes, peer: str, why: str) -> None:
+        """A frame dropped unfinished: never answered (so the sender retries it), but logged."""
+        header = read_header(head.strip(b"\r\n\t "))
+        result = Outcome(ack_code="", outcomes=["dropped"])
+        result.error = HL7Error("", "", f"unfinished frame: {why}", "")
+        self._record(peer, header, None, result, b"", time.perf_counter())
+
     # Applying what a message asks
     def _apply(self, message: HL7Message, intent, result: Outcome) -> None:
         if isinstance(intent, Ignored):
@@ -267,7 +274,7 @@ class Bridge:
         error = result.error
         reason = ""
         if error is not None:
-            reason = f"{error.code} {error.location + ' ' if error.location else ''}{error.text}"
+            reason = " ".join(part for part in (error.code, error.location, error.text) if part)
         msg_type = ""
         if header is not None and header.message_type:
             msg_type = f"{header.message_type}^{header.trigger_event}"

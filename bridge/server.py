@@ -56,6 +56,7 @@ class BridgeServer:
             max_connections=s.max_connections,
             allowed_sources=s.allowed_mllp_sources,
             on_oversized=self.bridge.refuse_oversized,
+            on_dropped=self.bridge.record_dropped,
         )
         tls = mllp_tls_options(s)
         if tls is not None:

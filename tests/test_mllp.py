@@ -163,3 +163,17 @@ def test_arbitrary_bytes_never_raise_and_never_exceed_the_limit(data):
     proto.dataReceived(data)
     assert len(proto._buffer) <= 1024
     assert all(len(m) <= 1024 for m in handler.messages)
+
+
+def test_unfinished_frames_are_reported_when_dropped():
+    dropped = []
+    factory = MLLPFactory(
+        Recorder(), on_dropped=lambda head, peer, why: dropped.append((head, why))
+    )
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(START + b"MSH|first" + frame(b"MSH|second"))
+    proto.dataReceived(START + b"MSH|cut short")
+    proto.connectionLost(None)
+    assert [head for head, _ in dropped] == [b"MSH|first", b"MSH|cut short"]
+    assert "closed" in dropped[1][1]

@@ -188,3 +188,11 @@ def test_garbage_gets_an_answer_and_a_log_line(h):
     ack = h.bridge.handle(b"\x00garbage", "127.0.0.1:9")
     assert b"MSA|AR" in ack
     assert h.records()[0]["outcome"] == "rejected"
+
+
+def test_a_dropped_frame_gets_a_log_line_naming_its_control_id(h):
+    h.bridge.record_dropped(orm(control_id="CUT1").encode()[:120], "127.0.0.1:7", "closed early")
+    [record] = h.records()
+    assert (record["control_id"], record["outcome"]) == ("CUT1", "dropped")
+    assert record["reason"] == "unfinished frame: closed early"
+    assert "ack" not in record
