@@ -1,6 +1,6 @@
 """C-FIND benchmark: the bridge against dcmtk's wlmscpfs and Orthanc's worklist plugin.
 
-    python -m bench.cfind --items 10000 [--reps 7] [--data DIR]
+    python -m bench.cfind --items 10000 [--reps 7] [--data DIR] [--startup-only]
 
 Generates N items (50 a day for each of 8 stations) into DIR/<AE>/ (kept for later runs),
 starts each server on that folder, and times representative queries, one association each,
@@ -321,6 +321,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--peer-reps", type=int, default=None, help="repetitions for peers")
     parser.add_argument("--data", type=Path, default=None, help="folder for the items (kept)")
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="measure the bridge's start-up and memory only (no queries, no peers)",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -338,6 +343,11 @@ def main() -> int:
     stop(proc)
     proc, port, warm = start_bridge(root)
     rss = _rss_mb(proc.pid)
+    if args.startup_only:
+        stop(proc)
+        print(f"bridge start-up: {cold:.2f} s without cache, {warm:.2f} s with cache; "
+              f"RSS {rss:.0f} MB")  # fmt: skip
+        return 0
     servers = {"bridge": (proc, port)}
     tmp = Path(tempfile.mkdtemp(prefix="wlbench-"))
     for name, started in (

@@ -87,6 +87,20 @@ def make_item(
     return ds
 
 
+def query(sps: dict | None = None, **top: Any) -> Dataset:
+    """A C-FIND identifier: `top` keywords, and `sps` keywords in a one-item
+    ScheduledProcedureStepSequence."""
+    ds = Dataset()
+    for key, value in top.items():
+        setattr(ds, key, value)
+    if sps is not None:
+        item = Dataset()
+        for key, value in sps.items():
+            setattr(item, key, value)
+        ds.ScheduledProcedureStepSequence = [item]
+    return ds
+
+
 def _code(value: str, meaning: str) -> Dataset:
     code = Dataset()
     code.CodeValue = value

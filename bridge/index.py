@@ -14,6 +14,7 @@ whose name, size, mtime or inode changed.
 from __future__ import annotations
 
 import bisect
+import gc
 import io
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
 
 from bridge.config import Settings
 from bridge.matching import (
@@ -43,15 +45,19 @@ from bridge.matching import (
     Query,
     Record,
     canonical_date,
+    compile_query,
     missing_required,
     record_from_dataset,
     sort_key,
 )
+from bridge.wlfile import record_from_bytes
 
 CACHE_NAME = ".wlbridge-index.cache"
 CACHE_VERSION = 1
 SAFETY_NET_INTERVAL = 60.0  # seconds between full rescans when inotify reports changes
 _RECENT = 2.0  # files younger than this are left out of the cache: mtime may not yet tell
+PARALLEL_MIN_FILES = 4000  # fewer files to read at start-up: one process (a pool costs ~0.5 s)
+_CHUNK = 1000  # files per task of the start-up pool
 
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -152,8 +158,26 @@ def read_record(path: str) -> tuple[Record, Signature]:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         data = f.read()
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return record_from_dataset(ds), (st.st_size, st.st_mtime_ns, st.st_ino)
+    record = record_from_bytes(data)
+    if record is None:  # something the short reader leaves to pydicom
+        record = record_from_dataset(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
+    return record, (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def read_records(paths: list[str]) -> list[tuple[str, Record | None, Signature | None, str | None]]:
+    """read_record of each path (in a worker process): (path, record, signature, None), or
+    (path, None, None, error message); a file that vanished gives (path, None, None, None)."""
+    gc.disable()  # a short-lived worker: nothing to collect
+    out: list[tuple[str, Record | None, Signature | None, str | None]] = []
+    for path in paths:
+        try:
+            record, sig = read_record(path)
+            out.append((path, record, sig, None))
+        except FileNotFoundError:
+            out.append((path, None, None, None))
+        except Exception as exc:
+            out.append((path, None, None, str(exc)))
+    return out
 
 
 def _signature(path: str) -> Signature | None:
@@ -166,6 +190,15 @@ def _signature(path: str) -> Signature | None:
 
 def is_worklist_name(name: str) -> bool:
     return name.endswith(".wl") and not name.startswith(".")
+
+
+# Identifiers of an order, besides its step ID, that a later message may name it by.
+_ORDER_KEYS = (
+    "AccessionNumber",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+    "StudyInstanceUID",
+)
 
 
 class WorklistIndex:
@@ -199,7 +232,11 @@ class WorklistIndex:
 
     def _folder(self, key: str) -> str | None:
         """The called AE sub-folder of a file (per-ae), "" (flat); None outside the layout."""
-        rel = os.path.relpath(key, self.root)
+        prefix = self.root.rstrip(os.sep) + os.sep
+        if key.startswith(prefix) and os.sep + "." not in key and os.sep * 2 not in key:
+            rel = key[len(prefix) :]  # keys are absolute and normalised: no relpath needed
+        else:
+            rel = os.path.relpath(key, self.root)
         parts = rel.split(os.sep)
         if parts[0] == "..":
             return None
@@ -242,32 +279,50 @@ class WorklistIndex:
         """Initial scan: cached records for unchanged files, a fresh read for the others."""
         started = time.monotonic()
         os.makedirs(self.root, exist_ok=True)
+        collecting = gc.isenabled()
+        gc.disable()  # the load creates millions of objects and frees none: no cycles to look for
+        try:
+            self._load(started)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load(self, started: float) -> None:
         cached = self._read_cache()
         found = self._scan()
         loaded: list[tuple[str, Record, Signature]] = []
-        reread = 0
+        to_read: list[tuple[str, Signature]] = []
         for key, sig in found.items():
             hit = cached.get(key)
             if hit is not None and hit[0] == sig:
                 loaded.append((key, hit[1], sig))
-                continue
-            reread += 1
-            result = self._read(key, sig)
-            if result is not None:
-                loaded.append((key, result[0], result[1]))
+            else:
+                to_read.append((key, sig))
+        reread = len(to_read)
         with self._lock:
             for key in list(self._entries):
                 if key not in found:
                     self._remove_entry(key)
             for key, record, sig in loaded:
                 self._set_entry(key, record, sig)
+        workers = 0
+        if len(to_read) >= PARALLEL_MIN_FILES and (os.cpu_count() or 1) > 1:
+            workers = os.cpu_count() or 1
+            to_read = self._read_in_processes(to_read, workers, loaded)
+        for key, sig in to_read:
+            result = self._read(key, sig)
+            if result is not None:
+                loaded.append((key, result[0], result[1]))
+                with self._lock:
+                    self._set_entry(key, result[0], result[1])
+        with self._lock:
             self._bump()
         self._dirty = reread > 0 or len(cached) != len(loaded)
         if self._dirty:
             self.save_cache()
         self.load_stats = {
             "items": len(loaded), "read": reread, "cached": len(loaded) - reread + 0,
-            "seconds": time.monotonic() - started,
+            "workers": workers, "seconds": time.monotonic() - started,
         }  # fmt: skip
         self.log.info(
             "worklist index: %d items (%d read, %d from cache) in %.2f s",
@@ -313,6 +368,41 @@ class WorklistIndex:
             except OSError:
                 pass
 
+    def _read_in_processes(
+        self, files: list[tuple[str, Signature]], workers: int, loaded: list
+    ) -> list[tuple[str, Signature]]:
+        """Read `files` in `workers` processes, indexing the records and adding them to
+        `loaded`; returns the files left to read here (all if the processes cannot run)."""
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        sigs = dict(files)
+        chunks = [[k for k, _s in files[i : i + _CHUNK]] for i in range(0, len(files), _CHUNK)]
+        done: set[str] = set()
+        try:
+            # spawn: the parent may run threads (a fork would copy their locks mid-use)
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for results in pool.map(read_records, chunks):
+                    batch = []
+                    for key, record, sig, error in results:
+                        done.add(key)
+                        if record is not None:
+                            batch.append((key, record, sig))
+                        elif error is not None:
+                            self._log_unreadable(key, sigs[key], error)
+                    with self._lock:  # indexed while the workers read on
+                        for key, record, sig in batch:
+                            self._set_entry(key, record, sig)
+                    loaded.extend(batch)
+        except Exception as exc:  # no processes here (limits, sandbox): read in this one
+            self.log.info("reading worklist files in this process: %s", exc)
+        return [(k, s) for k, s in files if k not in done]
+
+    def _log_unreadable(self, key: str, sig: Signature | None, error: Any) -> None:
+        if self._failed.get(key, ()) != sig:
+            self._failed[key] = sig
+            self.log.warning("skipping unreadable worklist file %s: %s", key, error)
+
     def _read(self, key: str, sig: Signature | None) -> tuple[Record, Signature] | None:
         """Read one file; an unreadable file is logged once per version and skipped."""
         try:
@@ -320,9 +410,7 @@ class WorklistIndex:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            if self._failed.get(key, ()) != sig:
-                self._failed[key] = sig
-                self.log.warning("skipping unreadable worklist file %s: %s", key, exc)
+            self._log_unreadable(key, sig, exc)
             return None
 
     # ---- updates (reactor thread)
@@ -430,18 +518,44 @@ class WorklistIndex:
         self, patient_id: str, issuer: str | None = None
     ) -> list[tuple[Path, Dataset]]:
         """Every item (whatever its status) of a patient; with `issuer`, only items whose
-        IssuerOfPatientID is that issuer."""
+        IssuerOfPatientID is that issuer or empty."""
         with self._lock:
             keys = list(_keys(self._maps["patient_ids"].get(patient_id)))
             entries = [self._entries[k] for k in keys]
         out = []
         for entry in sorted(entries, key=lambda e: e.order):
-            if issuer and _vals(entry.record.get(ISSUER_OF_PATIENT_ID))[:1] != (issuer,):
-                continue
+            stored = _vals(entry.record.get(ISSUER_OF_PATIENT_ID))[:1]
+            if issuer and stored not in ((), ("",), (issuer,)):
+                continue  # another issuer's patient (an item without an issuer may be ours)
             ds = self.get(entry.key)
             if ds is not None:
                 out.append((Path(entry.key), ds))
         return out
+
+    def paths_of_order(self, values: dict) -> list[Path]:
+        """The files of the items with the step ID (and requested procedure ID) of `values`
+        and any one of its other order identifiers, whatever their status: how a message that
+        names a known order without its accession number finds it."""
+        step_id = values.get("ScheduledProcedureStepID", "")
+        if not step_id:
+            return []
+        found: dict[str, None] = {}
+        for keyword in _ORDER_KEYS:
+            value = values.get(keyword, "")
+            if not value or not isinstance(value, str):
+                continue
+            identifier = Dataset()
+            setattr(identifier, keyword, value)
+            if values.get("RequestedProcedureID"):
+                identifier.RequestedProcedureID = values["RequestedProcedureID"]
+            step = Dataset()
+            step.ScheduledProcedureStepID = step_id
+            identifier.ScheduledProcedureStepSequence = Sequence([step])
+            query = compile_query(identifier, pn_case_insensitive=False)
+            with self._lock:
+                candidates = self._candidates(query, None)
+            found.update((e.key, None) for e in candidates if query.matches(e.record))
+        return [Path(key) for key in found]
 
     def search(self, query: Query, folder: str | None = None) -> list[Record]:
         """Records matching `query` (in `folder` for the per-ae layout), in SPS start order."""

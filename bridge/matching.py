@@ -165,21 +165,51 @@ def _values(stored: Any) -> tuple:
 
 def missing_required(rec: Record) -> list[str]:
     """Names of Table K.6-1 Type 1/2 attributes an item lacks (Type 1: or has empty)."""
-
-    def check(r: Record, required: dict[int, int], one_of: tuple, prefix: str) -> list[str]:
-        out = []
-        for tag, kind in required.items():
-            if tag not in r or (kind == 1 and not _values(r.get(tag))):
-                out.append(prefix + (keyword_for_tag(tag) or f"{tag:08X}"))
-        for a, b in one_of:
-            if not _values(r.get(a)) and not _values(r.get(b)):
-                out.append(f"{prefix}{keyword_for_tag(a)} or {keyword_for_tag(b)}")
-        return out
-
-    missing = check(rec, REQUIRED_TOP, ONE_OF_TOP, "")
+    missing = _check_required(rec, False)
     for sps in _values(rec.get(SPS_SEQUENCE)):
-        missing += check(sps, REQUIRED_SPS, ONE_OF_SPS, "ScheduledProcedureStepSequence>")
+        missing += _check_required(sps, True)
     return sorted(set(missing))
+
+
+# What a layout lacks is worked out once per layout (layouts are shared and never freed); only
+# the emptiness of the Type 1 values it holds is checked per record.
+_REQUIRED_PLANS: dict[tuple[Layout, bool], tuple] = {}
+
+
+def _check_required(r: Any, sps: bool) -> list[str]:
+    if not isinstance(r, Record):
+        r = Record(layout_of(()), ())
+    plan = _REQUIRED_PLANS.get((r.layout, sps))
+    if plan is None:
+        plan = _REQUIRED_PLANS.setdefault((r.layout, sps), _required_plan(r.layout, sps))
+    absent, type1, pairs = plan
+    values = r.values
+    out = list(absent)
+    for i, name in type1:
+        if not _values(values[i]):
+            out.append(name)
+    for a, b, name in pairs:
+        if (a is None or not _values(values[a])) and (b is None or not _values(values[b])):
+            out.append(name)
+    return out
+
+
+def _required_plan(layout: Layout, sps: bool) -> tuple:
+    required, one_of = (REQUIRED_SPS, ONE_OF_SPS) if sps else (REQUIRED_TOP, ONE_OF_TOP)
+    prefix = "ScheduledProcedureStepSequence>" if sps else ""
+    pos = layout.pos
+    absent, type1 = [], []
+    for tag, kind in required.items():
+        name = prefix + (keyword_for_tag(tag) or f"{tag:08X}")
+        if tag not in pos:
+            absent.append(name)
+        elif kind == 1:
+            type1.append((pos[tag], name))
+    pairs = [
+        (pos.get(a), pos.get(b), f"{prefix}{keyword_for_tag(a)} or {keyword_for_tag(b)}")
+        for a, b in one_of
+    ]
+    return tuple(absent), tuple(type1), tuple(pairs)
 
 
 def sort_key(rec: Record) -> str:
@@ -411,11 +441,8 @@ def _fill(ds: Dataset, rec: Record | None, returns: Iterable[ReturnKey]) -> None
     for rk in returns:
         stored = rec.get(rk.tag) if rec is not None else None
         if rk.vr == "SQ":
-            items = stored if isinstance(stored, tuple) else ()
-            if rk.select is not None:
-                items = [item for item in items if rk.select(item)]
             seq = []
-            for item in items:
+            for item in _selected(rk, stored):
                 sub = Dataset()
                 if rk.sub is None:
                     _fill_all(sub, item)
@@ -426,6 +453,14 @@ def _fill(ds: Dataset, rec: Record | None, returns: Iterable[ReturnKey]) -> None
         else:
             vr = (rec.vr(rk.tag) if rec is not None else None) or rk.vr
             ds.add_new(rk.tag, vr, _answer_value(stored))
+
+
+def _selected(rk: ReturnKey, stored: Any) -> Iterable[Any]:
+    """The stored items of a sequence return key that its query item selects."""
+    items = stored if isinstance(stored, tuple) else ()
+    if rk.select is not None:
+        return [item for item in items if rk.select(item)]
+    return items
 
 
 def _fill_all(ds: Dataset, rec: Record) -> None:
@@ -526,9 +561,7 @@ class AnswerEncoder:
         for rk in returns:
             stored = rec.get(rk.tag) if rec is not None else None
             if rk.vr == "SQ":
-                items = stored if isinstance(stored, tuple) else ()
-                if rk.select is not None:
-                    items = [item for item in items if rk.select(item)]
+                items = _selected(rk, stored)
                 body = b"".join(self._item(item, rk.sub, codec) for item in items)
                 out.append((rk.tag, self._header(rk.tag, "SQ", len(body)) + body))
             else:

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
 from bench.cfind import c_find
 from bench.worklist_items import generate, make_item, write_item
+from bench.worklist_items import query as q
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
 from bridge.index import WorklistIndex
@@ -77,18 +78,6 @@ def refused(port: int, calling: str = "SCU", called: str = "WLBRIDGE") -> bool:
         assoc.release()
         return False
     return assoc.is_rejected
-
-
-def q(sps: dict | None = None, **top) -> Dataset:
-    ds = Dataset()
-    for key, value in top.items():
-        setattr(ds, key, value)
-    if sps is not None:
-        item = Dataset()
-        for key, value in sps.items():
-            setattr(item, key, value)
-        ds.ScheduledProcedureStepSequence = [item]
-    return ds
 
 
 def accessions(answers) -> list[str]:

@@ -17,6 +17,7 @@ from pydicom import Dataset
 from twisted.internet.threads import blockingCallFromThread
 
 from bench.worklist_items import generate, make_item, write_item
+from bench.worklist_items import query as q
 from bridge.config import Settings
 from bridge.index import CACHE_NAME, WorklistIndex
 from bridge.matching import compile_query
@@ -51,18 +52,6 @@ def watched(tmp_path, reactor):
     blockingCallFromThread(reactor, index.start_watching, reactor)
     yield index
     blockingCallFromThread(reactor, index.stop_watching)
-
-
-def q(sps: dict | None = None, **top) -> Dataset:
-    ds = Dataset()
-    for key, value in top.items():
-        setattr(ds, key, value)
-    if sps is not None:
-        item = Dataset()
-        for key, value in sps.items():
-            setattr(item, key, value)
-        ds.ScheduledProcedureStepSequence = [item]
-    return ds
 
 
 def accessions(records) -> list[str]:
@@ -295,3 +284,26 @@ def test_per_ae_layout_keeps_items_apart(tmp_path, reactor):
                                 WAIT)  # fmt: skip
     finally:
         blockingCallFromThread(reactor, index.stop_watching)
+
+
+def test_a_large_first_load_reads_in_processes_with_the_same_outcome(tmp_path, caplog, monkeypatch):
+    generate(tmp_path, 60)
+    write_item(tmp_path / "utf8.wl", make_item("UTF8", patient_name="Dvořák^Antonín",
+                                               charset="ISO_IR 192"))  # fmt: skip
+    good = (tmp_path / "item0000001.wl").read_bytes()
+    (tmp_path / "truncated.wl").write_bytes(good[:700])
+    (tmp_path / "garbage.wl").write_bytes(b"not DICOM" * 50)
+    age(tmp_path)
+    one = make_index(tmp_path)
+    (tmp_path / CACHE_NAME).unlink()
+    monkeypatch.setattr("bridge.index.PARALLEL_MIN_FILES", 10)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bridge.index"):
+        pooled = make_index(tmp_path)
+    assert pooled.load_stats["workers"] >= 2 and one.load_stats["workers"] == 0
+    assert len(pooled) == len(one) == 62  # pydicom keeps what precedes a cut: so do both paths
+    for key in one._entries:
+        assert repr(pooled.record(key)) == repr(one.record(key))
+    assert accessions(pooled.search(compile_query(q(PatientName="DVOŘÁK*")))) == ["UTF8"]
+    unreadable = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(unreadable) == 1 and "garbage.wl" in unreadable[0]

@@ -1,0 +1,88 @@
+"""The per-association shortcuts of bridge.cfind, and their fallbacks to plain pynetdicom."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import pytest
+from pydicom import Dataset
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+from bench.cfind import c_find
+from bench.worklist_items import generate
+from bridge import cfind
+from tests.test_cfind import _implicit, bridge, find
+
+
+def _dataset() -> Dataset:
+    ds = Dataset()
+    ds.PatientID = ""
+    ds.AccessionNumber = ""
+    return ds
+
+
+def _universal() -> bytes:
+    return _implicit(_dataset())
+
+
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[type, bool]]:
+    """(class, standard PDU log handler still bound) of each association the server opens."""
+    seen: list[tuple[type, bool]] = []
+    original = cfind._quiet_logging
+
+    def spy(assoc):
+        original(assoc)
+        bound = any(h is not None for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT))
+        seen.append((type(assoc), bound))
+
+    monkeypatch.setattr(cfind, "_quiet_logging", spy)
+    return seen
+
+
+def test_associations_get_the_brisk_reactor_and_no_log_handlers(tmp_path, seen) -> None:
+    generate(tmp_path, 30)
+    with bridge(tmp_path) as port:
+        assert c_find(port, _universal(), "WLBRIDGE") == (30, 0x0000)
+        status, answers, _ = find(port, _dataset())
+    assert status == 0x0000 and len(answers) == 30
+    assert seen and all(cls is cfind._BriskAssociation and not bound for cls, bound in seen)
+
+
+def test_an_unknown_pynetdicom_keeps_its_own_reactor(tmp_path, seen, monkeypatch) -> None:
+    monkeypatch.setattr(cfind, "_REACTOR_KNOWN", False)
+    generate(tmp_path, 30)
+    with bridge(tmp_path) as port:
+        assert c_find(port, _universal(), "WLBRIDGE") == (30, 0x0000)
+        status, answers, _ = find(port, _dataset())
+    assert status == 0x0000 and len(answers) == 30
+    assert seen and all(cls is Association for cls, _ in seen)
+
+
+def test_log_handlers_stay_while_pynetdicom_logs(tmp_path, seen) -> None:
+    generate(tmp_path, 3)
+    logger = logging.getLogger("pynetdicom._handlers")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with bridge(tmp_path) as port:
+            assert c_find(port, _universal(), "WLBRIDGE") == (3, 0x0000)
+    finally:
+        logger.setLevel(level)
+    assert seen and all(bound for _, bound in seen)
+
+
+def test_full_collection_waits_for_no_active_association(monkeypatch) -> None:
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(a) or 0)
+    active = [object()]
+    monkeypatch.setattr(cfind._Server, "active_associations", property(lambda s: list(active)))
+    s = object.__new__(cfind._Server)  # only its pynetdicom garbage collection counter is used
+    s._gc = [59, 59]
+    s.service_actions()
+    assert collected == [] and s._gc == [59, 59]
+    active.clear()
+    s.service_actions()
+    assert collected and s._gc[0] == 0
