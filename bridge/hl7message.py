@@ -58,6 +58,9 @@ class Delimiters:
         return self.component + self.repetition + self.escape + self.subcomponent
 
 
+NULL = '""'  # HL7's explicit null value
+
+
 class Segment:
     """One segment. Field numbers are HL7's: `PID-3` is `segment.raw(3)`; for MSH, MSH-1 is the
     field separator and MSH-2 the encoding characters, as the standard counts them."""
@@ -138,6 +141,8 @@ class Segment:
         return self.unescape(subs[subcomponent - 1])
 
     def unescape(self, text: str) -> str:
+        if text == NULL:
+            return ""  # HL7's explicit null: no value (the worklist has nothing to delete)
         return unescape(text, self._delims, self._codec)
 
 
@@ -246,6 +251,7 @@ class HL7Message:
         self.codec = codec  # the Python codec the bytes were decoded with
         self.dicom_charset = dicom_charset  # SpecificCharacterSet for what this message carries
         self.notes: list[str] = []  # things worth a line in the translation log
+        self._by_name: dict[str, list[Segment]] | None = None
 
     @property
     def delimiters(self) -> Delimiters:
@@ -269,13 +275,16 @@ class HL7Message:
         return f"{self.header.message_type}^{self.header.trigger_event}"
 
     def all(self, name: str) -> list[Segment]:
-        return [s for s in self.segments if s.name == name]
+        # Grouped once: the mapping asks per order step, and a message may have thousands.
+        if self._by_name is None:
+            self._by_name = {}
+            for segment in self.segments:
+                self._by_name.setdefault(segment.name, []).append(segment)
+        return list(self._by_name.get(name, ()))
 
     def first(self, name: str) -> Segment | None:
-        for s in self.segments:
-            if s.name == name:
-                return s
-        return None
+        found = self.all(name)
+        return found[0] if found else None
 
 
 _DELIMITER_CHARS = frozenset(string.punctuation)
@@ -298,7 +307,8 @@ def _split_header_bytes(raw: bytes) -> tuple[Delimiters, list[bytes]]:
     sep = raw[3:4].decode("latin-1")
     if sep not in _DELIMITER_CHARS:
         raise HL7Error(DATA_TYPE_ERROR, "MSH^1^1", f"invalid field separator {sep!r}", "AR")
-    line = _SEGMENT_END.split(raw.decode("latin-1"), maxsplit=1)[0].encode("latin-1")
+    ends = [i for i in (raw.find(b"\r"), raw.find(b"\n")) if i >= 0]
+    line = raw[: min(ends)] if ends else raw  # MSH alone: no need to decode the whole message
     fields = line.split(sep.encode())
     enc = fields[1].decode("latin-1") if len(fields) > 1 else ""
     if (

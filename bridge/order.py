@@ -68,6 +68,7 @@ class ProcedureStep:
     values: dict = field(default_factory=dict)
     # DICOM keyword -> HL7 location (ERR-2) the value came from, for error reports
     locations: dict[str, str] = field(default_factory=dict)
+    study_uid_derived: bool = False  # no ZDS-1 / IPC-3: an existing item's UID must be kept
 
 
 @dataclass
@@ -182,7 +183,7 @@ _GROUP_SEGMENTS = frozenset({"ORC", "TQ1", "TQ2", "OBR", "IPC", "ZDS", "OBX", "N
 # message type -> (trigger, versions)
 ORDER_MESSAGES = {
     "ORM": ("O01", ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")),
-    "OMI": ("O23", ("2.4", "2.5", "2.5.1")),
+    "OMI": ("O23", ("2.5", "2.5.1")),  # HL7 2.4 has neither OMI^O23 nor IPC
     "OMG": ("O19", ("2.4", "2.5", "2.5.1")),
 }
 ADT_EVENTS = ("A08", "A31", "A40", "A47", "A10")
@@ -577,6 +578,7 @@ def _read_step(
         f"{order_key}|rp:{values['RequestedProcedureID']}|sps:{values['ScheduledProcedureStepID']}"
     )
 
+    derived = False
     if not values.get("StudyInstanceUID"):
         if omi:
             study_location = f"IPC^{ipc.occurrence}^3"
@@ -588,6 +590,7 @@ def _read_step(
             )
         values["StudyInstanceUID"] = derive_study_uid(order_key, values["RequestedProcedureID"])
         reader.locations["StudyInstanceUID"] = study_location
+        derived = True
 
     _apply_station_rules(reader, settings)
     if action is not Action.REMOVE:
@@ -616,12 +619,14 @@ def _read_step(
         accession_number=values.get("AccessionNumber", ""),
         values=values,
         locations=reader.locations,
+        study_uid_derived=derived,
     )
 
 
 def _read_measures(message: HL7Message, group: _Group, values: dict, locations: dict) -> None:
     """Patient weight and size from OBX (LOINC 3141-9, 29463-7, 8302-2), allergies from AL1."""
-    for obx in group.obxs + [s for s in message.all("OBX") if s not in group.obxs]:
+    own = {id(s) for s in group.obxs}  # the order's own OBX first, then the message's others
+    for obx in group.obxs + [s for s in message.all("OBX") if id(s) not in own]:
         c = obx.components(3) + ["", ""]
         keyword = _OBX_MEASURES.get(c[0]) or _OBX_MEASURES.get(c[1].strip().lower())
         if keyword is None or values.get(keyword):

@@ -8,7 +8,6 @@ as received in the rejected folder. AA is only sent once every change is durably
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import re
@@ -22,7 +21,7 @@ from pydicom import Dataset
 
 from bridge import hl7schema, order, worklist_item
 from bridge.ack import build_ack
-from bridge.config import Settings
+from bridge.config import FINISHED_STATUSES, Settings
 from bridge.errors import APPLICATION_INTERNAL_ERROR, HL7Error
 from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
@@ -169,12 +168,14 @@ class Bridge:
         for step in intent.steps:
             planned.append((step, worklist_item.build_item(message, intent, step, self.settings)))
         for step, item in planned:
-            path = self.store.path_for(step.identity)
+            path = self._locate(step)
             existed = path.exists()
             result.order_controls.append(step.order_control)
             result.accessions.append(step.accession_number)
             result.files.append(path.name)
             if step.action is Action.SCHEDULE:
+                if existed and step.study_uid_derived:
+                    self._keep_study_uid(path, item)
                 self.store.write(path, item, step.identity)
                 result.outcomes.append("updated" if existed else "created")
             elif step.action is Action.STATUS:
@@ -189,15 +190,33 @@ class Bridge:
             else:
                 result.outcomes.append(self._finish(path, existed, step))
 
+    def _locate(self, step: order.ProcedureStep) -> Path:
+        """The file of the step's item: named after the order's identity; else, for a message
+        that names a known order by other identifiers (a cancel without the accession number,
+        say), the one item the index finds by step ID and another of the order's identifiers."""
+        path = self.store.path_for(step.identity)
+        if step.order_control == "NW" or path.exists():
+            return path  # a new order, or a known one under its own name
+        found = self.index.paths_of_order(step.values)
+        return found[0] if len(found) == 1 else path
+
+    def _keep_study_uid(self, path: Path, item: Dataset) -> None:
+        """A replacement without ZDS-1 / IPC-3 keeps the item's Study Instance UID: images may
+        already be filed under it."""
+        existing = self.store.read(path)
+        if existing is not None and existing.get("StudyInstanceUID"):
+            item.StudyInstanceUID = existing.StudyInstanceUID
+
     def _finish(self, path: Path, existed: bool, step: order.ProcedureStep) -> str:
-        existing = self.store.read(path) if existed else None
-        if existing is None:
+        if not existed:
             return "nothing-to-cancel" if step.status != "COMPLETED" else "nothing-to-complete"
         if self.settings.finished_retention > 0:
-            worklist_item.set_status(existing, step.status)
-            self.store.write(path, existing, step.identity)
-        else:
-            self.store.delete(path)
+            existing = self.store.read(path)
+            if existing is not None:
+                worklist_item.set_status(existing, step.status)
+                self.store.write(path, existing, step.identity)
+                return "removed"
+        self.store.delete(path)
         return "removed"
 
     def _apply_patient(self, message: HL7Message, update: PatientUpdate, result: Outcome) -> None:
@@ -206,25 +225,47 @@ class Bridge:
         lookup_id = update.previous_id or patient.patient_id
         lookup_issuer = update.previous_issuer if update.previous_id else patient.issuer
         items = self.index.items_of_patient(lookup_id, lookup_issuer or None)
+        updated = 0
         for path, item in items:
-            item = copy.deepcopy(item)
-            worklist_item.apply_patient(item, patient, message)
-            if update.event == "A10":
-                worklist_item.set_status(item, "ARRIVED")
+            try:
+                worklist_item.apply_patient(item, patient, message)
+                if update.event == "A10" and _status(item) == "SCHEDULED":
+                    worklist_item.set_status(item, "ARRIVED")  # not finished or started items
+            except (AttributeError, KeyError, IndexError, ValueError, TypeError) as exc:
+                # An item another program wrote, which the update cannot be applied to, must
+                # not hold back the patient's feed: it is named in the log instead.
+                message.notes.append(f"{path.name} not updated: {type(exc).__name__}: {exc}")
+                continue
             self.store.write(path, item)
             result.files.append(path.name)
+            updated += 1
         verb = {"A40": "merged", "A47": "moved", "A10": "arrived"}.get(update.event, "updated")
         result.outcomes.append(f"patient-{verb}")
-        message.notes.append(f"{len(items)} item(s) of patient {lookup_id}")
+        message.notes.append(f"{updated} of {len(items)} item(s) of patient {lookup_id} updated")
+
+    def expired_items(self) -> list[Path]:
+        """Finished items past their retention (reads only: may run in a worker thread)."""
+        return self.store.expired(self.retention_seconds, FINISHED_STATUSES)
+
+    def remove_expired(self, paths: list[Path]) -> list[str]:
+        """Delete the given expired items (on the reactor thread, like every other change)."""
+        removed = []
+        for path in paths:
+            try:
+                if self.store.delete_if_expired(path, self.retention_seconds):
+                    removed.append(path.name)
+                    self.translation_log.record(outcome="expired", file=path.name)
+            except StoreError as exc:
+                log.error("cannot remove expired item: %s", exc)
+        return removed
 
     def sweep_finished(self) -> list[str]:
         """Delete the files of finished items whose retention period has passed."""
-        removed = self.store.remove_expired(
-            self.settings.finished_retention * 3600, self.settings.hidden_statuses
-        )
-        for path in removed:
-            self.translation_log.record(outcome="expired", file=path.name)
-        return [p.name for p in removed]
+        return self.remove_expired(self.expired_items())
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.settings.finished_retention * 3600
 
     # Retries, rejected messages, the log
     def _retry_key(self, header: MessageHeader | None) -> str | None:
@@ -293,6 +334,11 @@ class Bridge:
             note="; ".join(message.notes) if message is not None else "",
             ms=f"{(time.perf_counter() - started) * 1000:.1f}",
         )
+
+
+def _status(item: Dataset) -> str:
+    steps = item.get("ScheduledProcedureStepSequence") or []
+    return str(steps[0].get("ScheduledProcedureStepStatus", "")) if steps else ""
 
 
 def _ack_code(ack: bytes) -> str:

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from twisted.internet import reactor as default_reactor
-from twisted.internet import task
+from twisted.internet import task, threads
 
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
@@ -66,10 +66,12 @@ class BridgeServer:
         self.dicom_server = start_dicom_server(s, self.index, ssl_context=dicom_ssl_context(s))
         self.index.start_watching(self.reactor)
         if s.finished_retention > 0:
-            self._sweeper = task.LoopingCall(self.bridge.sweep_finished)
+            self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(SWEEP_INTERVAL, now=True)
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        # Last: connections still open at shutdown are dropped after "before", and say so.
+        self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
         log.info(
             "wlbridge serving MLLP on %s:%d and DICOM %s on %s:%d, worklist %s",
             s.host,
@@ -79,6 +81,13 @@ class BridgeServer:
             s.dicom_port,
             self.store.folder,
         )
+
+    def _sweep(self):
+        """Find expired items in a worker thread (it reads files), delete them on this one."""
+        d = threads.deferToThread(self.bridge.expired_items)
+        d.addCallback(self.bridge.remove_expired)
+        d.addErrback(lambda f: log.error("expiry sweep failed: %s", f.getErrorMessage()))
+        return d  # the LoopingCall waits for it before the next round
 
     def stop(self):
         """Stop accepting, then close both servers. Returns a Deferred for the MLLP side."""
@@ -90,10 +99,6 @@ class BridgeServer:
             self.dicom_server = None
         d = self.mllp_port.stopListening() if self.mllp_port is not None else None
         self.mllp_port = None
-        if d is not None:
-            d.addBoth(lambda _: self.translation_log.close())
-        else:
-            self.translation_log.close()
         return d
 
 

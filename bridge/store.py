@@ -120,8 +120,6 @@ def _encode_elements(dataset: Dataset, codec: str) -> bytes:
             out.append(_element(tag, vr, _text_value(value, "latin-1")))
         elif vr == "UI" and isinstance(value, str):
             out.append(_element(tag, vr, _uid_bytes(value)))
-        elif vr == "UI" and isinstance(value, str):
-            out.append(_element(tag, vr, _uid_bytes(value)))
         elif vr == "US" and isinstance(value, int):
             out.append(_element(tag, vr, struct.pack("<H", value)))
         else:  # numbers as strings keep their original text in pydicom: leave them to it
@@ -258,10 +256,11 @@ class WorklistStore:
             self.index.discard(path)
         return True
 
-    def remove_expired(self, max_age: float, finished_statuses: list[str]) -> list[Path]:
-        """Delete items in a finished status whose file is older than `max_age` seconds."""
+    def expired(self, max_age: float, finished_statuses: tuple[str, ...]) -> list[Path]:
+        """Items in a finished status whose file is older than `max_age` seconds. Only reads, so
+        it may run in a worker thread; `delete_if_expired` then removes them one by one."""
         cutoff = time.time() - max_age
-        removed = []
+        found = []
         for path in self.folder.glob("*.wl"):
             try:
                 if path.stat().st_mtime > cutoff:
@@ -271,9 +270,18 @@ class WorklistStore:
                 continue
             steps = item.get("ScheduledProcedureStepSequence") or []
             statuses = {str(s.get("ScheduledProcedureStepStatus", "")) for s in steps}
-            if statuses and statuses <= set(finished_statuses) and self.delete(path):
-                removed.append(path)
-        return removed
+            if statuses and statuses <= set(finished_statuses):
+                found.append(path)
+        return found
+
+    def delete_if_expired(self, path: Path, max_age: float) -> bool:
+        """Delete `path` unless it was rewritten since it was found expired (a new order)."""
+        try:
+            if path.stat().st_mtime > time.time() - max_age:
+                return False
+        except FileNotFoundError:
+            return False
+        return self.delete(path)
 
     def _check_inside(self, path: Path) -> None:
         # Items of other programs may be rewritten (ADT updates), but only inside the folder.

@@ -8,11 +8,14 @@ object a line. Keys always come in the same order; empty values are left out.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger("bridge.translation_log")
 
 FIELD_ORDER = (
     "time",
@@ -112,8 +115,12 @@ class TranslationLog:
         else:
             line = format_logfmt(record)
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError) as exc:
+                # A full or closed log must not cost the sender its ACK: the change is applied.
+                log.error("cannot write the translation log (%s): %s", exc, line)
         return record
 
     def close(self) -> None:

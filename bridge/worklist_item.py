@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # in Latin-1 and lose the characters that differ (the euro sign, Š, Ž, Œ, Ÿ).
 python_encoding.setdefault("ISO_IR 203", "iso8859_15")
 
-MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 SPS_STATUSES = ("SCHEDULED", "ARRIVED", "READY", "STARTED", "COMPLETED", "DISCONTINUED", "CANCELED")
 
 # PS3.4 Table K.6-1: return key types of the top level ("1C"/"2C": conditional; a 1C key is
@@ -127,9 +126,16 @@ _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _SPS_KEYS = frozenset(SPS_REQUIRED_KEYS) | frozenset(SPS_OPTIONAL)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _fit(value: str, keyword: str, location: str, message: HL7Message, settings: Settings) -> str:
     """The value as the VR allows it: HL7Error 102 or a cut value (with a note) when too long."""
     vr = _VR.get(keyword, "LO")
+    if not value.isprintable() and vr not in ("ST", "LT", "UT"):
+        # Control characters (a TAB, \.br\'s CR LF) are not allowed in these VRs (PS3.5 6.2)
+        value = _CONTROL.sub(" ", value)
+        message.notes.append(f"{location or keyword}: control characters in {keyword} -> space")
     if vr not in ("ST", "LT") and "\\" in value:
         value = value.replace("\\", "/")  # a backslash separates values in DICOM
         message.notes.append(f"{location or keyword}: backslash in {keyword} replaced by /")

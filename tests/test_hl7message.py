@@ -291,3 +291,11 @@ def _timed(raw: bytes, n: int) -> float:
     for _ in range(n):
         parse_message(raw)
     return (time.perf_counter() - start) / n
+
+
+def test_explicit_null_reads_as_empty():
+    m = parse_message(build('PID|||1||""^JANE||""|F|||""^^SPRINGFIELD').encode())
+    pid = m.first("PID")
+    assert pid.components(5) == ["", "JANE"]
+    assert pid.value(7) == ""
+    assert pid.components(11) == ["", "", "SPRINGFIELD"]

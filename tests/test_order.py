@@ -293,13 +293,13 @@ def test_omi_with_several_ipc_gives_one_step_each():
     assert first.identity != second.identity
 
 
-@pytest.mark.parametrize("version", ["2.4", "2.5"])
-def test_omi_is_accepted_in_2_4_and_2_5(version):
-    assert len(read(build(base_omi(), {"MSH": {12: version}})).steps) == 1
+def test_omi_is_accepted_in_2_5():
+    assert len(read(build(base_omi(), {"MSH": {12: "2.5"}})).steps) == 1
 
 
-def test_omi_in_2_3_1_is_refused():
-    error = refused(build(base_omi(), {"MSH": {12: "2.3.1"}}))
+@pytest.mark.parametrize("version", ["2.3.1", "2.4"])
+def test_omi_before_2_5_is_refused(version):
+    error = refused(build(base_omi(), {"MSH": {12: version}}))
     assert (error.ack_code, error.code) == ("AR", "203")
 
 

@@ -66,7 +66,8 @@ def test_resent_nw_updates_in_place_and_xo_for_unknown_order_creates(h):
     h.send(orm(control_id="C2", patient_name="DOE^JANET"))
     [item] = h.items()
     assert str(item.PatientName) == "DOE^JANET"
-    h.send(orm(control_id="C3", order_control="XO", accession="OTHER", placer="P9", filler="F9"))
+    h.send(orm(control_id="C3", order_control="XO", accession="OTHER", placer="P9", filler="F9",
+               sps_id="S9", study_uid="1.2.3.99"))  # fmt: skip
     assert len(h.items()) == 2
     assert [r["outcome"] for r in h.records()] == ["created", "updated", "created"]
 
@@ -196,3 +197,56 @@ def test_a_dropped_frame_gets_a_log_line_naming_its_control_id(h):
     assert (record["control_id"], record["outcome"]) == ("CUT1", "dropped")
     assert record["reason"] == "unfinished frame: closed early"
     assert "ack" not in record
+
+
+def test_a_cancel_naming_the_order_by_its_placer_number_only_removes_it(h):
+    h.send(orm(control_id="K1"))
+    code, _, _ = h.send(orm(control_id="K2", order_control="CA", order_status="CA", accession=""))
+    assert code == "AA"
+    assert h.items() == []
+    assert h.records()[-1]["outcome"] == "removed"
+
+
+def test_a_replacement_without_zds_keeps_the_study_instance_uid(h):
+    h.send(orm(control_id="U1", study_uid="1.2.826.0.1.3680043.10.543.77"))
+    xo = orm(control_id="U2", order_control="XO", start="202612031200")
+    xo = "\r".join(seg for seg in xo.split("\r") if not seg.startswith("ZDS"))
+    assert h.send(xo)[0] == "AA"
+    [item] = h.items()
+    assert item.StudyInstanceUID == "1.2.826.0.1.3680043.10.543.77"
+    assert item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate == "20261203"
+
+
+def test_arrival_does_not_bring_back_finished_items(tmp_path):
+    h = Harness(tmp_path, finished_retention=24.0)
+    h.send(orm(control_id="F1", patient_id="PA"))
+    h.send(orm(control_id="F2", patient_id="PA", order_control="SC", order_status="CM"))
+    h.send(orm(control_id="F3", patient_id="PA", accession="ACC2", placer="P2", filler="F2",
+               sps_id="S2", study_uid="1.2.3.9"))  # fmt: skip
+    h.send(adt("A10", "A1", "PA", "DOE^JANE"))
+    statuses = sorted(status_of(i) for i in h.items())
+    assert statuses == ["ARRIVED", "COMPLETED"]
+
+
+def test_an_item_the_update_cannot_apply_to_does_not_hold_back_the_others(h):
+    h.send(orm(control_id="G1", patient_id="PG"))
+    foreign = pydicom.Dataset()
+    foreign.PatientID = "PG"
+    foreign.PatientName = "OTHER^PROGRAM"
+    foreign.ScheduledProcedureStepSequence = pydicom.Sequence([])  # no step item at all
+    foreign.file_meta = pydicom.dataset.FileMetaDataset()
+    foreign.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    foreign.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+    foreign.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    foreign.save_as(h.store.folder / "foreign.wl", enforce_file_format=True)
+    h.index.load()
+    code, _, _ = h.send(adt("A10", "A2", "PG", "DOE^JANE"))
+    assert code == "AA"
+    assert "ARRIVED" in [status_of(i) for i in h.items() if i.ScheduledProcedureStepSequence]
+
+
+def test_a_translation_log_that_cannot_be_written_does_not_cost_the_ack(h, caplog):
+    h.log._stream.close()
+    code, control, _ = h.send(orm(control_id="L1"))
+    assert (code, control) == ("AA", "L1")
+    assert "cannot write the translation log" in caplog.text

@@ -19,8 +19,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from bridge.errors import HL7Error
 from bridge.hl7message import parse_message
 from bridge.order import Patient, read_message
+from bridge.store import WORKLIST_SOP_CLASS
 from bridge.worklist_item import (
-    MODALITY_WORKLIST_FIND,
     REQUIRED_KEYS,
     SPS_REQUIRED_KEYS,
     apply_patient,
@@ -54,7 +54,7 @@ def item_of(changes: dict | None = None, drop=(), charset: str = "", **kwargs) -
 
 def save_and_read(ds: Dataset, path: Path) -> Dataset:
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MODALITY_WORKLIST_FIND
+    ds.file_meta.MediaStorageSOPClassUID = WORKLIST_SOP_CLASS
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
@@ -453,3 +453,11 @@ def test_orthanc_serves_the_items(tmp_path):
         answers = read_answers(out)
     assert sorted(a.AccessionNumber for a in answers) == ["ACC100", "ACC200", "ACC300"]
     assert "MÜLLER^Jürgen" in {str(a.PatientName) for a in answers}
+
+
+def test_control_characters_become_spaces_outside_text_vrs():
+    message = build(base_orm(), {"PID": {5: "DOE\tX^JANE"}, "OBR": {13: "Line one\\.br\\Line two"}})
+    [item] = items(message)
+    assert str(item.PatientName) == "DOE X^JANE"
+    assert item.MedicalAlerts == "Line one  Line two"
+    assert any("control characters in PatientName" in n for n in message.notes)
