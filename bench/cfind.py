@@ -197,9 +197,11 @@ def serve_bridge(root: Path, port: int) -> None:
     settings = Settings(worklist_dir=root, worklist_layout="per-ae", host="127.0.0.1",
                         dicom_port=port)  # fmt: skip
     index = WorklistIndex(settings)
-    index.load()
+    index.load(save_cache=False)  # as `wlbridge serve`: the cache is written once serving
     start_dicom_server(settings, index)
     print(f"READY {time.monotonic() - started:.3f}", flush=True)
+    if index.cache_is_stale:
+        index.save_cache()
     sys.stdin.read()  # until the parent closes our stdin
 
 

@@ -275,19 +275,21 @@ class WorklistIndex:
 
     # ---- loading and the cache
 
-    def load(self) -> None:
-        """Initial scan: cached records for unchanged files, a fresh read for the others."""
+    def load(self, save_cache: bool = True) -> None:
+        """Initial scan: cached records for unchanged files, a fresh read for the others.
+        With `save_cache=False` the refreshed cache is left for `save_cache()` to write later
+        (after the server listens: writing it takes ~2 s at 100,000 items)."""
         started = time.monotonic()
         os.makedirs(self.root, exist_ok=True)
         collecting = gc.isenabled()
         gc.disable()  # the load creates millions of objects and frees none: no cycles to look for
         try:
-            self._load(started)
+            self._load(started, save_cache)
         finally:
             if collecting:
                 gc.enable()
 
-    def _load(self, started: float) -> None:
+    def _load(self, started: float, save_cache: bool) -> None:
         cached = self._read_cache()
         found = self._scan()
         loaded: list[tuple[str, Record, Signature]] = []
@@ -318,7 +320,7 @@ class WorklistIndex:
         with self._lock:
             self._bump()
         self._dirty = reread > 0 or len(cached) != len(loaded)
-        if self._dirty:
+        if self._dirty and save_cache:
             self.save_cache()
         self.load_stats = {
             "items": len(loaded), "read": reread, "cached": len(loaded) - reread + 0,
@@ -342,8 +344,13 @@ class WorklistIndex:
             self.log.warning("ignoring index cache %s: %s", self.cache_path, exc)
             return {}
 
+    @property
+    def cache_is_stale(self) -> bool:
+        return self._dirty
+
     def save_cache(self) -> None:
-        """Write the cache atomically (temporary file, then rename)."""
+        """Write the cache atomically (temporary file, then rename). Safe in a worker thread:
+        the records are taken under the lock, written outside it."""
         horizon = time.time_ns() - int(_RECENT * 1e9)
         with self._lock:
             entries = {

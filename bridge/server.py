@@ -47,7 +47,7 @@ class BridgeServer:
         leftovers = self.store.prepare()
         if leftovers:
             log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
-        self.index.load()
+        self.index.load(save_cache=False)  # written once both servers listen
         s = self.settings
         factory = MLLPFactory(
             self.bridge.handle,
@@ -65,6 +65,10 @@ class BridgeServer:
             self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
         self.dicom_server = start_dicom_server(s, self.index, ssl_context=dicom_ssl_context(s))
         self.index.start_watching(self.reactor)
+        if self.index.cache_is_stale:
+            threads.deferToThread(self.index.save_cache).addErrback(
+                lambda f: log.warning("cannot write the index cache: %s", f.getErrorMessage())
+            )
         if s.finished_retention > 0:
             self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor

@@ -307,3 +307,15 @@ def test_a_large_first_load_reads_in_processes_with_the_same_outcome(tmp_path, c
     assert accessions(pooled.search(compile_query(q(PatientName="DVOŘÁK*")))) == ["UTF8"]
     unreadable = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(unreadable) == 1 and "garbage.wl" in unreadable[0]
+
+
+def test_the_cache_can_be_written_after_the_load(tmp_path):
+    generate(tmp_path, 3)
+    age(tmp_path)  # recent files are left out of the cache: they may still change
+    index = WorklistIndex(Settings(worklist_dir=tmp_path))
+    index.load(save_cache=False)
+    assert index.cache_is_stale and not (tmp_path / CACHE_NAME).exists()
+    index.save_cache()
+    assert (tmp_path / CACHE_NAME).is_file() and not index.cache_is_stale
+    again = make_index(tmp_path)
+    assert (again.load_stats["cached"], again.load_stats["read"]) == (3, 0)
