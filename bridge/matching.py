@@ -8,6 +8,7 @@ records and whose `answer(record)` builds the response identifier.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import re
 import struct
@@ -764,6 +765,12 @@ class _Compiler:
         hi_t = canonical_time(t_hi or "23", high=True)
         if lo_d is None or hi_d is None or lo_t is None or hi_t is None:
             raise QueryError(f"bad date-time range {date!r} {time!r}", SPS_START_DATE)
+        if lo_d and lo_d == hi_d and t_lo and t_hi and lo_t > hi_t:
+            # One day with a time range across midnight (2200-0200): that night, into the next
+            # day, as a time range alone would wrap.
+            hi_d = (datetime.date.fromisoformat(hi_d) + datetime.timedelta(days=1)).strftime(
+                "%Y%m%d"
+            )
         lo = f"{lo_d}{lo_t}" if lo_d else ""
         hi = f"{hi_d}{hi_t}" if hi_d else ""
         self.given.append(f"ScheduledProcedureStepStartDate+Time={date} {time}")

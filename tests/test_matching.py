@@ -178,6 +178,19 @@ def test_combined_date_time_range_across_midnight():
     assert q.matches(at("20240107", "010000")) and not q.matches(at("20240105", "210000"))
 
 
+def test_one_date_with_a_time_range_across_midnight_is_that_night():
+    def at(date, time):
+        return stored(make_item("X", date=date, time=time))
+
+    q = compile_query(query(sps={"ScheduledProcedureStepStartDate": "20240105",
+                                 "ScheduledProcedureStepStartTime": "2200-0200"}))  # fmt: skip
+    assert q.matches(at("20240105", "230000"))
+    assert q.matches(at("20240106", "013000"))
+    assert not q.matches(at("20240105", "013000"))
+    assert not q.matches(at("20240106", "030000"))
+    assert q.hints.date_range == ("20240105", "20240106")
+
+
 def test_multi_valued_station_ae_matches_on_any_value(item):
     assert matches(query(sps={"ScheduledStationAETitle": "CT2"}), item)
     assert matches(query(sps={"ScheduledStationAETitle": "CT1"}), item)
