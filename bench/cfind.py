@@ -202,6 +202,7 @@ def serve_bridge(root: Path, port: int) -> None:
     print(f"READY {time.monotonic() - started:.3f}", flush=True)
     if index.cache_is_stale:
         index.save_cache()
+    print("CACHED", flush=True)  # the parent waits for it before stopping a first start
     sys.stdin.read()  # until the parent closes our stdin
 
 
@@ -342,6 +343,7 @@ def main() -> int:
 
     (root / ".wlbridge-index.cache").unlink(missing_ok=True)
     proc, _, cold = start_bridge(root)
+    proc.stdout.readline()  # CACHED: the cache is written (after READY, as `wlbridge serve` does)
     stop(proc)
     proc, port, warm = start_bridge(root)
     rss = _rss_mb(proc.pid)
