@@ -116,7 +116,7 @@ class Bridge:
                 APPLICATION_INTERNAL_ERROR, "", f"internal error: {type(exc).__name__}", "AR"
             )
         if result.error is not None:
-            result.outcomes = ["rejected"]
+            result.outcomes.append("rejected")  # after the steps a failure left applied, if any
             result.kept_as = self._keep_rejected(raw, header, result.error)
         ack = build_ack(
             header,

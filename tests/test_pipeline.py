@@ -151,6 +151,23 @@ def test_disk_failure_is_ar_207_and_the_next_message_is_tried_afresh(h, monkeypa
     assert len(h.items()) == 1
 
 
+def test_a_failure_after_some_steps_says_which_were_applied(h, monkeypatch):
+    real_write = h.store.write
+    calls = []
+
+    def second_write_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise StoreError("cannot write x.wl: No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "write", second_write_fails)
+    code, _, _ = h.send(orm(control_id="P1", extra_groups=1))
+    assert code == "AR"
+    assert h.records()[0]["outcome"] == "created,rejected"
+    assert len(h.items()) == 1  # a retry applies both (the first is rewritten in place)
+
+
 def adt(event: str, control_id: str, pid: str, name: str, mrg: str = "") -> str:
     segments = [
         segment("MSH", {3: "ADT", 4: "HOSP", 7: "20261127", 9: f"ADT^{event}", 10: control_id,
