@@ -87,10 +87,12 @@ def make_item(
     return ds
 
 
-def query(sps: dict | None = None, **top: Any) -> Dataset:
+def query(sps: dict | None = None, charset: str | None = None, **top: Any) -> Dataset:
     """A C-FIND identifier: `top` keywords, and `sps` keywords in a one-item
-    ScheduledProcedureStepSequence."""
+    ScheduledProcedureStepSequence (with `charset` as its SpecificCharacterSet)."""
     ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
     for key, value in top.items():
         setattr(ds, key, value)
     if sps is not None:

@@ -6,6 +6,7 @@ interoperability tests are the point, so they must never vanish silently there.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -99,18 +100,21 @@ def wlmscpfs(data_files_path: Path, port: int | None = None) -> Iterator[int]:
     each with a `lockfile`); yields its port."""
     exe = require_tool("wlmscpfs")
     port = port or free_port()
-    proc = subprocess.Popen(
-        [exe, "-dfp", str(data_files_path), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    with serving([exe, "-dfp", str(data_files_path), str(port)], port):
+        yield port
+
+
+@contextmanager
+def serving(cmd: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """Run a server process for the duration of the block, once it accepts on `port`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, process=proc)
-        yield port
+        yield proc
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -139,3 +143,23 @@ def findscu_file(port: int, query_file: Path, called_aet: str = "WLBRIDGE",
         cmd += ["-X", "-od", str(out_dir)]
     cmd += ["127.0.0.1", str(port), str(query_file)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def orthanc_worklists(folder: Path, work: Path) -> Iterator[int]:
+    """Orthanc with its worklist plugin serving `folder`; yields its DICOM port."""
+    exe = require_tool("Orthanc")
+    plugin = Path("/usr/share/orthanc/plugins/libModalityWorklists.so")
+    if not plugin.exists():
+        require_tool("libModalityWorklists.so")  # skips, or fails under CI
+    port = free_port()
+    config = {
+        "Name": "wlbridge-test", "DicomAet": "ORTHANC", "DicomPort": port,
+        "HttpPort": free_port(), "HttpServerEnabled": True, "RemoteAccessAllowed": False,
+        "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "storage"),
+        "Plugins": [str(plugin)], "DicomAlwaysAllowFindWorklist": True,
+        "Worklists": {"Enable": True, "Database": str(folder)},
+    }  # fmt: skip
+    (work / "orthanc.json").write_text(json.dumps(config))
+    with serving([exe, str(work / "orthanc.json")], port):
+        yield port

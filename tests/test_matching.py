@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from bench.worklist_items import make_item, write_item
+from bench.worklist_items import make_item, query, write_item
 from bridge.matching import (
     AnswerEncoder,
     QueryError,
@@ -38,20 +38,6 @@ def write_item_to(buf, ds):
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
     ds.save_as(buf, enforce_file_format=True)
-
-
-def query(sps: dict | None = None, charset: str | None = None, **top) -> Dataset:
-    q = Dataset()
-    if charset:
-        q.SpecificCharacterSet = charset
-    for key, value in top.items():
-        setattr(q, key, value)
-    if sps is not None:
-        item = Dataset()
-        for key, value in sps.items():
-            setattr(item, key, value)
-        q.ScheduledProcedureStepSequence = [item]
-    return q
 
 
 def matches(q: Dataset, rec, **kwargs) -> bool:

@@ -4,10 +4,6 @@ serving what is built."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -30,11 +26,9 @@ from bridge.worklist_item import (
 )
 from tests.peers import (
     findscu,
-    free_port,
+    orthanc_worklists,
     read_answers,
     require_public_samples,
-    require_tool,
-    wait_for_port,
     wlmscpfs,
 )
 from tests.test_order import CHARSET_NAMES, base_omi, base_orm, build, settings
@@ -399,36 +393,6 @@ def test_wlmscpfs_serves_the_items(tmp_path):
     assert sorted(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID
                   for a in answers) == ["SPS100", "SPS100", "SPS201"]  # fmt: skip
     assert "MÜLLER^Jürgen" in {str(a.PatientName) for a in answers}
-
-
-@contextmanager
-def orthanc_worklists(folder: Path, work: Path) -> Iterator[int]:
-    """Orthanc with its worklist plugin serving `folder`; yields its DICOM port."""
-    exe = require_tool("Orthanc")
-    plugin = Path("/usr/share/orthanc/plugins/libModalityWorklists.so")
-    if not plugin.exists():
-        require_tool("libModalityWorklists.so")  # skips, or fails under CI
-    port = free_port()
-    config = {
-        "Name": "wlbridge-test", "DicomAet": "ORTHANC", "DicomPort": port,
-        "HttpPort": free_port(), "HttpServerEnabled": True, "RemoteAccessAllowed": False,
-        "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "storage"),
-        "Plugins": [str(plugin)], "DicomAlwaysAllowFindWorklist": True,
-        "Worklists": {"Enable": True, "Database": str(folder)},
-    }  # fmt: skip
-    (work / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen([exe, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for_port(port, process=proc)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_orthanc_serves_the_items(tmp_path):
