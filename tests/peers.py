@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "public"
+# Public sample messages (dcm4che's test data) are not part of the repository: they are read
+# from WLBRIDGE_PUBLIC_SAMPLES, else from ../shared/samples/public beside the project.
+SHARED_SAMPLES = Path(
+    os.environ.get("WLBRIDGE_PUBLIC_SAMPLES")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "public"
+)
 
 
 def require_tool(name: str) -> str:
