@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom import Dataset
@@ -48,9 +48,13 @@ from bridge.matching import (
     compile_query,
     missing_required,
     record_from_dataset,
+    record_from_elements,
     sort_key,
 )
 from bridge.wlfile import record_from_bytes
+
+if TYPE_CHECKING:
+    from bridge.store import PlainItem
 
 CACHE_NAME = ".wlbridge-index.cache"
 CACHE_VERSION = 1
@@ -422,10 +426,14 @@ class WorklistIndex:
 
     # ---- updates (reactor thread)
 
-    def put(self, path: Path, dataset: Dataset) -> None:
-        """The bridge wrote `dataset` to `path` (durably): index it now."""
+    def put(self, path: Path, dataset: Dataset | PlainItem) -> None:
+        """The bridge wrote `dataset` (or a new item's plain elements) to `path` (durably): index
+        it now."""
         key = self._key(path)
-        record = record_from_dataset(dataset)
+        if isinstance(dataset, Dataset):
+            record = record_from_dataset(dataset)
+        else:
+            record = record_from_elements(dataset.elements)
         with self._lock:
             self._set_entry(key, record, _signature(key))
             self._bump()

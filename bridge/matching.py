@@ -158,6 +158,23 @@ def record_from_dataset(ds: Dataset) -> Record:
     return Record(layout_of(tuple(key)), tuple(values))
 
 
+def record_from_elements(elements: Iterable[tuple[int, str, Any]]) -> Record:
+    """`record_from_dataset` of an item given as plain elements, (tag, VR, value) in tag order
+    with values as its Dataset holds them (a sequence's: a list of such lists); see
+    bridge.worklist_item.Item."""
+    key = []
+    values = []
+    for tag, vr, value in elements:
+        if tag >> 16 == 0x0002 or tag & 0xFFFF == 0 or tag == 0x7FE00010:
+            continue
+        key.append((tag, vr))
+        if vr == "SQ":
+            values.append(tuple(record_from_elements(item) for item in value or ()))
+        else:
+            values.append(_stored_value(vr, value))
+    return Record(layout_of(tuple(key)), tuple(values))
+
+
 def _values(stored: Any) -> tuple:
     if stored is None or stored == "":
         return ()

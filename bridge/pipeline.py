@@ -164,9 +164,11 @@ class Bridge:
         result.patient_id = intent.patient.patient_id
         # Build every item first: a content error in the last step must not leave the first
         # steps applied.
-        planned: list[tuple[order.ProcedureStep, Dataset]] = []
+        # Plain elements, not Datasets: the store encodes them and the index records them.
+        planned: list[tuple[order.ProcedureStep, worklist_item.Item]] = []
         for step in intent.steps:
-            planned.append((step, worklist_item.build_item(message, intent, step, self.settings)))
+            item = worklist_item.build_elements(message, intent, step, self.settings)
+            planned.append((step, item))
         for step, item in planned:
             path = self._locate(step)
             existed = path.exists()
@@ -200,12 +202,12 @@ class Bridge:
         found = self.index.paths_of_order(step.values)
         return found[0] if len(found) == 1 else path
 
-    def _keep_study_uid(self, path: Path, item: Dataset) -> None:
+    def _keep_study_uid(self, path: Path, item: worklist_item.Item) -> None:
         """A replacement without ZDS-1 / IPC-3 keeps the item's Study Instance UID: images may
         already be filed under it."""
         existing = self.store.read(path)
         if existing is not None and existing.get("StudyInstanceUID"):
-            item.StudyInstanceUID = existing.StudyInstanceUID
+            item.set("StudyInstanceUID", existing.StudyInstanceUID)
 
     def _finish(self, path: Path, existed: bool, step: order.ProcedureStep) -> str:
         if not existed:

@@ -32,8 +32,16 @@ TEMP_PREFIX = ".wlbridge-tmp-"
 LOCKFILE = "lockfile"  # wlmscpfs refuses to serve a folder without one
 
 
+class PlainItem(Protocol):
+    """worklist_item.Item: (tag, VR, value) elements in tag order, and their Dataset."""
+
+    elements: list
+
+    def to_dataset(self) -> Dataset: ...
+
+
 class IndexUpdates(Protocol):
-    def put(self, path: Path, dataset: Dataset) -> None: ...
+    def put(self, path: Path, dataset: Dataset | PlainItem) -> None: ...
     def discard(self, path: Path) -> None: ...
 
 
@@ -144,6 +152,70 @@ def encode_dataset(dataset: Dataset) -> bytes | None:
         return None
 
 
+# The same bytes from an item's plain elements (worklist_item.Item: the pipeline's new items),
+# without pydicom Datasets; None where encode_dataset would leave the Dataset to pydicom.
+_HEADS: dict[tuple[int, str], bytes] = {}
+
+
+def _head(tag: int, vr: str) -> bytes:
+    head = _HEADS.get((tag, vr))
+    if head is None:
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+        if len(_HEADS) < 4096:
+            _HEADS[(tag, vr)] = head
+    return head
+
+
+def _plain_element(tag: int, vr: str, value: bytes) -> bytes:
+    if vr in _LONG_LENGTH_VRS:
+        return _head(tag, vr) + struct.pack("<HI", 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise OverflowError(vr)
+    return _head(tag, vr) + struct.pack("<H", len(value)) + value
+
+
+def _encode_plain(elements: list, codec: str) -> bytes:
+    out = []
+    for tag, vr, value in elements:
+        if tag >> 16 == 0x0002:
+            raise LookupError("file meta element")
+        if vr == "SQ":
+            items = []
+            for item in value:
+                data = _encode_plain(item, codec)
+                items.append(_ITEM + struct.pack("<I", len(data)) + data)
+            out.append(_plain_element(tag, vr, b"".join(items)))
+        elif value is None or value == "" or (isinstance(value, list) and not value):
+            out.append(_plain_element(tag, vr, b""))
+        elif vr in _CHARSET_VRS:
+            out.append(_plain_element(tag, vr, _text_value(value, codec)))
+        elif vr in _ASCII_VRS:
+            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
+        elif vr == "UI" and isinstance(value, str):
+            out.append(_plain_element(tag, vr, _uid_bytes(value.strip())))  # as pydicom's UID
+        else:  # numbers (as text or not), several UIDs...: the Dataset goes to pydicom
+            raise LookupError(vr)
+    return b"".join(out)
+
+
+def encode_elements(elements: list) -> bytes | None:
+    """`encode_dataset` of the item whose plain elements these are, or None when the item's
+    Dataset must be written by pydicom."""
+    charset = next((e[2] for e in elements if e[0] == 0x00080005), None)
+    if charset is None:
+        codec = "latin-1"
+    elif isinstance(charset, str) and charset in python_encoding:
+        codec = python_encoding[charset]
+        if codec.startswith("iso2022") or charset.startswith("ISO 2022"):
+            return None
+    else:
+        return None
+    try:
+        return _encode_plain(elements, codec)
+    except (LookupError, OverflowError, UnicodeEncodeError, TypeError, ValueError):
+        return None
+
+
 @functools.cache
 def _meta_parts() -> tuple[bytes, bytes, bytes]:
     before = _element(0x00020001, "OB", b"\x00\x01")
@@ -206,10 +278,20 @@ class WorklistStore:
         except FileNotFoundError:
             return None
 
-    def write(self, path: Path, dataset: Dataset, identity: str | None = None) -> None:
-        """Replace `path` (inside the folder) with `dataset`, durably."""
+    def write(self, path: Path, dataset: Dataset | PlainItem, identity: str | None = None) -> None:
+        """Replace `path` (inside the folder) with `dataset` (a Dataset, or a new item's plain
+        elements: worklist_item.Item), durably."""
         self._check_inside(path)
-        data = encode_file(dataset, self._instance_uid(dataset, identity, path))
+        uid = self._instance_uid(dataset, identity, path)
+        if isinstance(dataset, Dataset):
+            data = encode_file(dataset, uid)
+        else:  # plain elements (worklist_item.Item): a new item from a message
+            body = encode_elements(dataset.elements)
+            if body is None:  # something only pydicom writes: as a Dataset, as before
+                dataset = dataset.to_dataset()
+                data = encode_file(dataset, uid)
+            else:
+                data = _file_meta(uid) + body
         temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -233,7 +315,7 @@ class WorklistStore:
             self.index.put(path, dataset)
 
     @staticmethod
-    def _instance_uid(dataset: Dataset, identity: str | None, path: Path) -> str:
+    def _instance_uid(dataset: Dataset | PlainItem, identity: str | None, path: Path) -> str:
         """Stable across rewrites: from the order's identity, else the file's own (an item read
         back for an ADT update keeps its UID), else from the file name."""
         if identity:

@@ -203,7 +203,65 @@ def patient_values(patient: Patient) -> dict:
     }
 
 
+# The item is first built as plain elements, (tag, VR, value) in tag order (a sequence's value:
+# a list of such lists, one per item), from which the store writes the file's bytes and the index
+# makes its record without pydicom: creating its DataElements and Datasets was about a fifth of
+# the CPU of a message. The values are those the Dataset holds (str, list of str for several
+# values, None for an empty number); `Item.to_dataset` gives the Dataset for everything else.
+Element = tuple[int, str, object]
+
+_OTHER_IDS = tag_for_keyword("OtherPatientIDsSequence")
+_SPS_SEQUENCE = tag_for_keyword("ScheduledProcedureStepSequence")
+_OTHER_ID_TAGS = (
+    (tag_for_keyword("PatientID"), "LO"),
+    (tag_for_keyword("IssuerOfPatientID"), "LO"),
+    (tag_for_keyword("TypeOfPatientID"), "CS"),
+)
+_CODE_TAGS = tuple(
+    (keyword, tag_for_keyword(keyword), dictionary_VR(keyword))
+    for keyword in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+)
+
+
+class Item:
+    """A worklist item as plain elements (no file meta). `elements`: (tag, VR, value) in tag
+    order; a sequence's value is a list of items, each such a list."""
+
+    __slots__ = ("elements",)
+
+    def __init__(self, elements: list[Element]) -> None:
+        self.elements = elements
+
+    def to_dataset(self) -> Dataset:
+        """The pydicom Dataset of the item (what `build_item` returns)."""
+        return _dataset(self.elements)
+
+    def set(self, keyword: str, value) -> None:
+        """Add or replace a top-level element, its value as its Dataset would hold it."""
+        tag = _TAG.get(keyword) or tag_for_keyword(keyword)
+        vr = _VR.get(keyword) or dictionary_VR(tag)
+        elements = [e for e in self.elements if e[0] != tag]
+        elements.append((tag, vr, value))
+        elements.sort(key=_tag_of)
+        self.elements = elements
+
+
+def _tag_of(element: Element) -> int:
+    return element[0]
+
+
+def _dataset(elements: list[Element]) -> Dataset:
+    ds = Dataset()
+    for tag, vr, value in elements:
+        if vr == "SQ":
+            value = Sequence([_dataset(item) for item in value])
+        # Without pydicom's value checks: _fit has checked lengths, code strings and UIDs.
+        ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+    return ds
+
+
 def _other_ids(patient: Patient) -> Sequence:
+    """OtherPatientIDsSequence for an existing item (ADT updates)."""
     items = []
     for pid, issuer in patient.other_ids:
         item = Dataset()
@@ -214,33 +272,62 @@ def _other_ids(patient: Patient) -> Sequence:
     return Sequence(items)
 
 
-def _code_sequence(items: list[dict]) -> Sequence:
-    out = []
-    for code in items:
-        item = Dataset()
-        item.CodeValue = code["CodeValue"]
-        item.CodingSchemeDesignator = code["CodingSchemeDesignator"]
-        item.CodeMeaning = code["CodeMeaning"]
-        out.append(item)
-    return Sequence(out)
+def _other_id_items(patient: Patient) -> list[list[Element]]:
+    (pid_tag, pid_vr), (issuer_tag, issuer_vr), (type_tag, type_vr) = _OTHER_ID_TAGS
+    return [
+        [(pid_tag, pid_vr, pid), (issuer_tag, issuer_vr, issuer), (type_tag, type_vr, "TEXT")]
+        for pid, issuer in patient.other_ids
+    ]
 
 
-def _set(ds: Dataset, keyword: str, value) -> None:
+def _code_items(items: list[dict]) -> list[list[Element]]:
+    return [[(tag, vr, code[keyword]) for keyword, tag, vr in _CODE_TAGS] for code in items]
+
+
+def _set(elements: dict[int, Element], keyword: str, value) -> None:
     """Set one attribute; "" and [] give an empty (Type 2) value, 1C keys stay absent."""
     kind = REQUIRED_KEYS.get(keyword) or SPS_REQUIRED_KEYS.get(keyword)
     if kind in ("1C", None) and not value:
         return  # an empty 1C or optional key is left out
     if keyword.endswith("Sequence"):
-        value = _code_sequence(value) if value else Sequence()
+        value = _code_items(value) if value else []
     elif isinstance(value, list):
         value = value if len(value) > 1 else (value[0] if value else "")
     vr = _VR[keyword]
     if value == "" and vr in ("US", "DS", "IS"):
         value = None
-    # By tag (a keyword look-up per value costs), and without pydicom's value checks: _fit has
-    # checked lengths, code strings and UIDs already (measured: 10-15% of building an item).
     tag = _TAG[keyword]
-    ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+    elements[tag] = (tag, vr, value)
+
+
+def _plain_texts(elements: list[Element]):
+    """The texts of an item's values, as `_texts` finds them in its Dataset."""
+    for _tag, vr, value in elements:
+        if vr == "SQ":
+            for item in value:
+                yield from _plain_texts(item)
+        elif isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            yield from (str(v) for v in value)
+
+
+def _plain_charset(elements: list[Element], preferred: str) -> str:
+    """What `_set_charset` would set: "" (pure ASCII, or nothing can carry the values)."""
+    texts = list(_plain_texts(elements))
+    if all(text.isascii() for text in texts):
+        return ""
+    for charset in (preferred, "ISO_IR 192"):
+        codec = python_encoding.get(charset) if charset else None
+        if codec is None:
+            continue
+        try:
+            for text in texts:
+                text.encode(codec)
+        except UnicodeEncodeError:
+            continue
+        return charset
+    return ""
 
 
 def _texts(ds: Dataset):
@@ -287,6 +374,12 @@ def build_item(message: HL7Message, order: OrderMessage, step: ProcedureStep,
                settings: Settings) -> Dataset:  # fmt: skip
     """The worklist item of one step (no file meta). HL7Error 102 for values too long for their
     VR when settings.overlong_values is "reject"."""
+    return build_elements(message, order, step, settings).to_dataset()
+
+
+def build_elements(message: HL7Message, order: OrderMessage, step: ProcedureStep,
+                   settings: Settings) -> Item:  # fmt: skip
+    """`build_item` as plain elements: what the pipeline writes and indexes."""
     patient = order.patient
     fit_patient(patient, message, settings)
     values: dict = dict.fromkeys((*REQUIRED_KEYS, *TOP_LEVEL_OPTIONAL), "")
@@ -296,8 +389,8 @@ def build_item(message: HL7Message, order: OrderMessage, step: ProcedureStep,
     values["AdmissionID"] = patient.admission_id
     values["ScheduledProcedureStepStatus"] = step.status
 
-    ds = Dataset()
-    sps = Dataset()
+    top: dict[int, Element] = {}
+    sps: dict[int, Element] = {}
     texts: list[str] = [text for pair in patient.other_ids for text in pair]
     for keyword, value in values.items():
         if keyword not in _VR or keyword == "ScheduledProcedureStepSequence":
@@ -305,13 +398,16 @@ def build_item(message: HL7Message, order: OrderMessage, step: ProcedureStep,
         location = step.locations.get(keyword) or patient.locations.get(keyword, "")
         value = _fit_any(value, keyword, location, message, settings)
         _collect_texts(value, texts)
-        _set(sps if keyword in _SPS_KEYS else ds, keyword, value)
+        _set(sps if keyword in _SPS_KEYS else top, keyword, value)
     if patient.other_ids:
-        ds.OtherPatientIDsSequence = _other_ids(patient)
-    ds.ScheduledProcedureStepSequence = Sequence([sps])
+        top[_OTHER_IDS] = (_OTHER_IDS, "SQ", _other_id_items(patient))
+    top[_SPS_SEQUENCE] = (_SPS_SEQUENCE, "SQ", [sorted(sps.values(), key=_tag_of)])
+    item = Item(sorted(top.values(), key=_tag_of))
     if not all(text.isascii() for text in texts):
-        _set_charset(ds, message.dicom_charset)
-    return ds
+        charset = _plain_charset(item.elements, message.dicom_charset)
+        if charset:
+            item.set("SpecificCharacterSet", charset)
+    return item
 
 
 def _collect_texts(value, texts: list[str]) -> None:

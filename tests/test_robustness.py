@@ -525,6 +525,7 @@ def test_a_message_with_many_repetitions_is_answered_quickly(bridge):
     assert msa(ack)[1] == "REPS"
     assert elapsed < 1.0  # ~0.1 s; making every repetition an item took ~2 s of the reactor
 
+
 def test_huge_control_ids_do_not_accumulate_in_memory(bridge):
     conn = Connection(bridge.mllp_port, timeout=30)
     sizes = []
