@@ -86,3 +86,33 @@ def test_full_collection_waits_for_no_active_association(monkeypatch) -> None:
     active.clear()
     s.service_actions()
     assert collected and s._gc[0] == 0
+
+
+def test_quick_ack_is_armed_on_the_association_socket():
+    import socket
+
+    if cfind._TCP_QUICKACK is None:
+        pytest.skip("TCP_QUICKACK is Linux-only")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+        with client, server_side:
+            server_side.setsockopt(socket.IPPROTO_TCP, cfind._TCP_QUICKACK, 0)
+
+            class AssociationSocket:  # what pynetdicom's DUL holds: the socket as `.socket`
+                socket = server_side
+
+            cfind._ack_promptly(AssociationSocket())
+            assert server_side.getsockopt(socket.IPPROTO_TCP, cfind._TCP_QUICKACK) == 1
+            server_side.close()
+            cfind._ack_promptly(AssociationSocket())  # a closed socket is left alone
+
+
+def test_the_brisk_dul_rearms_quick_ack_on_every_turn(tmp_path, monkeypatch):
+    armed = []
+    monkeypatch.setattr(cfind, "_ack_promptly", lambda sock: armed.append(sock))
+    generate(tmp_path, 3)
+    with bridge(tmp_path) as port:
+        status, answers, _ = find(port, _dataset())
+    assert status == 0x0000 and len(answers) == 3
+    assert len(armed) > 3 and all(sock is not None for sock in armed)  # every turn of the loop
