@@ -14,7 +14,7 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset
@@ -429,7 +429,6 @@ class Query:
     unsupported: tuple[str, ...] = ()  # keys ignored for matching: answer with FF01
     wants_charset: bool = False
     given: tuple[str, ...] = ()  # "Keyword=value" of every key with a value, for the log
-    requested: tuple[str, ...] = field(default_factory=tuple)
 
     def matches(self, rec: Record) -> bool:
         for test in self.tests:
@@ -858,7 +857,6 @@ def compile_query(
         unsupported=tuple(compiler.unsupported),
         wants_charset=SPECIFIC_CHARACTER_SET in identifier,
         given=tuple(compiler.given),
-        requested=tuple(_keyword(rk.tag) for rk in returns),
     )
 
 
