@@ -158,8 +158,14 @@ class WorklistSCP:
             limit = self.settings.max_answers
             dul = getattr(assoc, "dul", None)
             send = _FastSender.create(event, query, status) if records else None
+            stalled = 0  # seconds the peer has not been reading our answers
             for record in records:
-                _drain(dul, assoc)
+                stalled = stalled + 1 if _drain(dul, assoc) else 0
+                if stalled >= max(self.settings.dimse_timeout, 1):
+                    # Answers would pile up in memory for a peer that stopped reading.
+                    outcome = "aborted: the peer stopped reading the answers"
+                    _hang_up(dul)
+                    return
                 if not assoc.is_established:
                     outcome = "association ended"
                     return
@@ -513,20 +519,33 @@ def _skip_identifier_logging() -> None:
 _MAX_QUEUED = 16  # outgoing PDUs (one an answer)
 
 
-def _drain(dul: Any, assoc: Any) -> None:
+def _drain(dul: Any, assoc: Any) -> bool:
     """Pause while pynetdicom's upper layer has much to send, or has data from the peer to
     read. Its thread reads from the network only when it has nothing left to send: without
-    this pause a long answer is queued whole (in memory) before a C-CANCEL can even be read."""
+    this pause a long answer is queued whole (in memory) before a C-CANCEL can even be read.
+    Returns True when, after a second, there is still too much to send: the peer is not
+    reading."""
     outgoing = getattr(dul, "to_provider_queue", None)
     sock = getattr(dul, "socket", None)
     if outgoing is None:
-        return
+        return False
     deadline = time.monotonic() + 1.0  # never stall an answer on pynetdicom's internals
     while assoc.is_established and time.monotonic() < deadline:
         if outgoing.qsize() > _MAX_QUEUED or (sock is not None and sock.ready):
             time.sleep(0.0002)
             continue
-        return
+        return False
+    return outgoing.qsize() > _MAX_QUEUED
+
+
+def _hang_up(dul: Any) -> None:
+    """Close the connection under pynetdicom: its upper layer is blocked sending to a peer that
+    does not read, so an A-ABORT could never be sent (and `abort()` would wait for it)."""
+    raw = getattr(getattr(dul, "socket", None), "socket", None)
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
 
 
 def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:

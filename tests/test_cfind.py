@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -408,3 +410,48 @@ def test_fast_answers_equal_pynetdicom_answers(folder, monkeypatch, syntax):
     assert created == [True]
     assert len(fast) == 44 and fast[-1] == (0x0000, None)  # 43 answers (one completed) + final
     assert fast == slow
+
+
+def test_a_peer_that_stops_reading_is_aborted_after_the_dimse_timeout(tmp_path):
+    from bench.cfind import _associate_rq, _command, _pdata, _recv_pdu
+
+    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port(),
+                 dimse_timeout=1.0)  # fmt: skip
+    index = WorklistIndex(s)
+    index.load()
+    item = make_item("MANY")
+    for i in range(20000):
+        index.put(tmp_path / f"{i}.wl", item)
+    server = start_dicom_server(s, index)
+    gave_up = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "peer stopped reading" in record.getMessage():
+                gave_up.set()
+
+    watch = Watch()
+    log = logging.getLogger("bridge.cfind")
+    log.addHandler(watch)
+    log.setLevel(logging.INFO)
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", s.dicom_port))
+            sock.sendall(_associate_rq("WLBRIDGE", "STALLER"))
+            assert _recv_pdu(sock)[0] == 2
+            wide = q(  # ~0.5 KB answers: 10 MB in all, more than the sockets' buffers hold
+                sps={"ScheduledStationAETitle": "", "ScheduledProcedureStepStartDate": "",
+                     "ScheduledProcedureStepDescription": "", "ScheduledProcedureStepID": ""},
+                PatientName="", PatientID="", AccessionNumber="", StudyInstanceUID="",
+                RequestedProcedureDescription="", ReferringPhysicianName="", PatientBirthDate="",
+            )  # fmt: skip
+            sock.sendall(_pdata(_command(), True) + _pdata(_implicit(wide), False))
+            # ...and never reads: the server must give up on it rather than queue 20,000 answers
+            assert gave_up.wait(30)
+        status, answers, _ = find(s.dicom_port, q(AccessionNumber="OTHER"))  # still serving
+        assert status == 0x0000 and answers == []
+    finally:
+        log.removeHandler(watch)
+        server.ae.shutdown()
