@@ -87,15 +87,6 @@ _ASCII_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "TM", "UR"))  # pydicom: L
 _ITEM = b"\xfe\xff\x00\xe0"
 
 
-def _element(tag: int, vr: str, value: bytes) -> bytes:
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
-    if vr in _LONG_LENGTH_VRS:
-        return head + struct.pack("<HI", 0, len(value)) + value
-    if len(value) > 0xFFFF:
-        raise OverflowError(vr)
-    return head + struct.pack("<H", len(value)) + value
-
-
 def _text_value(value, codec: str) -> bytes:
     if isinstance(value, MultiValue | list | tuple):
         data = b"\\".join(str(v).encode(codec) for v in value)
@@ -104,56 +95,35 @@ def _text_value(value, codec: str) -> bytes:
     return data + b" " if len(data) % 2 else data
 
 
-def _encode_elements(dataset: Dataset, codec: str) -> bytes:
+def _plain(dataset: Dataset) -> list:
+    """A Dataset's elements as (tag, VR, value), as `worklist_item.Item` holds them; LookupError
+    for what the short encoder does not write as pydicom would."""
     out = []
     for elem in dataset:
-        vr, value, tag = elem.VR, elem.value, elem.tag
-        if elem.is_raw or tag >> 16 == 0x0002:
-            raise LookupError("raw or file meta element")
-        if vr == "SQ":
-            if elem.is_undefined_length:
+        if elem.is_raw:
+            raise LookupError("raw element")
+        if elem.VR == "SQ":
+            if elem.is_undefined_length or any(
+                item.is_undefined_length_sequence_item for item in elem.value
+            ):
                 raise LookupError("undefined length")  # kept as read: pydicom writes it so
-            items = []
-            for item in value:
-                if item.is_undefined_length_sequence_item:
-                    raise LookupError("undefined length")
-                data = _encode_elements(item, codec)
-                items.append(_ITEM + struct.pack("<I", len(data)) + data)
-            out.append(_element(tag, vr, b"".join(items)))
-        elif value is None or value == "" or (isinstance(value, MultiValue) and not value):
-            out.append(_element(tag, vr, b""))
-        elif vr in _CHARSET_VRS:
-            out.append(_element(tag, vr, _text_value(value, codec)))
-        elif vr in _ASCII_VRS:
-            out.append(_element(tag, vr, _text_value(value, "latin-1")))
-        elif vr == "UI" and isinstance(value, str):
-            out.append(_element(tag, vr, _uid_bytes(value)))
-        elif vr == "US" and isinstance(value, int):
-            out.append(_element(tag, vr, struct.pack("<H", value)))
-        else:  # numbers as strings keep their original text in pydicom: leave them to it
-            raise LookupError(vr)
-    return b"".join(out)
+            out.append((elem.tag, "SQ", [_plain(item) for item in elem.value]))
+        else:
+            value = elem.value
+            out.append((elem.tag, elem.VR, list(value) if isinstance(value, MultiValue) else value))
+    return out
 
 
 def encode_dataset(dataset: Dataset) -> bytes | None:
     """The Explicit VR Little Endian bytes of a dataset, or None when pydicom must do it."""
-    charset = dataset.get("SpecificCharacterSet")
-    if charset is None:
-        codec = "latin-1"  # pydicom's default repertoire encoding
-    elif isinstance(charset, str) and charset in python_encoding:
-        codec = python_encoding[charset]
-        if codec.startswith("iso2022") or charset.startswith("ISO 2022"):
-            return None  # code extensions switch charsets inside values
-    else:
-        return None
     try:
-        return _encode_elements(dataset, codec)
-    except (LookupError, OverflowError, UnicodeEncodeError, TypeError, ValueError):
+        return encode_elements(_plain(dataset))
+    except LookupError:
         return None
 
 
-# The same bytes from an item's plain elements (worklist_item.Item: the pipeline's new items),
-# without pydicom Datasets; None where encode_dataset would leave the Dataset to pydicom.
+# Items as plain (tag, VR, value) elements: the pipeline's new items (worklist_item.Item), and
+# Datasets by way of _plain.
 _HEADS: dict[tuple[int, str], bytes] = {}
 
 
@@ -193,13 +163,15 @@ def _encode_plain(elements: list, codec: str) -> bytes:
             out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
         elif vr == "UI" and isinstance(value, str):
             out.append(_plain_element(tag, vr, _uid_bytes(value.strip())))  # as pydicom's UID
-        else:  # numbers (as text or not), several UIDs...: the Dataset goes to pydicom
+        elif vr == "US" and isinstance(value, int):
+            out.append(_plain_element(tag, vr, struct.pack("<H", value)))
+        else:  # numbers as text keep their original text in pydicom, several UIDs...: pydicom
             raise LookupError(vr)
     return b"".join(out)
 
 
 def encode_elements(elements: list) -> bytes | None:
-    """`encode_dataset` of the item whose plain elements these are, or None when the item's
+    """The Explicit VR Little Endian bytes of an item's plain elements, or None when the item's
     Dataset must be written by pydicom."""
     charset = next((e[2] for e in elements if e[0] == 0x00080005), None)
     if charset is None:
@@ -218,13 +190,13 @@ def encode_elements(elements: list) -> bytes | None:
 
 @functools.cache
 def _meta_parts() -> tuple[bytes, bytes, bytes]:
-    before = _element(0x00020001, "OB", b"\x00\x01")
-    before += _element(0x00020002, "UI", _uid_bytes(WORKLIST_SOP_CLASS))
+    before = _plain_element(0x00020001, "OB", b"\x00\x01")
+    before += _plain_element(0x00020002, "UI", _uid_bytes(WORKLIST_SOP_CLASS))
     version = f"PYDICOM {'.'.join(pydicom.__version_info__)}"
     after = (
-        _element(0x00020010, "UI", _uid_bytes(ExplicitVRLittleEndian))
-        + _element(0x00020012, "UI", _uid_bytes(PYDICOM_IMPLEMENTATION_UID))
-        + _element(0x00020013, "SH", _text_value(version, "ascii"))
+        _plain_element(0x00020010, "UI", _uid_bytes(ExplicitVRLittleEndian))
+        + _plain_element(0x00020012, "UI", _uid_bytes(PYDICOM_IMPLEMENTATION_UID))
+        + _plain_element(0x00020013, "SH", _text_value(version, "ascii"))
     )
     return b"\0" * 128 + b"DICM", before, after
 
@@ -236,8 +208,8 @@ def _uid_bytes(uid: str) -> bytes:
 
 def _file_meta(sop_instance_uid: str) -> bytes:
     prefix, before, after = _meta_parts()
-    group = before + _element(0x00020003, "UI", _uid_bytes(sop_instance_uid)) + after
-    return prefix + _element(0x00020000, "UL", struct.pack("<I", len(group))) + group
+    group = before + _plain_element(0x00020003, "UI", _uid_bytes(sop_instance_uid)) + after
+    return prefix + _plain_element(0x00020000, "UL", struct.pack("<I", len(group))) + group
 
 
 def _uid_from_identity(identity: str) -> str:
