@@ -165,6 +165,8 @@ def _encode_plain(elements: list, codec: str) -> bytes:
             out.append(_plain_element(tag, vr, _uid_bytes(value.strip())))  # as pydicom's UID
         elif vr == "US" and isinstance(value, int):
             out.append(_plain_element(tag, vr, struct.pack("<H", value)))
+        elif vr in ("DS", "IS") and isinstance(value, str):  # our own text: written as it is
+            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
         else:  # numbers as text keep their original text in pydicom, several UIDs...: pydicom
             raise LookupError(vr)
     return b"".join(out)
