@@ -253,15 +253,20 @@ def test_same_answers_as_wlmscpfs(offis, tmp_path):
             assert results[1], f"{keys} should match something in the example database"
 
 
-def test_c_cancel_stops_the_answers(tmp_path):
-    # Enough matches that the answers are still streaming when the C-CANCEL arrives.
-    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port())
+def _serving_many(folder: Path, count: int, **settings):
+    """An SCP whose index holds `count` copies of one item (accession MANY): long answers."""
+    s = Settings(worklist_dir=folder, host="127.0.0.1", dicom_port=peers.free_port(), **settings)
     index = WorklistIndex(s)
     index.load()
     item = make_item("MANY")
-    for i in range(5000):
-        index.put(tmp_path / f"{i}.wl", item)
-    server = start_dicom_server(s, index)
+    for i in range(count):
+        index.put(folder / f"{i}.wl", item)
+    return s, start_dicom_server(s, index)
+
+
+def test_c_cancel_stops_the_answers(tmp_path):
+    # Enough matches that the answers are still streaming when the C-CANCEL arrives.
+    s, server = _serving_many(tmp_path, 5000)
     try:
         # pynetdicom as the client: cancel after the third answer.
         status, answers, _ = find(s.dicom_port, q(AccessionNumber="", PatientName=""),
@@ -415,14 +420,7 @@ def test_fast_answers_equal_pynetdicom_answers(folder, monkeypatch, syntax):
 def test_a_peer_that_stops_reading_is_aborted_after_the_dimse_timeout(tmp_path):
     from bench.cfind import _associate_rq, _command, _pdata, _recv_pdu
 
-    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port(),
-                 dimse_timeout=1.0)  # fmt: skip
-    index = WorklistIndex(s)
-    index.load()
-    item = make_item("MANY")
-    for i in range(20000):
-        index.put(tmp_path / f"{i}.wl", item)
-    server = start_dicom_server(s, index)
+    s, server = _serving_many(tmp_path, 20000, dimse_timeout=1.0)
     gave_up = threading.Event()
 
     class Watch(logging.Handler):
