@@ -1,0 +1,55 @@
+"""What the worklist publishes after each change, for the adapters that follow it.
+
+The writer of the worklist publishes on its own thread, synchronously: a subscriber that must make
+something durable before the change is acknowledged (the outbox, before an MPPS success status)
+does so inside its callback. Subscribers must not block for long. A subscriber that raises does not
+stop the others; once all have run, the first exception is raised to the publisher, so a change
+whose durable consequences could not be recorded is not acknowledged as a success.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+
+log = logging.getLogger("bridge.events")
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One scheduled procedure step's status changed (by an MPPS, the housekeeping, an operator)."""
+
+    item: Dataset  # the stored worklist item after the change: patient, order identifiers, SPS
+    old_status: str
+    new_status: str  # SCHEDULED, ARRIVED, READY, STARTED, COMPLETED, DISCONTINUED, CANCELED
+    cause: str  # "mpps", "housekeeping", "hl7", "operator"
+    performed_start: str = ""  # DICOM DT (YYYYMMDDHHMMSS) the performed step started, if known
+    performing_station: str = ""  # AE title of the modality that performed it, if known
+    mpps_uid: str = ""  # the MPPS instance that caused it, if any
+
+
+Subscriber = Callable[[object], None]
+
+
+class EventBus:
+    """Synchronous publish/subscribe, by event type."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[type, list[Subscriber]] = {}
+
+    def subscribe(self, event_type: type, callback: Subscriber) -> None:
+        self._subscribers.setdefault(event_type, []).append(callback)
+
+    def publish(self, event: object) -> None:
+        failure: Exception | None = None
+        for callback in self._subscribers.get(type(event), ()):
+            try:
+                callback(event)
+            except Exception as exc:  # one subscriber's failure must not stop the others
+                log.exception("subscriber %r failed on %s", callback, type(event).__name__)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
