@@ -1,0 +1,288 @@
+"""Load benchmark: K modalities querying at once while an engine sends orders.
+
+    python -m bench.load --items 10000 --modalities 1,5,20,50 [--rate 50] [--seconds 10]
+                         [--data DIR] [--servers bridge,wlmscpfs,orthanc] [--json FILE]
+
+Generates N items (as bench.cfind does: 50 a day for each of 8 stations, kept in DIR for later
+runs) and, for each server and each K, runs K modality threads that query in a loop for D
+seconds, one association a query, each for its station and one day (about 50 answers). For the
+bridge an HL7 sender sends ORM^O01 orders at the given rate on one connection meanwhile; after
+each AA it looks the order up by accession with a C-FIND (read-your-writes).
+
+Prints, a row per server and K: queries/s, query p50/p99/max, ACK p50/p99/max, orders found at
+once after their ACK, connection attempts the kernel dropped at a listen queue (TcpExt
+ListenOverflows + ListenDrops, machine-wide: run it on a quiet machine), and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.cfind import (
+    AE_FOLDER,
+    TODAY,
+    _encode,
+    _free_port,
+    _wait_port,
+    c_find,
+    ensure_items,
+    machine,
+    start_orthanc,
+    start_wlmscpfs,
+    stop,
+)
+from bench.ingest import END, START, _read_ack, order_message
+from bench.worklist_items import MODALITIES, day_after, query
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listen_drops() -> int:
+    """TcpExt ListenOverflows + ListenDrops, machine-wide, as `nstat` shows them."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    total = 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if not names.startswith("TcpExt:"):
+            continue
+        row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+        total += int(row.get("ListenOverflows", 0)) + int(row.get("ListenDrops", 0))
+    return total
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Result:
+    server: str
+    items: int
+    modalities: int
+    seconds: float
+    queries: int = 0
+    query_ms: list[float] = field(default_factory=list, repr=False)
+    acks_ms: list[float] = field(default_factory=list, repr=False)
+    orders: int = 0
+    found_after_ack: int = 0
+    listen_drops: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        row = asdict(self)
+        del row["query_ms"], row["acks_ms"]
+        row["errors"] = len(self.errors)
+        row["queries_per_s"] = round(self.queries / self.seconds, 1)
+        for name, values in (("query", self.query_ms), ("ack", self.acks_ms)):
+            for label, q in (("p50", 0.5), ("p99", 0.99)):
+                row[f"{name}_{label}_ms"] = round(_percentile(values, q), 1)
+            row[f"{name}_max_ms"] = round(max(values), 1) if values else float("nan")
+        return row
+
+
+class BridgeUnderLoad:
+    """`wlbridge serve` on the generated folder (per-ae layout, so the bridge's own orders land
+    beside the generated items in the AE folder and every query scans the same partition)."""
+
+    def __init__(self, root: Path, logs: Path) -> None:
+        self.mllp_port, self.dicom_port = _free_port(), _free_port()
+        cmd = [
+            sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1",
+            "--mllp-port", str(self.mllp_port), "--dicom-port", str(self.dicom_port),
+            "--ae-title", AE_FOLDER, "--worklist-dir", str(root),
+            "--worklist-layout", "per-ae", "--max-associations", "200",
+            "--translation-log", str(logs / "translation.log"),
+            "--rejected-dir", str(logs / "rejected"),
+        ]  # fmt: skip
+        self.log = open(logs / "server.log", "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        _wait_port(self.mllp_port, self.proc, timeout=900)
+        _wait_port(self.dicom_port, self.proc, timeout=900)
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
+def _modality_queries(k: int, items: int) -> list[bytes]:
+    """One query per modality thread: its station and a day."""
+    days = max(1, items // (50 * len(MODALITIES)))
+    out = []
+    for i in range(k):
+        modality = MODALITIES[i % len(MODALITIES)]
+        sps = {
+            "ScheduledStationAETitle": f"{modality}1",
+            "ScheduledProcedureStepStartDate": day_after(TODAY, (i // len(MODALITIES)) % days),
+            "Modality": "",
+            "ScheduledProcedureStepStartTime": "",
+        }
+        out.append(_encode(query(sps, PatientName="", PatientID="", AccessionNumber="")))
+    return out
+
+
+def _query_loop(
+    port: int, identifier: bytes, calling: str, deadline: float, result: Result, lock
+) -> None:
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            _, status = c_find(port, identifier, AE_FOLDER, calling=calling)
+        except (OSError, RuntimeError) as exc:
+            with lock:
+                result.errors.append(f"{calling}: {exc}")
+            continue
+        elapsed = (time.perf_counter() - started) * 1000
+        with lock:
+            if status != 0:
+                result.errors.append(f"{calling}: status {status:#06x}")
+            result.queries += 1
+            result.query_ms.append(elapsed)
+
+
+def _sender_loop(bridge: BridgeUnderLoad, rate: float, deadline: float, result: Result, lock):
+    run = f"L{int(time.time()) % 100000:05d}"
+    interval = 1.0 / rate
+    with socket.create_connection(("127.0.0.1", bridge.mllp_port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = bytearray()
+        n = 0
+        next_send = time.monotonic()
+        while time.monotonic() < deadline:
+            _, accession, message = order_message(run, n)
+            n += 1
+            started = time.perf_counter()
+            sock.sendall(START + message + END)
+            ack = _read_ack(sock, buffer)
+            elapsed = (time.perf_counter() - started) * 1000
+            found = 0
+            if b"MSA|AA|" in ack:
+                ident = _encode(query({}, AccessionNumber=accession))
+                answers, _ = c_find(bridge.dicom_port, ident, AE_FOLDER, calling="ENGINE")
+                found = answers == 1
+            with lock:
+                result.orders += 1
+                result.acks_ms.append(elapsed)
+                result.found_after_ack += found
+                if b"MSA|AA|" not in ack:
+                    result.errors.append(f"order {n}: {ack[:80]!r}")
+            next_send += interval
+            pause = next_send - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # the sending rate, not a synchronisation
+
+
+def run_once(
+    name: str,
+    port: int,
+    k: int,
+    items: int,
+    seconds: float,
+    bridge: BridgeUnderLoad | None,
+    rate: float,
+) -> Result:
+    result = Result(name, items, k, seconds)
+    lock = threading.Lock()
+    identifiers = _modality_queries(k, items)
+    drops_before = listen_drops()
+    deadline = time.monotonic() + seconds
+    threads = [
+        threading.Thread(
+            target=_query_loop, args=(port, ident, f"MOD{i:03d}", deadline, result, lock)
+        )
+        for i, ident in enumerate(identifiers)
+    ]
+    if bridge is not None and rate > 0:
+        threads.append(
+            threading.Thread(target=_sender_loop, args=(bridge, rate, deadline, result, lock))
+        )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.listen_drops = listen_drops() - drops_before
+    return result
+
+
+def _row(s: dict) -> str:
+    return (
+        f"| {s['server']} | {s['items']} | {s['modalities']} | {s['queries_per_s']} | "
+        f"{s['query_p50_ms']} / {s['query_p99_ms']} / {s['query_max_ms']} | "
+        f"{s['ack_p50_ms']} / {s['ack_p99_ms']} / {s['ack_max_ms']} | "
+        f"{s['found_after_ack']}/{s['orders']} | {s['listen_drops']} | {s['errors']} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=10000)
+    parser.add_argument("--modalities", default="1,5,20,50", help="comma-separated K values")
+    parser.add_argument("--rate", type=float, default=50.0, help="orders a second (0: none)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--data", type=Path, default=None, help="folder for the items (kept)")
+    parser.add_argument("--servers", default="bridge,wlmscpfs,orthanc")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    ks = [int(k) for k in args.modalities.split(",")]
+    servers = args.servers.split(",")
+    with tempfile.TemporaryDirectory(prefix="wlbridge-load-") as tmp:
+        tmp_path = Path(tmp)
+        data = args.data or tmp_path / "items"
+        ensure_items(data, args.items)
+        rows = []
+        print(f"machine: {machine()}")
+        print("| server | items | K | queries/s | query p50 / p99 / max ms | "
+              "ACK p50 / p99 / max ms | found after ACK | listen drops | errors |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in servers:
+            bridge = None
+            if name == "bridge":
+                logs = tmp_path / "bridge"
+                logs.mkdir()
+                bridge = BridgeUnderLoad(data, logs)
+                proc, port = bridge.proc, bridge.dicom_port
+            elif name == "wlmscpfs":
+                started = start_wlmscpfs(data)
+                if started is None:
+                    print("| wlmscpfs | not installed |")
+                    continue
+                proc, port = started
+            elif name == "orthanc":
+                (tmp_path / "orthanc").mkdir()
+                started = start_orthanc(data, tmp_path / "orthanc")
+                if started is None:
+                    print("| Orthanc | not installed |")
+                    continue
+                proc, port = started
+            else:
+                parser.error(f"unknown server {name!r}")
+            try:
+                for k in ks:
+                    result = run_once(name, port, k, args.items, args.seconds, bridge, args.rate)
+                    summary = result.summary()
+                    rows.append(summary)
+                    print(_row(summary), flush=True)
+                    for error in result.errors[:3]:
+                        print(f"    e.g. {error}", file=sys.stderr)
+            finally:
+                if bridge is not None:
+                    bridge.stop()
+                else:
+                    stop(proc)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
