@@ -86,14 +86,16 @@ class Outcome:
     pps_status: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def answer(self) -> Dataset:
+    def answer(self, attribute_list: bool = True) -> Dataset:
+        """The status dataset; `attribute_list`: with the Attribute Identifier List (pynetdicom
+        sends it in an N-SET-RSP only; the Error Comment names the attribute too)."""
         status = Dataset()
         status.Status = self.status
         if self.reason and self.status != SUCCESS:
             status.ErrorComment = self.reason[:64]  # LO
         if self.error_id is not None:
             status.ErrorID = self.error_id
-        if self.attributes:
+        if self.attributes and attribute_list:
             status.AttributeIdentifierList = self.attributes
         return status
 
@@ -133,13 +135,12 @@ class MPPSService:
         if not _valid_uid(uid):
             self._refuse(result, INVALID_OBJECT_INSTANCE, "SOP Instance UID is not a valid UID")
         elif status is None:
-            self._refuse(result, MISSING_ATTRIBUTE, "Performed Procedure Step Status missing")
+            self._refuse(result, MISSING_ATTRIBUTE, "(0040,0252) PPS Status missing")
             result.attributes = [STATUS_TAG]
         elif str(status) != IN_PROGRESS:
             self._refuse(
-                result, INVALID_ATTRIBUTE_VALUE, "Performed Procedure Step Status must be "
-                "IN PROGRESS",
-            )  # fmt: skip
+                result, INVALID_ATTRIBUTE_VALUE, "(0040,0252) PPS Status must be IN PROGRESS"
+            )
             result.attributes = [STATUS_TAG]
         elif len(attributes.get("ScheduledStepAttributesSequence") or []) > MAX_SCHEDULED_STEPS:
             self._refuse(
@@ -166,8 +167,8 @@ class MPPSService:
             result.pps_status = str(status or "")
             if status is not None and str(status) not in PPS_STATUSES:
                 self._refuse(
-                    result, INVALID_ATTRIBUTE_VALUE, "Performed Procedure Step Status must be "
-                    "IN PROGRESS, COMPLETED or DISCONTINUED",
+                    result, INVALID_ATTRIBUTE_VALUE,
+                    "(0040,0252) PPS Status must be IN PROGRESS, COMPLETED or DISCONTINUED",
                 )  # fmt: skip
                 result.attributes = [STATUS_TAG]
             else:
@@ -335,16 +336,16 @@ def handle_n_create(event: Any, mpps: MPPSService) -> tuple[Dataset, Dataset | N
             result, RESOURCE_LIMITATION, f"attribute list over {MAX_ATTRIBUTE_LIST_BYTES} bytes"
         )
         mpps.record("MPPS^N-CREATE", calling, peer, uid or "", result, time.perf_counter())
-        return result.answer(), None
+        return result.answer(attribute_list=False), None
     generated = uid is None
     uid = uid or generate_uid()
     result = mpps.create(uid, event.attribute_list, calling, peer, generated)
     if result.status != SUCCESS:
-        return result.answer(), None
+        return result.answer(attribute_list=False), None
     reply = Dataset()
     if generated:
         reply.AffectedSOPInstanceUID = uid  # pynetdicom moves it into the response
-    return result.answer(), reply
+    return result.answer(attribute_list=False), reply
 
 
 def handle_n_set(event: Any, mpps: MPPSService) -> tuple[Dataset, Dataset | None]:
