@@ -1,6 +1,7 @@
-"""`wlbridge serve`: the MLLP listener and the C-FIND SCP in one process, on Twisted's reactor.
+"""`wlbridge serve`: the MLLP listener and the DICOM SCP (C-FIND, MPPS) in one process.
 
-The reactor thread does all HL7 work (so changes to one order never interleave); pynetdicom serves
+The reactor thread does all HL7 work (so changes to one order never interleave), and the MPPS
+handlers and the housekeeping hand their changes to it (bridge.worklist_service); pynetdicom serves
 associations in its own threads and reads the index, which the reactor keeps in step with the
 folder. SIGINT and SIGTERM stop accepting, let the message in hand finish, close both servers.
 """
