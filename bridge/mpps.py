@@ -260,11 +260,15 @@ class MPPSService:
         assert isinstance(event, PatientMerged)
         values = worklist_item.patient_values(event.patient)  # type: ignore[arg-type]
         for uid in self.store.of_patient(event.previous_id, event.previous_issuer):
-            instance = self.store.get(uid)
-            if instance is None:
+            try:
+                instance = self.store.get(uid)
+                if instance is None:
+                    continue
+                for _ in instance.iterall():  # decode with the charset it was stored with
+                    pass
+            except Exception as exc:  # a damaged file must not hold back the patient feed
+                log.error("MPPS %s not moved to the merged patient: %s", uid, exc)
                 continue
-            for _ in instance.iterall():  # decode with the charset it was stored with
-                pass
             for keyword, value in values.items():
                 if keyword in instance or value:
                     setattr(instance, keyword, value)
@@ -325,6 +329,22 @@ def _too_large(stream: Any) -> bool:
         return False
 
 
+def _decoded(
+    event: Any, name: str, kind: str, calling: str, peer: str, uid: str, mpps: MPPSService
+) -> Dataset | Outcome:
+    """The request's dataset, decoded; else the refusal (logged) to answer with."""
+    try:
+        dataset = getattr(event, name)
+        for _ in dataset.iterall():  # decode every element now, not half-way through the work
+            pass
+        return dataset
+    except Exception as exc:
+        result = Outcome(outcome="refused")
+        MPPSService._refuse(result, PROCESSING_FAILURE, f"undecodable dataset: {exc}"[:200])
+        mpps.record(kind, calling, peer, uid, result, time.perf_counter())
+        return result
+
+
 def handle_n_create(event: Any, mpps: MPPSService) -> tuple[Dataset, Dataset | None]:
     """EVT_N_CREATE: create an MPPS instance (PS3.4 F.7.2.1)."""
     calling, peer = _who(event)
@@ -339,7 +359,10 @@ def handle_n_create(event: Any, mpps: MPPSService) -> tuple[Dataset, Dataset | N
         return result.answer(attribute_list=False), None
     generated = uid is None
     uid = uid or generate_uid()
-    result = mpps.create(uid, event.attribute_list, calling, peer, generated)
+    attributes = _decoded(event, "attribute_list", "MPPS^N-CREATE", calling, peer, uid, mpps)
+    if isinstance(attributes, Outcome):
+        return attributes.answer(attribute_list=False), None
+    result = mpps.create(uid, attributes, calling, peer, generated)
     if result.status != SUCCESS:
         return result.answer(attribute_list=False), None
     reply = Dataset()
@@ -360,7 +383,10 @@ def handle_n_set(event: Any, mpps: MPPSService) -> tuple[Dataset, Dataset | None
         )
         mpps.record("MPPS^N-SET", calling, peer, uid, result, time.perf_counter())
         return result.answer(), None
-    result = mpps.update(uid, event.modification_list, calling, peer)
+    modifications = _decoded(event, "modification_list", "MPPS^N-SET", calling, peer, uid, mpps)
+    if isinstance(modifications, Outcome):
+        return modifications.answer(), None
+    result = mpps.update(uid, modifications, calling, peer)
     return result.answer(), None
 
 
