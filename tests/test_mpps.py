@@ -15,6 +15,7 @@ from tests.conftest import start_bridge
 from tests.messages import orm, segment
 from tests.peers import findscu, read_answers
 from tests.test_end_to_end import msa, raw_send
+from tests.test_tls import make_pki
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
 STUDY = "1.2.826.0.1.3680043.10.543.1"
@@ -336,5 +337,29 @@ def test_the_calling_ae_allow_list_applies_to_mpps(tmp_path, calling):
         assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
         assert assoc.is_rejected
         assert n_create(running, in_progress(), generate_uid())[0].Status == 0  # CT1 is allowed
+    finally:
+        assert running.stop() == 0
+
+
+def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
+    pki = make_pki(tmp_path)
+    running = start_bridge(tmp_path, "--dicom-tls-cert", str(pki.server_cert), "--dicom-tls-key",
+                           str(pki.server_key), "--dicom-tls-ca", str(pki.ca))  # fmt: skip
+    try:
+        order(running, control_id="T1")
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(MPPS)
+        plain = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+        assert not plain.is_established  # plain TCP gets no association
+        assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title,
+                             tls_args=(pki.client_context(), "localhost"))  # fmt: skip
+        assert assoc.is_established
+        try:
+            uid = generate_uid()
+            assert assoc.send_n_create(in_progress(), MPPS, uid)[0].Status == 0
+            assert assoc.send_n_set(final(), MPPS, uid)[0].Status == 0
+        finally:
+            assoc.release()
+        assert running.wl_files() == []
     finally:
         assert running.stop() == 0
