@@ -3,6 +3,8 @@ PS3.4 F.7 statuses, the worklist following the performed steps, restarts, the lo
 
 from __future__ import annotations
 
+import signal
+
 import pydicom
 import pytest
 from pydicom import Dataset
@@ -272,14 +274,16 @@ def test_an_unscheduled_mpps_is_accepted_stored_and_logged(bridge, tmp_path):
     assert pydicom.dcmread(stored).PerformedProcedureStepStatus == "DISCONTINUED"
 
 
-def test_n_create_and_n_set_across_a_restart_of_the_bridge(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_n_create_and_n_set_across_a_restart_of_the_bridge(tmp_path, sig):
+    """A success status promises a durable instance: even kill -9 right after it keeps it."""
     first = start_bridge(tmp_path)
     try:
         order(first, control_id="RS1")
         uid = generate_uid()
         assert n_create(first, in_progress(), uid)[0].Status == 0
     finally:
-        assert first.stop() == 0
+        first.stop(sig)
     second = start_bridge(tmp_path)
     try:
         assert statuses(second, patient_id="PAT001") == []  # still STARTED, still hidden
