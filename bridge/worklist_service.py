@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from twisted.internet import threads
 from twisted.python import threadable
@@ -105,7 +106,10 @@ class WorklistService:
             return paths
         kept = []
         for path in paths:
-            item = self.store.read(path)
+            try:
+                item = self.store.read(path)
+            except (OSError, InvalidDicomError):
+                continue  # logged by the index when it read it
             if item is not None and accession_issuer(item) in ("", issuer):
                 kept.append(path)
         return kept
@@ -144,7 +148,11 @@ class WorklistService:
         remove: bool,
         about: dict[str, str],
     ) -> StatusResult:
-        item = self.store.read(path)
+        try:
+            item = self.store.read(path)
+        except (OSError, InvalidDicomError) as exc:  # another program's file, damaged
+            log.warning("cannot read worklist item %s: %s", path.name, exc)
+            item = None
         if item is None:
             return StatusResult(path, "", new_status, "missing")
         old_status = step_status(item)

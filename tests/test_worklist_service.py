@@ -192,3 +192,12 @@ def test_calls_from_another_thread_run_on_the_reactor_thread(tmp_path):
     finally:
         reactor.callFromThread(reactor.stop)
         reactor_thread.join(10)
+
+
+def test_a_damaged_item_file_does_not_make_the_mpps_fail(world):
+    path = world.order()
+    path.write_bytes(b"not DICOM at all")  # another program broke it after it was indexed
+    result = world.mpps.create("1.2.3.4.6", in_progress(), "CT1", "x")
+    assert result.status == SUCCESS
+    assert any("left absent" in note for note in result.notes)
+    assert "1.2.3.4.6" in world.mpps_store
