@@ -39,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from bridge.config import Settings
 from bridge.index import WorklistIndex
 from bridge.matching import AnswerEncoder, Query, QueryError, Record, compile_query
+from bridge.mpps_store import MPPS_SOP_CLASS
 
 LOG = logging.getLogger("bridge.cfind")
 
@@ -63,6 +64,7 @@ def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(ModalityWorklistInformationFind)
     ae.add_supported_context(Verification)
+    ae.add_supported_context(MPPS_SOP_CLASS)  # its handlers: bridge.mpps
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
@@ -605,7 +607,10 @@ class _Server(ThreadedAssociationServer):
 
 
 def start_dicom_server(
-    settings: Settings, index: WorklistIndex, ssl_context: ssl.SSLContext | None = None
+    settings: Settings,
+    index: WorklistIndex,
+    ssl_context: ssl.SSLContext | None = None,
+    extra_handlers: list | None = None,  # other services' handlers on the same AE (MPPS)
 ) -> ThreadedAssociationServer:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
@@ -613,7 +618,7 @@ def start_dicom_server(
     scp = WorklistSCP(settings, index)
     server = ae.make_server(
         (settings.host, settings.dicom_port),
-        evt_handlers=scp.handlers(),
+        evt_handlers=scp.handlers() + (extra_handlers or []),
         server_class=_Server,
     )
     server.tls_context = ssl_context

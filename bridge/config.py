@@ -37,6 +37,21 @@ class StationRule:
     station_name: str = ""
 
 
+HOUSEKEEPING_ACTIONS = ("discontinue", "remove")
+HOUSEKEEPING_STATUSES = ("SCHEDULED", "ARRIVED", "READY", "STARTED")
+
+
+@dataclass
+class HousekeepingRule:
+    """Items in `status` whose SPS start is more than `after_hours` past are discontinued (or
+    removed). With `stations`, only items scheduled on one of those AE titles."""
+
+    status: str = "SCHEDULED"
+    after_hours: float = 24.0
+    action: str = "discontinue"
+    stations: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Settings:
     # Network
@@ -59,6 +74,9 @@ class Settings:
     rejected_dir: Path = _opt(
         "folder where messages that were not applied are kept as received",
         default=Path("./rejected"),
+    )
+    mpps_dir: Path = _opt(
+        "folder where MPPS instances are kept (one DICOM file each)", default=Path("./mpps")
     )
 
     # MLLP limits
@@ -95,11 +113,19 @@ class Settings:
     hidden_statuses: list[str] = _opt(
         "SPS statuses that C-FIND does not return",
         cli=False,
-        default_factory=lambda: list(FINISHED_STATUSES),
+        default_factory=lambda: ["STARTED", *FINISHED_STATUSES],
     )
     finished_retention: float = _opt(
         "hours a finished (completed, cancelled, discontinued) item's file is kept; 0 deletes it",
         default=0.0,
+    )
+    housekeeping: list[HousekeepingRule] = _opt(
+        "idle-item rules: [[housekeeping]] status, after-hours, action, stations (file only)",
+        cli=False,
+        default_factory=list,
+    )
+    housekeeping_interval: float = _opt(
+        "seconds between housekeeping rounds (when [[housekeeping]] rules are set)", default=300.0
     )
 
     # C-FIND
@@ -167,6 +193,8 @@ def _coerce(name: str, value: Any) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if name == "station_rules":
         return [StationRule(**{k.replace("-", "_"): v for k, v in rule.items()}) for rule in value]
+    if name == "housekeeping":
+        return _housekeeping_rules(value)
     if isinstance(default, Path):
         return Path(value)
     if isinstance(default, bool):
@@ -184,6 +212,38 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _housekeeping_rules(value: Any) -> list[HousekeepingRule]:
+    if not isinstance(value, list):
+        raise ValueError("housekeeping must be a list of [[housekeeping]] tables")
+    known = {f.name for f in dataclasses.fields(HousekeepingRule)}
+    rules = []
+    for number, table in enumerate(value, 1):
+        where = f"housekeeping rule {number}"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where} must be a table ([[housekeeping]])")
+        fields = {k.replace("-", "_"): v for k, v in table.items()}
+        for key in fields:
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key.replace('_', '-')!r}")
+        rule = HousekeepingRule(**fields)
+        if not isinstance(rule.status, str) or rule.status.upper() not in HOUSEKEEPING_STATUSES:
+            raise ValueError(f"{where}: status must be one of {', '.join(HOUSEKEEPING_STATUSES)}")
+        rule.status = rule.status.upper()
+        hours = rule.after_hours
+        if isinstance(hours, bool) or not isinstance(hours, int | float) or hours <= 0:
+            raise ValueError(f"{where}: after-hours must be a number of hours above 0")
+        rule.after_hours = float(hours)
+        if rule.action not in HOUSEKEEPING_ACTIONS:
+            raise ValueError(f"{where}: action must be one of {', '.join(HOUSEKEEPING_ACTIONS)}")
+        if not isinstance(rule.stations, list) or not all(
+            isinstance(s, str) and s.strip() for s in rule.stations
+        ):
+            raise ValueError(f"{where}: stations must be a list of AE titles")
+        rule.stations = [s.strip() for s in rule.stations]
+        rules.append(rule)
+    return rules
+
+
 def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from defaults, then the TOML file, then non-None overrides (command line)."""
     values: dict[str, Any] = {}
@@ -195,7 +255,10 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
             name = key.replace("-", "_")
             if name not in known:
                 raise ValueError(f"{config}: unknown setting {key!r}")
-            values[name] = _coerce(name, value)
+            try:
+                values[name] = _coerce(name, value)
+            except ValueError as exc:  # the sentence names the file too
+                raise ValueError(f"{config}: {exc}") from None
     for name, value in (overrides or {}).items():
         if value is not None and name in known:
             values[name] = _coerce(name, value)
@@ -217,6 +280,8 @@ def validate(settings: Settings) -> None:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}")
     if not 1 <= len(settings.ae_title) <= 16:
         raise ValueError("ae_title must be 1 to 16 characters")
+    if settings.housekeeping_interval <= 0:
+        raise ValueError("housekeeping_interval must be above 0 seconds")
     if settings.max_frame_size < 1024:
         raise ValueError("max_frame_size must be at least 1024 bytes")
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions

@@ -53,3 +53,15 @@ class EventBus:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+
+@dataclass(frozen=True)
+class PatientMerged:
+    """ADT A40 (merge) or A47 (identifier change): the items of `previous_id` now belong to
+    `patient` (a bridge.order.Patient). Published by the HL7 pipeline after it moved the items,
+    so that other records of the patient (stored MPPS instances) follow."""
+
+    event: str  # "A40" or "A47"
+    previous_id: str
+    previous_issuer: str
+    patient: object

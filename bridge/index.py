@@ -572,6 +572,15 @@ class WorklistIndex:
             found.update((e.key, None) for e in candidates if query.matches(e.record))
         return [Path(key) for key in found]
 
+    def paths_matching(self, identifier: Dataset) -> list[Path]:
+        """The files of the items an identifier's exact values match, whatever their status
+        (the worklist service's look-ups: by study and step ID, by accession number)."""
+        query = compile_query(identifier, pn_case_insensitive=False)
+        with self._lock:
+            candidates = self._candidates(query, None)
+        found = sorted((e for e in candidates if query.matches(e.record)), key=lambda e: e.order)
+        return [Path(e.key) for e in found]
+
     def search(self, query: Query, folder: str | None = None) -> list[Record]:
         """Records matching `query` (in `folder` for the per-ae layout), in SPS start order."""
         with self._lock:

@@ -23,6 +23,7 @@ from bridge import hl7schema, order, worklist_item
 from bridge.ack import build_ack
 from bridge.config import FINISHED_STATUSES, Settings
 from bridge.errors import APPLICATION_INTERNAL_ERROR, HL7Error
+from bridge.events import EventBus, PatientMerged
 from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
 from bridge.store import StoreError, WorklistStore
@@ -69,6 +70,7 @@ class Bridge:
         index,
         translation_log: TranslationLog,
         rejected_dir: Path | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -76,6 +78,7 @@ class Bridge:
         self.translation_log = translation_log
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self.events = events  # PatientMerged goes to the other records of a patient (MPPS)
 
     # The MLLP handler: bytes in, ACK bytes out.
     def handle(self, raw: bytes, peer: str = "") -> bytes:
@@ -241,6 +244,10 @@ class Bridge:
             self.store.write(path, item)
             result.files.append(path.name)
             updated += 1
+        if self.events is not None and update.event in ("A40", "A47") and update.previous_id:
+            self.events.publish(
+                PatientMerged(update.event, update.previous_id, update.previous_issuer, patient)
+            )
         verb = {"A40": "merged", "A47": "moved", "A10": "arrived"}.get(update.event, "updated")
         result.outcomes.append(f"patient-{verb}")
         message.notes.append(f"{updated} of {len(items)} item(s) of patient {lookup_id} updated")

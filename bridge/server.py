@@ -1,6 +1,7 @@
-"""`wlbridge serve`: the MLLP listener and the C-FIND SCP in one process, on Twisted's reactor.
+"""`wlbridge serve`: the MLLP listener and the DICOM SCP (C-FIND, MPPS) in one process.
 
-The reactor thread does all HL7 work (so changes to one order never interleave); pynetdicom serves
+The reactor thread does all HL7 work (so changes to one order never interleave), and the MPPS
+handlers and the housekeeping hand their changes to it (bridge.worklist_service); pynetdicom serves
 associations in its own threads and reads the index, which the reactor keeps in step with the
 folder. SIGINT and SIGTERM stop accepting, let the message in hand finish, close both servers.
 """
@@ -15,12 +16,17 @@ from twisted.internet import task, threads
 
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
+from bridge.events import EventBus, PatientMerged
+from bridge.housekeeping import Housekeeping
 from bridge.index import WorklistIndex
 from bridge.mllp import MLLPFactory
+from bridge.mpps import MPPSService, mpps_handlers
+from bridge.mpps_store import MPPSStore
 from bridge.pipeline import Bridge
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
 from bridge.translation_log import TranslationLog
+from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.server")
 
@@ -38,7 +44,17 @@ class BridgeServer:
         )
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
         self.store = WorklistStore(settings, self.index)
-        self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
+        self.events = EventBus()
+        self.bridge = Bridge(
+            settings, self.store, self.index, self.translation_log, events=self.events
+        )
+        # MPPS and the housekeeping change the worklist through the service, on this thread.
+        self.worklist = WorklistService(settings, self.store, self.index, self.events, reactor)
+        self.mpps_store = MPPSStore(settings.mpps_dir)
+        self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
+        self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
+        self.housekeeping = Housekeeping(settings, self.worklist, self.translation_log)
+        self._housekeeper: task.LoopingCall | None = None
         self.mllp_port = None
         self.dicom_server = None
         self._sweeper: task.LoopingCall | None = None
@@ -48,6 +64,9 @@ class BridgeServer:
         if leftovers:
             log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
         self.index.load(save_cache=False)  # written once both servers listen
+        instances = self.mpps_store.load()
+        if instances:
+            log.info("%d MPPS instance(s) in %s", instances, self.mpps_store.folder)
         s = self.settings
         factory = MLLPFactory(
             self.bridge.handle,
@@ -63,7 +82,9 @@ class BridgeServer:
             self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
         else:
             self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
-        self.dicom_server = start_dicom_server(s, self.index, ssl_context=dicom_ssl_context(s))
+        self.dicom_server = start_dicom_server(
+            s, self.index, ssl_context=dicom_ssl_context(s), extra_handlers=mpps_handlers(self.mpps)
+        )
         self.index.start_watching(self.reactor)
         if self.index.cache_is_stale:
             threads.deferToThread(self.index.save_cache).addErrback(
@@ -73,6 +94,10 @@ class BridgeServer:
             self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(SWEEP_INTERVAL, now=True)
+        if s.housekeeping:
+            self._housekeeper = task.LoopingCall(self._housekeep)
+            self._housekeeper.clock = self.reactor
+            self._housekeeper.start(s.housekeeping_interval, now=True)
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         # Last: connections still open at shutdown are dropped after "before", and say so.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
@@ -93,10 +118,19 @@ class BridgeServer:
         d.addErrback(lambda f: log.error("expiry sweep failed: %s", f.getErrorMessage()))
         return d  # the LoopingCall waits for it before the next round
 
+    def _housekeep(self):
+        """Find idle items in a worker thread (it reads files), change them on this one."""
+        d = threads.deferToThread(self.housekeeping.find)
+        d.addCallback(self.housekeeping.apply)
+        d.addErrback(lambda f: log.error("housekeeping failed: %s", f.getErrorMessage()))
+        return d
+
     def stop(self):
         """Stop accepting, then close both servers. Returns a Deferred for the MLLP side."""
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self._housekeeper is not None and self._housekeeper.running:
+            self._housekeeper.stop()
         self.index.stop_watching()
         if self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too

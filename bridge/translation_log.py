@@ -1,4 +1,5 @@
-"""The translation log: one line per received message, saying what it became.
+"""The translation log: one line per received message (HL7, MPPS) and per housekeeping change,
+saying what it became.
 
 Lines are appended and flushed at once so that `tail -f` follows the feed. The default format is
 logfmt (`key=value`, quoted when needed), which people read and tools parse; `json` writes one
@@ -22,11 +23,15 @@ FIELD_ORDER = (
     "peer",
     "control_id",
     "type",
+    "calling_ae",  # MPPS: the modality's AE title, the instance, the status it reported
+    "mpps_uid",
+    "pps_status",
     "order_control",
     "accession",
     "patient_id",
     "outcome",
     "ack",
+    "status",  # MPPS: the DIMSE status answered
     "file",
     "reason",
     "kept_as",

@@ -73,6 +73,8 @@ def start_bridge(
         str(log_path),
         "--rejected-dir",
         str(rejected),
+        "--mpps-dir",
+        str(tmp_path / "mpps"),
         *extra,
     ]
     process = subprocess.Popen(

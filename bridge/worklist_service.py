@@ -1,0 +1,186 @@
+"""The worklist service: the one way into the worklist for adapters other than the HL7 pipeline.
+
+MPPS handlers run in pynetdicom's association threads, the housekeeping on the reactor; every
+change hops to the writer thread (the reactor's, where the HL7 pipeline runs) and is applied
+there, one at a time, so it never interleaves with an HL7 message's changes. After each status
+change the service publishes a `StatusChange` on the event bus, synchronously: a subscriber
+that raises undoes the change and the exception reaches the caller, so a change whose
+consequences could not be recorded is never reported as done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from twisted.internet import threads
+from twisted.python import threadable
+
+from bridge import worklist_item
+from bridge.config import FINISHED_STATUSES, Settings
+from bridge.events import EventBus, StatusChange
+from bridge.store import WorklistStore
+
+log = logging.getLogger("bridge.worklist_service")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    """What `set_status` did to one item."""
+
+    path: Path
+    old_status: str
+    new_status: str
+    outcome: str  # "changed", "removed" (finished, not retained), "unchanged", "skipped", "missing"
+
+    @property
+    def changed(self) -> bool:
+        return self.outcome in ("changed", "removed")
+
+
+def step_status(item: Dataset) -> str:
+    steps = item.get("ScheduledProcedureStepSequence") or []
+    return str(steps[0].get("ScheduledProcedureStepStatus", "")) if steps else ""
+
+
+def accession_issuer(item: Dataset) -> str:
+    """The Local Namespace Entity ID of an item's Issuer of Accession Number, if any."""
+    issuers = item.get("IssuerOfAccessionNumberSequence") or []
+    return str(issuers[0].get("LocalNamespaceEntityID", "")) if issuers else ""
+
+
+class WorklistService:
+    """Finds worklist items and changes their status or removes them, on the writer thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: WorklistStore,
+        index: Any,
+        events: EventBus,
+        reactor: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.events = events
+        self.reactor = reactor  # None: every call runs in the caller's thread (tests, tools)
+
+    def on_writer(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `function` on the writer thread and return its result (or raise its exception).
+        Adapters use it to make a check and the changes it leads to one step."""
+        if self.reactor is None or threadable.isInIOThread():
+            return function(*args, **kwargs)
+        return threads.blockingCallFromThread(self.reactor, function, *args, **kwargs)
+
+    # ---- look-ups (index only: never by patient alone)
+
+    def find_by_study_and_step(self, study_uid: str, sps_id: str) -> list[Path]:
+        """Items with this Study Instance UID and Scheduled Procedure Step ID."""
+        if not study_uid or not sps_id:
+            return []
+        identifier = Dataset()
+        identifier.StudyInstanceUID = study_uid
+        step = Dataset()
+        step.ScheduledProcedureStepID = sps_id
+        identifier.ScheduledProcedureStepSequence = Sequence([step])
+        return self.on_writer(self.index.paths_matching, identifier)
+
+    def find_by_accession(self, accession: str, issuer: str = "") -> list[Path]:
+        """Items with this Accession Number; with `issuer`, only those whose issuer is that one
+        or not recorded."""
+        if not accession:
+            return []
+        identifier = Dataset()
+        identifier.AccessionNumber = accession
+        paths = self.on_writer(self.index.paths_matching, identifier)
+        if not issuer:
+            return paths
+        kept = []
+        for path in paths:
+            try:
+                item = self.store.read(path)
+            except (OSError, InvalidDicomError):
+                continue  # logged by the index when it read it
+            if item is not None and accession_issuer(item) in ("", issuer):
+                kept.append(path)
+        return kept
+
+    # ---- changes
+
+    def set_status(
+        self,
+        path: Path,
+        new_status: str,
+        cause: str,
+        *,
+        only_from: tuple[str, ...] | None = None,
+        remove: bool = False,
+        performed_start: str = "",
+        performing_station: str = "",
+        mpps_uid: str = "",
+    ) -> StatusResult:
+        """Set the status of the item at `path` (its SOP Instance UID kept), then publish a
+        StatusChange. A finished status follows the finished-retention setting (removed at once
+        when it is 0); `remove` removes the item whatever the retention. With `only_from`, an
+        item in another status is left alone ("skipped"): the caller's view may be stale."""
+        about = {
+            "performed_start": performed_start,
+            "performing_station": performing_station,
+            "mpps_uid": mpps_uid,
+        }
+        return self.on_writer(self._set_status, path, new_status, cause, only_from, remove, about)
+
+    def _set_status(
+        self,
+        path: Path,
+        new_status: str,
+        cause: str,
+        only_from: tuple[str, ...] | None,
+        remove: bool,
+        about: dict[str, str],
+    ) -> StatusResult:
+        try:
+            item = self.store.read(path)
+        except (OSError, InvalidDicomError) as exc:  # another program's file, damaged
+            log.warning("cannot read worklist item %s: %s", path.name, exc)
+            item = None
+        if item is None:
+            return StatusResult(path, "", new_status, "missing")
+        old_status = step_status(item)
+        if only_from is not None and old_status not in only_from:
+            return StatusResult(path, old_status, new_status, "skipped")
+        if old_status == new_status and not remove:
+            return StatusResult(path, old_status, new_status, "unchanged")
+        before = self.store.read(path)  # kept to undo the change if its consequences fail
+        worklist_item.set_status(item, new_status)
+        removing = remove or (
+            new_status in FINISHED_STATUSES and self.settings.finished_retention <= 0
+        )
+        if removing:
+            self.store.delete(path)
+        else:
+            self.store.write(path, item)  # no identity: the file's own SOP Instance UID stays
+        event = StatusChange(item, old_status, new_status, cause, **about)
+        try:
+            self.events.publish(event)
+        except Exception:
+            log.error(
+                "status change of %s to %s undone: a subscriber failed", path.name, new_status
+            )
+            if before is not None:
+                self.store.write(path, before)
+            raise
+        return StatusResult(path, old_status, new_status, "removed" if removing else "changed")
+
+    def remove(self, path: Path) -> bool:
+        """Remove the item at `path`; False when it was not there."""
+        return self.on_writer(self.store.delete, path)
