@@ -15,8 +15,10 @@ from twisted.internet import task, threads
 
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
+from bridge.events import EventBus, StatusChange
 from bridge.index import WorklistIndex
 from bridge.mllp import MLLPFactory
+from bridge.outbox import Outbox
 from bridge.pipeline import Bridge
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
@@ -39,6 +41,10 @@ class BridgeServer:
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
         self.store = WorklistStore(settings, self.index)
         self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
+        self.events = EventBus()
+        # Order status updates to the receivers: queued durably inside the publication.
+        self.outbox = Outbox(settings, reactor, self.translation_log)
+        self.events.subscribe(StatusChange, self.outbox.on_status_change)
         self.mllp_port = None
         self.dicom_server = None
         self._sweeper: task.LoopingCall | None = None
@@ -48,6 +54,7 @@ class BridgeServer:
         if leftovers:
             log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
         self.index.load(save_cache=False)  # written once both servers listen
+        self.outbox.prepare()
         s = self.settings
         factory = MLLPFactory(
             self.bridge.handle,
@@ -73,6 +80,7 @@ class BridgeServer:
             self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(SWEEP_INTERVAL, now=True)
+        self.outbox.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         # Last: connections still open at shutdown are dropped after "before", and say so.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
@@ -98,6 +106,7 @@ class BridgeServer:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self.index.stop_watching()
+        self.outbox.stop()
         if self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too
             self.dicom_server = None

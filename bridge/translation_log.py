@@ -20,15 +20,18 @@ log = logging.getLogger("bridge.translation_log")
 FIELD_ORDER = (
     "time",
     "peer",
+    "receiver",  # outbound messages: the configured receiver's name
     "control_id",
     "type",
     "order_control",
+    "order_status",  # outbound: ORC-5 sent
     "accession",
     "patient_id",
     "outcome",
     "ack",
     "file",
     "reason",
+    "attempt",  # outbound: the delivery attempt's number
     "kept_as",
     "note",
     "ms",
