@@ -34,6 +34,8 @@ from typing import Any
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IHandshakeListener
+from zope.interface import implementer
 
 from bridge.config import OutboundReceiver, Settings
 from bridge.events import StatusChange
@@ -367,14 +369,17 @@ def _read_ack(ack: bytes) -> tuple[str, str, str]:
     return code, control, detail
 
 
+@implementer(IHandshakeListener)
 class _AckReader(protocol.Protocol):
     """Writes one framed message and waits for one framed answer."""
 
     def connectionMade(self) -> None:
         factory: _SenderFactory = self.factory
         self._buffer = bytearray()
-        self.transport.write(frame(factory.message))
-        factory.written = True
+        self.transport.write(frame(factory.message))  # over TLS: sent once the handshake is done
+        # A refused TLS handshake is the connection's fault, like a refused connection, so the
+        # message counts as written only once the handshake completed.
+        factory.written = not factory.tls
         factory.ack_timer = factory.reactor.callLater(
             factory.ack_timeout, self._no_ack, factory.ack_timeout
         )
@@ -395,19 +400,37 @@ class _AckReader(protocol.Protocol):
             self.factory.finish(Attempt(written=True, failure="the answer is too large"))
             self.transport.abortConnection()
 
+    def handshakeCompleted(self) -> None:
+        self.factory.written = True
+
     def _no_ack(self, seconds: float) -> None:
         self.factory.finish(Attempt(written=True, failure=f"no ACK within {seconds:g} s"))
         self.transport.abortConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self.factory.finish(Attempt(written=True, failure="connection closed before the ACK"))
+        written = self.factory.written
+        if self.factory.tls and _is_tls_error(reason):
+            # In TLS 1.3 the server refuses a client certificate after the client has finished
+            # its handshake: still the connection's fault, not the message's.
+            written = False
+        why = "connection closed before the ACK"
+        if not written:
+            why = f"TLS: {reason.getErrorMessage()}"
+        self.factory.finish(Attempt(written=written, failure=why))
+
+
+def _is_tls_error(reason) -> bool:
+    from OpenSSL.SSL import Error
+
+    return reason.check(Error) is not None
 
 
 class _SenderFactory(protocol.ClientFactory):
     protocol = _AckReader
 
-    def __init__(self, reactor, message: bytes, ack_timeout: float) -> None:
+    def __init__(self, reactor, message: bytes, ack_timeout: float, tls: bool = False) -> None:
         self.reactor = reactor
+        self.tls = tls
         self.message = message
         self.ack_timeout = ack_timeout
         self.written = False
@@ -453,16 +476,17 @@ def _client_tls(receiver: OutboundReceiver):
 
 def send_message(reactor, receiver: OutboundReceiver, message: bytes) -> _SenderFactory:
     """Start delivering one message; `factory.result` fires with an `Attempt`, never fails."""
-    factory = _SenderFactory(reactor, message, receiver.ack_timeout)
     tls = _client_tls(receiver)
+    factory = _SenderFactory(reactor, message, receiver.ack_timeout, tls=tls is not None)
+    outer: protocol.ClientFactory = factory
     if tls is not None:
-        factory.connector = reactor.connectSSL(
-            receiver.host, receiver.port, factory, tls, timeout=receiver.connect_timeout
-        )
-    else:
-        factory.connector = reactor.connectTCP(
-            receiver.host, receiver.port, factory, timeout=receiver.connect_timeout
-        )
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        # As reactor.connectSSL does, but on our reactor's clock rather than the global one.
+        outer = TLSMemoryBIOFactory(tls, True, factory, clock=reactor)
+    factory.connector = reactor.connectTCP(
+        receiver.host, receiver.port, outer, timeout=receiver.connect_timeout
+    )
     return factory
 
 
@@ -660,7 +684,8 @@ class Outbox:
         """Send a parked message again (in its place in the queue), or a waiting one now."""
         path = self.folder.find(entry_id)
         receiver = path.parent.parent.name if path.parent.name == PARKED else path.parent.name
-        found = self.folder.retry(entry_id) if path.parent.name == PARKED else entry_id
+        parked = path.parent.name == PARKED
+        found = self.folder.retry(entry_id) if parked else self.folder.entry_id(path)
         lane = self.lanes.get(receiver)
         if lane is not None:
             if lane.retry_timer is not None and lane.retry_timer.active():

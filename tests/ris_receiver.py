@@ -6,6 +6,7 @@ the bridge's."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -35,8 +36,12 @@ class RISReceiver:
     """Listens on 127.0.0.1:`port` (a free one by default) until `stop()`; `start()` again
     listens on the same port, so a test can take the RIS down and bring it back."""
 
-    def __init__(self, port: int = 0, answer: str = "AA") -> None:
+    def __init__(
+        self, port: int = 0, answer: str = "AA", tls: ssl.SSLContext | None = None
+    ) -> None:
         self.answer = answer
+        self.tls = tls  # MLLP over TLS: the server-side context
+        self.handshake_failures = 0
         self.script: deque[str] = deque()  # answers for the next messages, then `answer`
         self.received: list[Received] = []
         self.connections = 0
@@ -87,6 +92,13 @@ class RISReceiver:
     def _serve(self, client: socket.socket) -> None:
         buffer = b""
         client.settimeout(60)
+        if self.tls is not None:
+            try:
+                client = self.tls.wrap_socket(client, server_side=True)
+            except (OSError, ssl.SSLError):
+                self.handshake_failures += 1
+                client.close()
+                return
         try:
             while True:
                 data = client.recv(65536)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from bridge.translation_log import parse_logfmt
 from tests.peers import free_port
 from tests.ris_receiver import RISReceiver
 from tests.test_status_message import stored_item
+from tests.test_tls import make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # seconds: generous, the machine is shared
@@ -260,6 +263,40 @@ def test_each_receiver_has_its_own_queue(start, ris):
         assert {r.field("ORC", 5) for r in other.received} == {"IP"}  # CM waits behind IP
     finally:
         other.stop()
+
+
+def test_over_tls_with_a_client_certificate(start, tmp_path_factory):
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    tls_ris = RISReceiver(tls=context)
+    try:
+        bridge = start(
+            receiver_settings(tls_ris.port, tls_ca=str(pki.ca), tls_cert=str(pki.client_cert),
+                              tls_key=str(pki.client_key)),
+            receiver_settings(tls_ris.port, name="no-cert", tls_ca=str(pki.ca), max_attempts=1),
+        )  # fmt: skip
+        bridge.publish("ACC12", "STARTED")
+        got = tls_ris.wait_for(1)
+        assert summary(got) == [("ACC12", "IP")]
+        refused = eventually(lambda: bridge.records(receiver="no-cert", outcome="retrying")[1:],
+                             what="two refused handshakes")  # fmt: skip
+        assert refused[0]["reason"].startswith("TLS: ") and "attempt" not in refused[0]
+        assert not bridge.records(receiver="no-cert", outcome="parked")  # not the message's fault
+        assert tls_ris.handshake_failures >= 2 and len(tls_ris.received) == 1
+    finally:
+        tls_ris.stop()
+
+
+def test_a_message_that_cannot_be_written_fails_the_publication(start, ris):
+    bridge = start(receiver_settings(ris.port))
+    folder = bridge.settings.outbox_dir / "ris"
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")  # every write into it fails
+    with pytest.raises(OSError):
+        bridge.publish("ACC13", "STARTED")  # the MPPS would then not be answered with success
+    assert not bridge.records(outcome="queued")
 
 
 # ---------------------------------------------------------------------------------------------
