@@ -131,6 +131,12 @@ def check_outbound(settings: Settings) -> None:
             path = getattr(r, name)
             if path and not Path(path).is_file():
                 raise ValueError(f"{where}: {name.replace('_', '-')} {path!r} is not a file")
+        try:
+            _client_tls(r)
+        except Exception as exc:  # a PEM that does not load: say so now, not at the first send
+            raise ValueError(
+                f"{where}: tls-ca, tls-cert or tls-key cannot be used: {exc}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +250,10 @@ class OutboxFolder:
 
     def enqueue(self, receiver: str, data: bytes) -> Path:
         folder = self.root / receiver
-        path = folder / f"{next(self._sequence):012d}{SUFFIX}"
+        while True:  # never replace a waiting message, whatever the counter says
+            path = folder / f"{next(self._sequence):012d}{SUFFIX}"
+            if not path.exists() and not (folder / PARKED / path.name).exists():
+                break
         _write_durably(path, data)
         return path
 
@@ -579,6 +588,17 @@ class Outbox:
             self._next(lane)
 
     def _next(self, lane: _Lane) -> None:
+        try:
+            self._start_next(lane)
+        except Exception:  # an unreadable file, a certificate gone bad: try again later
+            log.exception("outbox %s: cannot start a delivery", lane.receiver.name)
+            lane.in_flight = None
+            if self._running and (lane.retry_timer is None or not lane.retry_timer.active()):
+                lane.retry_timer = self.reactor.callLater(
+                    lane.receiver.retry_max, self._retry_now, lane
+                )
+
+    def _start_next(self, lane: _Lane) -> None:
         if not self._running or lane.in_flight is not None:
             return
         if lane.retry_timer is not None and lane.retry_timer.active():

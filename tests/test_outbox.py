@@ -482,3 +482,24 @@ def test_two_receivers_with_one_name_are_refused(tmp_path):
     config.write_text(config.read_text() + '[[outbound]]\nname = "ris"\nhost = "h"\nport = 1\n')
     with pytest.raises(ValueError, match="outbound #2 \\(ris\\): name 'ris' is used by two"):
         load_settings(config)
+
+
+def test_a_certificate_that_does_not_load_is_refused_at_start(tmp_path):
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    config = write_config(tmp_path, 2576, tls_ca=str(garbage))
+    with pytest.raises(
+        ValueError, match=r"outbound #1 \(ris\): tls-ca, tls-cert or tls-key cannot"
+    ):
+        load_settings(config)
+
+
+def test_a_waiting_message_is_never_replaced(tmp_path):
+    folder = OutboxFolder(tmp_path)
+    (tmp_path / "ris" / "parked").mkdir(parents=True)
+    (tmp_path / "ris" / "000000000001.hl7").write_bytes(b"first")
+    (tmp_path / "ris" / "parked" / "000000000002.hl7").write_bytes(b"second")
+    path = folder.enqueue("ris", b"third")  # a counter that was not prepared starts at 1
+    assert path.name == "000000000003.hl7"
+    assert (tmp_path / "ris" / "000000000001.hl7").read_bytes() == b"first"
+    assert folder.prepare(["ris"]) == [] and folder.enqueue("ris", b"4").name == "000000000004.hl7"
