@@ -187,7 +187,7 @@ class OutboxEntry:
     order_status: str
     accession: str
     age: float  # seconds since it was queued
-    attempts: int = 0  # refusals so far (this run of the bridge)
+    attempts: int = 0  # delivery attempts so far (this run of the bridge)
     reason: str = ""  # why it was parked
 
     def as_dict(self) -> dict[str, Any]:
@@ -523,7 +523,8 @@ class Outbox:
         self.translation_log = translation_log
         self.folder = OutboxFolder(settings.outbox_dir)
         self.lanes = {r.name: _Lane(r) for r in settings.outbound}
-        self.attempts: dict[str, int] = {}  # entry id -> refusals so far
+        self.tries: dict[str, int] = {}  # entry id -> delivery attempts so far (this run)
+        self.refusals: dict[str, int] = {}  # entry id -> attempts that count toward parking
         self._control_ids = itertools.count(1)
         self._poller: task.LoopingCall | None = None
         self._running = False
@@ -647,11 +648,12 @@ class Outbox:
             attempt = dataclasses.replace(
                 attempt, failure=f"the ACK is for control ID {attempt.ack_control_id!r}"
             )
-        number = self.attempts.get(entry_id, 0) + 1
+        number = self.tries.get(entry_id, 0) + 1  # every try of this message, this run
+        self.tries[entry_id] = number
         if accepted:
             path.unlink(missing_ok=True)
             _fsync_folder(path.parent)
-            self.attempts.pop(entry_id, None)
+            self._forget(entry_id)
             lane.failures = 0
             self._log(receiver, facts, "sent", ack=attempt.ack_code, attempt=number, file=entry_id)
             self.reactor.callLater(0, self._next, lane)
@@ -659,10 +661,11 @@ class Outbox:
         lane.failures += 1
         failure = attempt.failure or f"answered {attempt.ack_code}"
         if attempt.written:
-            self.attempts[entry_id] = number
-            if number >= receiver.max_attempts and path.exists():
-                self.folder.park(path, f"{failure} (attempt {number})")
-                self.attempts.pop(entry_id, None)
+            refusals = self.refusals.get(entry_id, 0) + 1
+            self.refusals[entry_id] = refusals
+            if refusals >= receiver.max_attempts and path.exists():
+                self.folder.park(path, f"{failure} (refused {refusals} times, {number} tries)")
+                self._forget(entry_id)
                 lane.failures = 0
                 self._log(receiver, facts, "parked", ack=attempt.ack_code, reason=failure,
                           attempt=number, file=entry_id)  # fmt: skip
@@ -670,10 +673,13 @@ class Outbox:
                 return
         delay = min(receiver.retry_max, receiver.retry_initial * 2 ** (lane.failures - 1))
         self._log(receiver, facts, "retrying", ack=attempt.ack_code, reason=failure,
-                  attempt=number if attempt.written else None, file=entry_id,
-                  note=f"next try in {delay:g} s")  # fmt: skip
+                  attempt=number, file=entry_id, note=f"next try in {delay:g} s")  # fmt: skip
         if self._running:
             lane.retry_timer = self.reactor.callLater(delay, self._retry_now, lane)
+
+    def _forget(self, entry_id: str) -> None:
+        self.tries.pop(entry_id, None)
+        self.refusals.pop(entry_id, None)
 
     def _retry_now(self, lane: _Lane) -> None:
         lane.retry_timer = None
@@ -698,7 +704,7 @@ class Outbox:
     # -- for the CLI and a later HTTP API -----------------------------------------------------
 
     def list(self) -> list[OutboxEntry]:
-        return self.folder.entries(self.attempts)
+        return self.folder.entries(self.tries)
 
     def retry(self, entry_id: str) -> str:
         """Send a parked message again (in its place in the queue), or a waiting one now."""
@@ -718,7 +724,7 @@ class Outbox:
 
     def drop(self, entry_id: str) -> str:
         found = self.folder.drop(entry_id)
-        self.attempts.pop(found, None)
+        self._forget(found)
         if self._running:
             self.reactor.callLater(0, self.kick)  # it may have held others
         return found
