@@ -1,4 +1,4 @@
-"""The `wlbridge` command: serve, send, query, convert, replay."""
+"""The `wlbridge` command: serve, send, query, convert, replay, outbox."""
 
 from __future__ import annotations
 
@@ -128,6 +128,39 @@ def _convert(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _outbox(args: argparse.Namespace) -> int:
+    """List, retry or drop the order status messages waiting in the outbox folder."""
+    from bridge.outbox import OutboxError, OutboxFolder
+
+    overrides = {"outbox_dir": args.outbox_dir} if args.outbox_dir else {}
+    try:
+        settings = load_settings(args.config, overrides)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    folder = OutboxFolder(settings.outbox_dir)
+    try:
+        if args.action == "list":
+            entries = folder.entries()
+            for e in entries:
+                line = f"{e.id}  {e.state:<7}  {e.control_id}  ORC-5={e.order_status or '?'}"
+                line += f"  accession={e.accession or '-'}  age={e.age:.0f}s"
+                print(line + (f"  {e.reason}" if e.reason else ""))
+            parked = sum(e.state == "parked" for e in entries)
+            print(f"{len(entries)} message(s), {parked} parked")
+            return 0
+        if not args.name:
+            print(f"wlbridge: outbox {args.action} needs the NAME of a message", file=sys.stderr)
+            return 2
+        for name in args.name:
+            done = folder.retry(name) if args.action == "retry" else folder.drop(name)
+            print(f"{done}: {'queued again' if args.action == 'retry' else 'dropped'}")
+    except OutboxError as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlbridge", description="HL7 v2 orders to a DICOM Modality Worklist."
@@ -174,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", type=Path, help="write the .wl files to this folder")
     convert.add_argument("--config", type=Path, help="TOML config file (mapping settings)")
     convert.set_defaults(func=_convert)
+
+    outbox = sub.add_parser("outbox", help="list, retry or drop order status messages to send")
+    outbox.add_argument("action", choices=("list", "retry", "drop"))
+    outbox.add_argument("name", nargs="*", help="message id (receiver/sequence) or control ID")
+    outbox.add_argument("--config", type=Path, help="TOML config file (for outbox-dir)")
+    outbox.add_argument("--outbox-dir", type=Path, help="the outbox folder (default ./outbox)")
+    outbox.set_defaults(func=_outbox)
     return parser
 
 

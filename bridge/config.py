@@ -53,6 +53,31 @@ class HousekeepingRule:
 
 
 @dataclass
+class OutboundReceiver:
+    """A RIS (or any HL7 peer) that hears the order status changes, one `[[outbound]]` table."""
+
+    name: str = ""  # names its outbox folder; letters, digits, `.`, `_`, `-`
+    host: str = ""
+    port: int = 0
+    message: str = "ORM^O01"  # ORM^O01 (v2.3.1), OMG^O19 or OMI^O23 (v2.5.1)
+    sending_application: str = "WLBRIDGE"  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    processing_id: str = "P"  # MSH-11
+    charset: str = "UNICODE UTF-8"  # MSH-18; values it cannot carry become `?`
+    tls_ca: str = ""  # TLS: CA (PEM) the receiver's certificate must chain to
+    tls_cert: str = ""  # TLS client certificate (PEM), if the receiver asks for one
+    tls_key: str = ""
+    connect_timeout: float = 10.0  # seconds to connect
+    ack_timeout: float = 30.0  # seconds to wait for the ACK once the message is sent
+    send_housekeeping: bool = False  # also report changes made by the housekeeping
+    retry_initial: float = 5.0  # seconds before the first retry; doubled each time
+    retry_max: float = 300.0  # longest wait between two tries
+    max_attempts: int = 10  # refusals (AE/AR, no ACK, dropped) before a message is parked
+
+
+@dataclass
 class Settings:
     # Network
     host: str = _opt("address both servers listen on", default="0.0.0.0")
@@ -77,6 +102,17 @@ class Settings:
     )
     mpps_dir: Path = _opt(
         "folder where MPPS instances are kept (one DICOM file each)", default=Path("./mpps")
+    )
+    outbox_dir: Path = _opt(
+        "folder of order status messages waiting for their receiver (one sub-folder each)",
+        default=Path("./outbox"),
+    )
+
+    # Order status back to the RIS
+    outbound: list[OutboundReceiver] = _opt(
+        "receivers of order status updates, [[outbound]] tables (config file only)",
+        cli=False,
+        default_factory=list,
     )
 
     # MLLP limits
@@ -195,6 +231,10 @@ def _coerce(name: str, value: Any) -> Any:
         return [StationRule(**{k.replace("-", "_"): v for k, v in rule.items()}) for rule in value]
     if name == "housekeeping":
         return _housekeeping_rules(value)
+    if name == "outbound":
+        from bridge.outbox import receivers_from_toml
+
+        return receivers_from_toml(value)
     if isinstance(default, Path):
         return Path(value)
     if isinstance(default, bool):
@@ -287,3 +327,6 @@ def validate(settings: Settings) -> None:
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     check_station_rules(settings.station_rules)
+    from bridge.outbox import check_outbound
+
+    check_outbound(settings)

@@ -16,12 +16,13 @@ from twisted.internet import task, threads
 
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
-from bridge.events import EventBus, PatientMerged
+from bridge.events import EventBus, PatientMerged, StatusChange
 from bridge.housekeeping import Housekeeping
 from bridge.index import WorklistIndex
 from bridge.mllp import MLLPFactory
 from bridge.mpps import MPPSService, mpps_handlers
 from bridge.mpps_store import MPPSStore
+from bridge.outbox import Outbox
 from bridge.pipeline import Bridge
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
@@ -55,6 +56,9 @@ class BridgeServer:
         self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
         self.housekeeping = Housekeeping(settings, self.worklist, self.translation_log)
         self._housekeeper: task.LoopingCall | None = None
+        # Order status updates to the receivers: queued durably inside the publication.
+        self.outbox = Outbox(settings, reactor, self.translation_log)
+        self.events.subscribe(StatusChange, self.outbox.on_status_change)
         self.mllp_port = None
         self.dicom_server = None
         self._sweeper: task.LoopingCall | None = None
@@ -67,6 +71,7 @@ class BridgeServer:
         instances = self.mpps_store.load()
         if instances:
             log.info("%d MPPS instance(s) in %s", instances, self.mpps_store.folder)
+        self.outbox.prepare()
         s = self.settings
         factory = MLLPFactory(
             self.bridge.handle,
@@ -98,6 +103,7 @@ class BridgeServer:
             self._housekeeper = task.LoopingCall(self._housekeep)
             self._housekeeper.clock = self.reactor
             self._housekeeper.start(s.housekeeping_interval, now=True)
+        self.outbox.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         # Last: connections still open at shutdown are dropped after "before", and say so.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
@@ -132,6 +138,7 @@ class BridgeServer:
         if self._housekeeper is not None and self._housekeeper.running:
             self._housekeeper.stop()
         self.index.stop_watching()
+        self.outbox.stop()
         if self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too
             self.dicom_server = None

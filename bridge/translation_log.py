@@ -21,12 +21,14 @@ log = logging.getLogger("bridge.translation_log")
 FIELD_ORDER = (
     "time",
     "peer",
+    "receiver",  # outbound messages: the configured receiver's name
     "control_id",
     "type",
     "calling_ae",  # MPPS: the modality's AE title, the instance, the status it reported
     "mpps_uid",
     "pps_status",
     "order_control",
+    "order_status",  # outbound: ORC-5 sent
     "accession",
     "patient_id",
     "outcome",
@@ -34,6 +36,7 @@ FIELD_ORDER = (
     "status",  # MPPS: the DIMSE status answered
     "file",
     "reason",
+    "attempt",  # outbound: the delivery attempt's number
     "kept_as",
     "note",
     "ms",
