@@ -99,6 +99,7 @@ class TranslationLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(path, "a", encoding="utf-8", buffering=1)
             self._owned = True
+        self.path = None if str(target) == "-" else Path(target)
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one line; returns the record as written."""
@@ -122,6 +123,17 @@ class TranslationLog:
                 # A full or closed log must not cost the sender its ACK: the change is applied.
                 log.error("cannot write the translation log (%s): %s", exc, line)
         return record
+
+    def reopen(self) -> None:
+        """Open the configured path afresh (SIGHUP, after logrotate renamed the file): the next
+        line goes to a new file there. Raises OSError, keeping the old file, if it cannot."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a", encoding="utf-8", buffering=1)
+        with self._lock:
+            old, self._stream = self._stream, stream
+        old.close()
 
     def close(self) -> None:
         if self._owned:
