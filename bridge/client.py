@@ -13,9 +13,10 @@ from pydicom.sequence import Sequence
 
 from bridge.mllp import END, START, frame
 
-# A message starts with MSH at the start of the file or of a line; a UTF-8 BOM before it (files
-# written by Windows tools, and files concatenated from such) belongs to no message.
-_MESSAGE_START = re.compile(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?(?=MSH)")
+# A further message starts where a line starts with MSH; a UTF-8 BOM before it (files written by
+# Windows tools, and files concatenated from such) belongs to no message.
+_MESSAGE_START = re.compile(rb"[\r\n](?:\xef\xbb\xbf)?(?=MSH)")
+_BOM = b"\xef\xbb\xbf"
 _BLANK = b"\x00\r\n\t \x1a"  # what carries no message: NULs, white space, a DOS end of file
 
 
@@ -49,14 +50,22 @@ def _frames(data: bytes) -> list[bytes]:
 def split_messages(data: bytes) -> list[bytes]:
     """The messages in a file, as the bridge's listener would see them.
 
-    MLLP-framed data is split as the listener frames it. Plain text is split where a line starts
-    with `MSH` (a UTF-8 BOM before it is dropped, as the listener's parser drops it); line ends
-    inside a message become CR, the HL7 segment separator. Text that is not blank but holds no
-    MSH is returned as it is: the bridge answers it (AR), so the tools must not hide it."""
+    MLLP-framed data is split as the listener frames it. Plain text is split where a further line
+    starts with `MSH`; the first message is whatever precedes that, as the listener would take
+    the file in one frame (so text before the first MSH is answered, AR, never hidden). A UTF-8
+    BOM before an MSH is dropped, as the listener's parser drops it; line ends inside a message
+    become CR, the HL7 segment separator."""
     if START in data:
         return [f for f in _frames(data) if f.strip(_BLANK)]
+    data = data.lstrip(_BLANK)
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    chunks = _MESSAGE_START.split(data)
+    if len(chunks) > 1 and not chunks[0].startswith(b"MSH"):
+        # Text before the first MSH is not a message of its own: it is the first one's start.
+        chunks[:2] = [chunks[0] + b"\r" + chunks[1]]
     messages = []
-    for chunk in _MESSAGE_START.split(data):
+    for chunk in chunks:
         chunk = chunk.strip(b"\r\n")
         if chunk.strip(_BLANK):
             messages.append(b"\r".join(re.split(rb"\r\n|\r|\n", chunk)) + b"\r")
