@@ -134,7 +134,9 @@ class BridgeServer:
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         # Last: connections still open at shutdown are dropped after "before", and say so.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
-        log.info("%s", self.startup_line())
+        # Once the reactor runs: its SIGINT/SIGTERM handlers are in place by then, so whoever
+        # waits for this line may stop the server at once.
+        self.reactor.callWhenRunning(lambda: log.info("%s", self.startup_line()))
 
     def startup_line(self) -> str:
         """What is on, in one line: each listener, its TLS, its allow-list, and the folder."""
