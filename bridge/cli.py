@@ -62,12 +62,8 @@ def _send(args: argparse.Namespace) -> int:
                     print(ack.decode("utf-8", "replace").replace("\r", "\n"))
                 else:
                     print(f"{path.name}: {code} {control}" + (f"  {detail}" if detail else ""))
-    except ssl.SSLError as exc:
-        print(f"wlbridge: TLS with {args.host}:{args.port} failed: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:
+        return _connection_failed(args, exc)
     return 1 if failures else 0
 
 
@@ -92,19 +88,39 @@ def _replay(args: argparse.Namespace) -> int:
                         reason.rename(done / reason.name)
                 else:
                     failures += 1
-    except OSError as exc:
-        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:
+        return _connection_failed(args, exc)
     return 1 if failures else 0
 
 
+def _connection_failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Say why send or replay could not talk to the server: TLS, the connection, or a file."""
+    if isinstance(exc, ssl.SSLError):
+        print(f"wlbridge: TLS with {args.host}:{args.port} failed: {exc}", file=sys.stderr)
+    elif isinstance(exc, ValueError):  # a TLS option's file
+        print(f"wlbridge: {exc}", file=sys.stderr)
+    else:
+        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _client_tls_context(args: argparse.Namespace):
-    """A TLS context for MLLP over TLS (`--tls-ca`, with a client certificate if given)."""
+    """A TLS context (`--tls-ca`, with a client certificate if given), or None for plain TCP.
+    ValueError naming the option when a file cannot be loaded."""
     if not (args.tls_ca or args.tls_cert):
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-ca {args.tls_ca}: cannot load the CA: {exc}") from None
     if args.tls_cert:
-        context.load_cert_chain(args.tls_cert, args.tls_key or None)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key or '(in the certificate)'}: "
+                f"cannot load the client certificate and key: {exc}"
+            ) from None
     return context
 
 

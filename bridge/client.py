@@ -237,6 +237,10 @@ def _why_not_established(assoc, host: str, port: int, called: str, calling: str)
             + (f": {reason}" if reason else "")
             + " (check --called-aet, and --calling-aet against allowed-calling-aets)"
         )
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        return f"cannot connect to {where}: {exc.strerror or exc}"
     if assoc.is_aborted:
         return (
             f"{where} aborted the association before it was accepted "
