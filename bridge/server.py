@@ -83,7 +83,14 @@ class BridgeServer:
     def start(self) -> None:
         s = self.settings
         created_empty = not self.store.folder.exists()
-        leftovers = self.store.prepare()
+        try:
+            leftovers = self.store.prepare()
+        except OSError as exc:
+            raise ConfigError(
+                f"{_origin(s, 'worklist_dir')}: worklist-dir: cannot use "
+                f"{self.store.folder.absolute()} ({exc.strerror or exc}); give a folder the "
+                "bridge's user can write"
+            ) from None
         if created_empty:
             # Said once and loudly: a typo in worklist-dir would otherwise serve an empty list.
             log.warning(

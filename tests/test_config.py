@@ -186,6 +186,12 @@ def test_serve_names_an_unwritable_log_folder(tmp_path):
     refused(result, "translation-log", str(tmp_path / "afile"))
 
 
+def test_serve_names_an_unusable_worklist_dir(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = serve(tmp_path, f'worklist-dir = "{tmp_path / "afile" / "wl"}"\n')
+    refused(result, "worklist-dir", str(tmp_path / "afile" / "wl"))
+
+
 def test_serve_names_a_missing_certificate(tmp_path):
     missing = tmp_path / "missing.pem"
     result = serve(tmp_path, f'mllp-tls-cert = "{missing}"\nmllp-tls-key = "{missing}"\n')

@@ -4,14 +4,18 @@ start-up line says."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from bridge.client import MLLPClient, ack_summary
 from bridge.server import AllowedSources
-from tests.conftest import RunningBridge, start_bridge
+from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
 
 
@@ -98,3 +102,28 @@ def test_a_folder_that_exists_is_not_announced_as_created(tmp_path: Path):
         assert not [line for line in running.stderr_lines if "did not exist" in line]
     finally:
         assert running.stop() == 0
+
+
+def test_the_systemd_unit_runs_unprivileged_restarts_on_failure_and_names_the_config():
+    unit = (ROOT / "samples" / "wlbridge.service").read_text()
+    service = dict(
+        line.split("=", 1) for line in unit.split("[Service]")[1].split("[Install]")[0].splitlines()
+        if "=" in line and not line.startswith("#")
+    )  # fmt: skip
+    assert service["User"] not in ("", "root")
+    assert service["Restart"] == "on-failure"
+    assert "serve --config /etc/wlbridge/wlbridge.toml" in service["ExecStart"]
+    assert "-HUP" in service["ExecReload"]  # systemctl reload: reopen the translation log
+
+
+def test_make_run_installs_the_bridge_without_the_test_tools(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "setup.cfg", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    dry = subprocess.run([make, "-n", "run"], cwd=tmp_path, capture_output=True, text=True)
+    installs = [line for line in dry.stdout.splitlines() if "pip install" in line and "-e" in line]
+    assert installs and all("[test]" not in line for line in installs), dry.stdout
+    dry = subprocess.run([make, "-n", "test"], cwd=tmp_path, capture_output=True, text=True)
+    assert "'.[test]'" in dry.stdout, dry.stdout
