@@ -189,7 +189,7 @@ class BridgeServer:
         )
 
     def reopen_log(self) -> None:
-        """SIGHUP: the translation log only, on the reactor thread."""
+        """Reopen the translation log (on the reactor thread)."""
         try:
             self.translation_log.reopen()
         except OSError as exc:
@@ -198,6 +198,27 @@ class BridgeServer:
             )
             return
         log.info("reopened the translation log %s", self.settings.translation_log)
+
+    def on_sighup(self, *_: object) -> None:
+        """SIGHUP: the translation log only. Reopened in the handler itself when the log is not
+        in the middle of a line, so that a message sent right after the signal is written to
+        the new file; otherwise on the reactor thread, once that line is done."""
+        try:
+            reopened = self.translation_log.reopen(blocking=False)
+        except OSError as exc:
+            self.reactor.callFromThread(
+                log.error,
+                "cannot reopen the translation log %s: %s",
+                self.settings.translation_log,
+                exc,
+            )
+            return
+        if reopened:
+            self.reactor.callFromThread(
+                log.info, "reopened the translation log %s", self.settings.translation_log
+            )
+        else:
+            self.reactor.callFromThread(self.reopen_log)
 
     def _sweep(self):
         """Find expired items in a worker thread (it reads files), delete them on this one."""
@@ -235,7 +256,6 @@ def serve(settings: Settings) -> int:
     except Exception as exc:
         log.error("cannot start: %s: %s", type(exc).__name__, exc)
         return 1
-    # From a signal handler only callFromThread is safe; the reopen then runs on the reactor.
-    signal.signal(signal.SIGHUP, lambda *_: default_reactor.callFromThread(server.reopen_log))
+    signal.signal(signal.SIGHUP, server.on_sighup)
     default_reactor.run()
     return 0

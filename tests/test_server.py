@@ -53,6 +53,11 @@ def test_sighup_reopens_the_translation_log_after_a_rename(tmp_path):
         assert "control_id=ROT-1" in old_lines and "ROT-2" not in old_lines
         # Only the log: the worklist is served as before.
         assert len(running.wl_files()) == 2
+        # A message sent right after the signal already goes to the new file.
+        os.rename(running.log_path, running.log_path.with_name("translation.log.2"))
+        running.process.send_signal(signal.SIGHUP)
+        assert send(running, "ROT-3", "ACCROT3") == "AA"
+        assert "control_id=ROT-3" in running.log_path.read_text("utf-8")
     finally:
         assert running.stop() == 0, "".join(running.stderr_lines)
 
