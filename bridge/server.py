@@ -10,6 +10,7 @@ A mistake in the settings stops start-up with a sentence (ConfigError) naming th
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import signal
@@ -182,10 +183,17 @@ class BridgeServer:
     def _cannot_listen(self, name: str, port: int, exc: object) -> str:
         reason = getattr(exc, "strerror", None) or str(exc)
         flag = name.replace("_", "-")
+        where = (
+            f"{_origin(self.settings, name)}: {flag}: cannot listen on {self.settings.host}:{port}"
+        )
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            return (
+                f"{where} (port {port} is already in use); stop the other program that uses "
+                f"it, or choose another {flag}"
+            )
         return (
-            f"{_origin(self.settings, name)}: {flag}: cannot listen on "
-            f"{self.settings.host}:{port} ({reason}); if another program uses port {port}, "
-            f"stop it or choose another {flag}"
+            f"{where} ({reason}); host must be an address of this machine (0.0.0.0: all), "
+            f"{flag} a port this user may open"
         )
 
     def reopen_log(self) -> None:
