@@ -83,7 +83,8 @@ class BridgeServer:
 
     def start(self) -> None:
         s = self.settings
-        created_empty = not self.store.folder.exists()
+        # The configured folder, not per-ae's sub-folder of our own AE title (made on first use).
+        created_empty = not s.worklist_dir.exists()
         try:
             leftovers = self.store.prepare()
         except OSError as exc:
@@ -97,7 +98,7 @@ class BridgeServer:
             log.warning(
                 "worklist-dir %s did not exist: created it EMPTY (from %s); if the worklist "
                 "is elsewhere, correct worklist-dir",
-                self.store.folder.absolute(),
+                s.worklist_dir.absolute(),
                 _origin(s, "worklist_dir"),
             )
         if leftovers:

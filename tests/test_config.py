@@ -237,3 +237,14 @@ def test_the_start_up_line_says_what_is_on(tmp_path):
         assert not [line for line in running.stderr_lines if "did not exist" in line]
     finally:
         assert running.stop() == 0
+
+
+def test_per_ae_makes_its_own_sub_folder_without_alarm(tmp_path):
+    folder = tmp_path / "wl"
+    folder.mkdir()
+    running = start_bridge(tmp_path, "--worklist-layout", "per-ae", worklist_dir=folder)
+    try:
+        assert not [line for line in running.stderr_lines if "did not exist" in line]
+        assert (folder / "WLBRIDGE").is_dir()
+    finally:
+        assert running.stop() == 0
