@@ -278,4 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `wlbridge convert ... | head`: the reader has seen enough
+        sys.stderr.close()
+        return 0

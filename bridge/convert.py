@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
+
 from bridge.client import ack_summary
 from bridge.config import Settings
 from bridge.index import WorklistIndex
@@ -96,7 +98,10 @@ class Converter:
                 lines.append("(no item: the file was removed)")
             else:
                 items.append(dataset)
-                lines.append(str(dataset))
+                shown = Dataset()  # the item's attributes, without the Part 10 file meta
+                for element in dataset:
+                    shown.add(element)
+                lines.append(str(shown))
         lines.append("--- translation log")
         lines.append(self.log.take_line())
         lines.append("--- ACK")
