@@ -4,6 +4,10 @@ Every setting has one name; relative paths are relative to the working directory
 TOML file a name is written with dashes or underscores
 (`mllp-port = 2575`); on the command line as `--mllp-port 2575`. Settings whose values are
 structured (station rules) exist in the file only.
+
+Everything is checked on loading: each value's type, choices and ranges, AE titles, unknown keys.
+A mistake is a ConfigError: one sentence naming the file (or the command line), the setting and
+what to write instead. `check_files` adds, for the server, what can only be checked on disk.
 """
 
 from __future__ import annotations
@@ -205,7 +209,7 @@ def _describe(value: Any) -> str:
     shown = repr(value) if not isinstance(value, (list, dict)) else str(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return f"{kind} {shown}" if kind != "a table" else f"a table {shown}"
+    return f"{kind} {shown}"
 
 
 def _default_of(f: dataclasses.Field) -> Any:
