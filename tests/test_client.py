@@ -18,6 +18,33 @@ def test_split_mllp_framed_files():
     assert split_messages(data) == [b"MSH|1\rPID|1", b"MSH|2"]
 
 
+def test_split_drops_a_bom_before_each_msh_as_the_listener_does():
+    data = b"\xef\xbb\xbfMSH|^~\\&|A\r\nPID|1\r\n\xef\xbb\xbfMSH|^~\\&|B\r\n"
+    assert split_messages(data) == [b"MSH|^~\\&|A\rPID|1\r", b"MSH|^~\\&|B\r"]
+
+
+def test_split_keeps_text_before_the_first_msh_with_it():
+    # The listener would take this file as one message (and refuse it): so do the tools.
+    assert split_messages(b"PID|1\rMSH|^~\\&|A\rORC|NW\r") == [b"PID|1\rMSH|^~\\&|A\rORC|NW\r"]
+    assert split_messages(b"garbage") == [b"garbage\r"]
+    assert split_messages(b" \r\n\x00\t") == []
+
+
+def test_split_frames_as_the_listener_does():
+    # Noise outside frames is discarded, a frame cut by a new start block and one that never
+    # ends are dropped.
+    data = b"noise\x0bMSH|1\x0bMSH|2\x1c\rjunk\x0bMSH|3\x1c\r\x0bMSH|4"
+    assert split_messages(data) == [b"MSH|2", b"MSH|3"]
+
+
+def test_read_messages_refuses_a_file_without_one(tmp_path):
+    from bridge.client import NoMessageError, read_messages
+
+    (tmp_path / "cut.hl7").write_bytes(b"\x0bMSH|^~\\&|A")
+    with pytest.raises(NoMessageError, match="cut.hl7.*no complete MLLP frame"):
+        read_messages([tmp_path / "cut.hl7"])
+
+
 def test_ack_summary_reads_msa_and_err():
     ack = b"MSH|^~\\&|X|Y\rMSA|AE|C1|bad\rERR||ORC^1^7|102^Data type error^HL70357|E"
     code, control, detail = ack_summary(ack)
