@@ -3,31 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import add_cli_options, load_settings
+from bridge.config import add_cli_options, load_settings, setting_names
+
+NOT_SETTINGS = ("command", "config", "func", "files", "output")
+
+
+def _settings(args: argparse.Namespace):
+    """The settings from --config and the command line, or None after printing why not."""
+    known = setting_names()
+    overrides = {k: v for k, v in vars(args).items() if k in known and k not in NOT_SETTINGS}
+    try:
+        return load_settings(args.config, overrides)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from bridge.server import serve
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    try:
-        settings = load_settings(args.config, overrides)
-    except (OSError, ValueError) as exc:
-        print(f"wlbridge: {exc}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
     return serve(settings)
 
 
-def _send(args: argparse.Namespace) -> int:
-    from bridge.client import MLLPClient, ack_summary, read_messages
+def _read(files: list[Path]):
+    """Every message of the files, or None after printing why not (a file holds none)."""
+    from bridge.client import read_messages
 
-    messages = read_messages(args.files)
-    if not messages:
-        print("wlbridge: no HL7 message found in the given files", file=sys.stderr)
+    try:
+        return read_messages(files)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return None
+
+
+def _send(args: argparse.Namespace) -> int:
+    from bridge.client import MLLPClient, ack_summary
+
+    messages = _read(args.files)
+    if messages is None:
         return 2
     failures = 0
     try:
@@ -41,9 +62,8 @@ def _send(args: argparse.Namespace) -> int:
                     print(ack.decode("utf-8", "replace").replace("\r", "\n"))
                 else:
                     print(f"{path.name}: {code} {control}" + (f"  {detail}" if detail else ""))
-    except OSError as exc:
-        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:
+        return _connection_failed(args, exc)
     return 1 if failures else 0
 
 
@@ -68,63 +88,122 @@ def _replay(args: argparse.Namespace) -> int:
                         reason.rename(done / reason.name)
                 else:
                     failures += 1
-    except OSError as exc:
-        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:
+        return _connection_failed(args, exc)
     return 1 if failures else 0
 
 
+def _connection_failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Say why send or replay could not talk to the server: TLS, the connection, or a file."""
+    if isinstance(exc, ssl.SSLError):
+        print(f"wlbridge: TLS with {args.host}:{args.port} failed: {exc}", file=sys.stderr)
+    elif isinstance(exc, ValueError):  # a TLS option's file
+        print(f"wlbridge: {exc}", file=sys.stderr)
+    else:
+        print(f"wlbridge: {args.host}:{args.port}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _client_tls_context(args: argparse.Namespace):
-    """A TLS context for MLLP over TLS (`--tls-ca`, with a client certificate if given)."""
+    """A TLS context (`--tls-ca`, with a client certificate if given), or None for plain TCP.
+    ValueError naming the option when a file cannot be loaded."""
     if not (args.tls_ca or args.tls_cert):
         return None
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-ca {args.tls_ca}: cannot load the CA: {exc}") from None
     if args.tls_cert:
-        context.load_cert_chain(args.tls_cert, args.tls_key or None)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key or '(in the certificate)'}: "
+                f"cannot load the client certificate and key: {exc}"
+            ) from None
     return context
 
 
 def _query(args: argparse.Namespace) -> int:
-    from bridge.client import QUERY_COLUMNS, answer_rows, find, format_table, worklist_query
-
-    query = worklist_query(
-        patient_id=args.patient_id,
-        accession=args.accession,
-        modality=args.modality,
-        station=args.station,
-        date=args.date,
-        patient_name=args.patient_name,
+    from bridge.client import (
+        QUERY_COLUMNS,
+        answer_rows,
+        find,
+        format_table,
+        merge_answers,
+        worklist_query,
     )
+
+    stations = [args.station]
+    if args.all_stations:
+        try:
+            stations = _stations_of(args.config, args.called_aet)
+        except (OSError, ValueError) as exc:
+            print(f"wlbridge: {exc}", file=sys.stderr)
+            return 2
     try:
-        status, answers = find(
-            args.host, args.port, query, args.called_aet, args.calling_aet, timeout=args.timeout
-        )
-    except (OSError, ConnectionError, RuntimeError) as exc:
+        tls = _client_tls_context(args)
+        results = []
+        for station in stations:
+            query = worklist_query(
+                patient_id=args.patient_id,
+                accession=args.accession,
+                modality=args.modality,
+                station=station,
+                date=args.date,
+                patient_name=args.patient_name,
+            )
+            results.append(
+                find(
+                    args.host,
+                    args.port,
+                    query,
+                    args.called_aet,
+                    args.calling_aet,
+                    timeout=args.timeout,
+                    tls_context=tls,
+                )
+            )
+    except (OSError, ConnectionError, RuntimeError, ValueError) as exc:
         print(f"wlbridge: {exc}", file=sys.stderr)
         return 2
+    status = next((s for s, _ in results if s != 0), 0)
+    answers = merge_answers([a for _, a in results])
     print(format_table([title for _, title in QUERY_COLUMNS], answer_rows(answers)))
     print(f"{len(answers)} item(s), final status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from bridge.client import read_messages
-    from bridge.convert import convert_message
+def _stations_of(config: Path | None, called_aet: str) -> list[str]:
+    """Every station AE title a config names: station rules, the bridge's own AE title (the
+    station of orders no rule matches), allowed calling AE titles; and "" (the caller's own)."""
+    settings = load_settings(config)
+    titles = [t for rule in settings.station_rules for t in rule.ae_titles]
+    titles += [settings.ae_title, called_aet, *settings.allowed_calling_aets]
+    return ["", *dict.fromkeys(t for t in titles if t)]
 
-    overrides = {"worklist_dir": args.output} if args.output else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except (OSError, ValueError) as exc:
-        print(f"wlbridge: {exc}", file=sys.stderr)
+
+def _convert(args: argparse.Namespace) -> int:
+    from bridge.convert import Converter
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    messages = _read(args.files)
+    if messages is None:
         return 2
     failures = 0
-    for path, message in read_messages(args.files):
-        print(f"=== {path}")
-        report = convert_message(message, settings, write=args.output is not None)
-        print(report.text)
-        failures += report.ack_code != "AA"
+    try:
+        converter = Converter(settings, args.output)
+    except OSError as exc:
+        print(f"wlbridge: cannot use the output folder {args.output}: {exc}", file=sys.stderr)
+        return 2
+    with converter:
+        for path, message in messages:
+            print(f"=== {path}")
+            report = converter.convert(message)
+            print(report.text)
+            failures += report.ack_code != "AA"
     return 1 if failures else 0
 
 
@@ -199,13 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--modality", default="")
     query.add_argument("--station", default="", help="scheduled station AE title")
     query.add_argument("--date", default="", help="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    query.add_argument(
+        "--all-stations",
+        action="store_true",
+        help="one query per station AE title the config names, merged (for own-items-only)",
+    )
+    query.add_argument("--config", type=Path, help="the bridge's config, for --all-stations")
     query.add_argument("--timeout", type=float, default=30.0)
+    query.add_argument("--tls-ca", default="", help="DICOM over TLS: CA (PEM) of the server")
+    query.add_argument("--tls-cert", default="", help="client certificate (PEM)")
+    query.add_argument("--tls-key", default="", help="client private key (PEM)")
     query.set_defaults(func=_query)
 
-    convert = sub.add_parser("convert", help="map HL7 files to worklist items without a server")
+    convert = sub.add_parser(
+        "convert",
+        help="run HL7 files through the bridge's own pipeline, without a server",
+        description="Applies each message as `serve` would, with the same settings "
+        "(--config and the options of serve), and prints the items, the translation-log line "
+        "and the ACK.",
+    )
     convert.add_argument("files", nargs="+", type=Path)
-    convert.add_argument("-o", "--output", type=Path, help="write the .wl files to this folder")
-    convert.add_argument("--config", type=Path, help="TOML config file (mapping settings)")
+    convert.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write the .wl files to this folder (else: a temporary one)",
+    )
+    add_cli_options(convert)
     convert.set_defaults(func=_convert)
 
     outbox = sub.add_parser("outbox", help="list, retry or drop order status messages to send")
@@ -219,4 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `wlbridge convert ... | head`: the reader has seen enough
+        sys.stderr.close()
+        return 0

@@ -4,12 +4,18 @@ Every setting has one name; relative paths are relative to the working directory
 TOML file a name is written with dashes or underscores
 (`mllp-port = 2575`); on the command line as `--mllp-port 2575`. Settings whose values are
 structured (station rules) exist in the file only.
+
+Everything is checked on loading: each value's type, choices and ranges, AE titles, unknown keys.
+A mistake is a ConfigError: one sentence naming the file (or the command line), the setting and
+what to write instead. `check_files` adds, for the server, what can only be checked on disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,20 @@ from typing import Any
 
 SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
 FINISHED_STATUSES = ("COMPLETED", "DISCONTINUED", "CANCELED")
+# Scheduled Procedure Step Status (0040,0020), PS3.3 C.4.10: the terms an item may carry.
+SPS_STATUS_TERMS = (
+    "SCHEDULED",
+    "ARRIVED",
+    "READY",
+    "STARTED",
+    "DEPARTED",
+    "COMPLETED",
+    "DISCONTINUED",
+    "CANCELED",
+)
+PROCESSING_IDS = ("P", "T", "D")  # HL7 table 0103
+AE_TITLE_MAX = 16  # PS3.5 6.2: AE is at most 16 characters
+SH_MAX = 16
 
 
 def _opt(help_text: str, cli: bool = True, **kwargs: Any) -> Any:
@@ -224,31 +244,179 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _coerce(name: str, value: Any) -> Any:
-    f = setting_names()[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if name == "station_rules":
-        return [StationRule(**{k.replace("-", "_"): v for k, v in rule.items()}) for rule in value]
-    if name == "housekeeping":
-        return _housekeeping_rules(value)
-    if name == "outbound":
-        from bridge.outbox import receivers_from_toml
+class ConfigError(ValueError):
+    """A setting that cannot work, said as a sentence naming where it came from (the file or the
+    command line), the setting, and what to write instead."""
 
-        return receivers_from_toml(value)
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _origin(settings: Settings, name: str) -> str:
+    """Where a setting's value came from, for error messages."""
+    return getattr(settings, "sources", {}).get(name, "the defaults")
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        int: "a number",
+        float: "a number",
+        str: "the string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    shown = repr(value) if not isinstance(value, (list, dict)) else str(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_STATION_RULE_KEYS = {f.name: f for f in dataclasses.fields(StationRule)}
+
+
+def _station_rules(where: str, value: Any) -> list[StationRule]:
+    example = (
+        '[[station-rules]]\nmatch = { "OBR-24" = "CT" }\nae-titles = ["CT01"]\n'
+        'station-name = "CT ROOM 1"'
+    )
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise ConfigError(
+            f"{where}: station-rules must be tables written as [[station-rules]], "
+            f"not {_describe(value)}; for example:\n{example}"
+        )
+    rules = []
+    for n, table in enumerate(value, start=1):
+        here = f"{where}: station rule {n}"
+        values: dict[str, Any] = {}
+        for key, item in table.items():
+            name = key.replace("-", "_")
+            if name not in _STATION_RULE_KEYS:
+                known = [_dashed(k) for k in _STATION_RULE_KEYS]
+                raise ConfigError(
+                    f"{here}: unknown key {key!r}{_suggest(_dashed(name), known)}; "
+                    f"the keys of a station rule are {', '.join(known)}"
+                )
+            values[name] = item
+        match = values.get("match", {})
+        if not isinstance(match, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in match.items()
+        ):
+            raise ConfigError(
+                f"{here}: match must be a table of HL7 locations and values, "
+                f'e.g. match = {{ "OBR-24" = "CT" }}, not {_describe(match)}'
+            )
+        titles = values.get("ae_titles", [])
+        if isinstance(titles, str):
+            raise ConfigError(
+                f"{here}: ae-titles must be a list, e.g. ae-titles = [{titles!r}], "
+                f"not the string {titles!r}".replace("'", '"')
+            )
+        if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
+            raise ConfigError(
+                f'{here}: ae-titles must be a list of AE titles, e.g. ae-titles = ["CT01"], '
+                f"not {_describe(titles)}"
+            )
+        for title in titles:
+            problem = ae_title_problem(title)
+            if problem:
+                raise ConfigError(f"{here}: ae-titles: {problem}")
+        station_name = values.get("station_name", "")
+        if not isinstance(station_name, str):
+            raise ConfigError(
+                f'{here}: station-name must be a string, e.g. station-name = "CT ROOM 1", '
+                f"not {_describe(station_name)}"
+            )
+        if len(station_name) > SH_MAX:
+            raise ConfigError(
+                f"{here}: station-name {station_name!r} is {len(station_name)} characters; "
+                f"Scheduled Station Name (SH) holds at most {SH_MAX}"
+            )
+        rules.append(
+            StationRule(match=dict(match), ae_titles=list(titles), station_name=station_name)
+        )
+    return rules
+
+
+def _coerce(name: str, value: Any, where: str = "the command line") -> Any:
+    """The value of one setting in its type, or a ConfigError saying what to write instead."""
+    f = setting_names()[name]
+    default = _default_of(f)
+    key = _dashed(name)
+    if name == "station_rules":
+        return _station_rules(where, value)
+    if name in ("housekeeping", "outbound"):
+        try:
+            if name == "housekeeping":
+                return _housekeeping_rules(value)
+            from bridge.outbox import receivers_from_toml
+
+            return receivers_from_toml(value)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # the sentence names the file too
+            raise ConfigError(f"{where}: {exc}") from None
     if isinstance(default, Path):
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ConfigError(
+                f'{where}: {key} must be a folder path, e.g. {key} = "{default}", '
+                f"not {_describe(value)}"
+            )
         return Path(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false")
+            raise ConfigError(
+                f"{where}: {key} must be true or false (without quotes), not {_describe(value)}"
+            )
         return value
-    if isinstance(default, float) and isinstance(value, int):
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"{where}: {key} must be a number, e.g. {key} = {default}, not {_describe(value)}"
+            )
         return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"{where}: {key} must be a whole number without quotes, e.g. {key} = {default}, "
+                f"not {_describe(value)}"
+            )
+        return value
     if isinstance(default, list):
-        if not isinstance(value, list):
-            raise ValueError(f"{name} must be a list")
-        return [str(v) for v in value]
+        if isinstance(value, str):
+            raise ConfigError(
+                f'{where}: {key} must be a list, e.g. {key} = ["{value}"], not the string "{value}"'
+            )
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f'{where}: {key} must be a list of strings, e.g. {key} = ["A", "B"], '
+                f"not {_describe(value)}"
+            )
+        return list(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{key}] must be a table, not {_describe(value)}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(
+                f'{where}: {key} must be a string in quotes, e.g. {key} = "{value}", '
+                f"not {_describe(value)}"
+            )
+        return value
     if not isinstance(value, type(default)):
-        raise ValueError(f"{name} must be of type {type(default).__name__}")
+        raise ConfigError(f"{where}: {key} must be of type {type(default).__name__}")
     return value
 
 
@@ -285,48 +453,227 @@ def _housekeeping_rules(value: Any) -> list[HousekeepingRule]:
 
 
 def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from defaults, then the TOML file, then non-None overrides (command line)."""
+    """Settings from defaults, then the TOML file, then non-None overrides (command line).
+
+    Raises ConfigError (a ValueError) with a sentence for anything that could not work."""
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     known = setting_names()
     if config is not None:
-        with open(config, "rb") as f:
-            data = tomllib.load(f)
+        try:
+            with open(config, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{config}: no such config file") from None
+        except OSError as exc:
+            raise ConfigError(f"{config}: cannot read the config file: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config}: not valid TOML: the file is not UTF-8") from None
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ValueError(f"{config}: unknown setting {key!r}")
-            try:
-                values[name] = _coerce(name, value)
-            except ValueError as exc:  # the sentence names the file too
-                raise ValueError(f"{config}: {exc}") from None
+                dashed = [_dashed(k) for k in known]
+                raise ConfigError(
+                    f"{config}: unknown setting {key!r}{_suggest(_dashed(name), dashed)}; "
+                    f"the settings are listed in the README (known: {', '.join(dashed)})"
+                )
+            values[name] = _coerce(name, value, str(config))
+            sources[name] = str(config)
     for name, value in (overrides or {}).items():
         if value is not None and name in known:
-            values[name] = _coerce(name, value)
+            values[name] = _coerce(name, value, "the command line")
+            sources[name] = "the command line"
     settings = Settings(**values)
+    settings.sources = sources  # not a field: where each value came from, for error messages
     validate(settings)
     return settings
 
 
+def ae_title_problem(title: str) -> str:
+    """Why a string cannot be an AE title (PS3.5 6.2 AE; also a folder name in per-ae), or ""."""
+    if not isinstance(title, str):
+        return f"{title!r} is not a string"
+    if not 1 <= len(title) <= AE_TITLE_MAX:
+        return f"{title!r} is {len(title)} characters; an AE title has 1 to {AE_TITLE_MAX}"
+    if title != title.strip(" "):
+        return f"{title!r} has leading or trailing spaces; write {title.strip()!r}"
+    if not title.strip():
+        return "an AE title cannot be only spaces"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in title):
+        return f"{title!r} contains a control character"
+    if not title.isascii():
+        return f"{title!r} has characters outside ASCII (PS3.5: the default repertoire only)"
+    if "\\" in title:
+        return f"{title!r} contains a backslash (it separates values in DICOM)"
+    if "/" in title:
+        return f"{title!r} contains '/' (an AE title also names a folder)"
+    if title in (".", ".."):
+        return f"{title!r} cannot be an AE title (it names a folder)"
+    return ""
+
+
+def parse_sources(values: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """allowed-mllp-sources as networks (an address is a /32 or /128); ValueError otherwise."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(value) from None
+    return networks
+
+
+_CHOICES = {
+    "worklist_layout": ("flat", "per-ae"),
+    "translation_log_format": ("logfmt", "json"),
+    "missing_study_uid": ("derive", "reject"),
+    "overlong_values": ("reject", "truncate"),
+    "protocol_code_source": ("alternate-first", "primary", "alternate"),
+}
+# (setting, smallest value, whether the smallest is allowed)
+_LOWER_BOUNDS = {
+    "mllp_port": (0, True),
+    "dicom_port": (0, True),
+    "max_frame_size": (1024, True),
+    "idle_timeout": (0, False),
+    "max_connections": (1, True),
+    "finished_retention": (0, True),
+    "max_answers": (0, True),
+    "max_associations": (1, True),
+    "acse_timeout": (0, False),
+    "dimse_timeout": (0, False),
+    "network_timeout": (0, False),
+    "index_poll_interval": (0, False),
+}
+
+
 def validate(settings: Settings) -> None:
-    choices = {
-        "worklist_layout": ("flat", "per-ae"),
-        "translation_log_format": ("logfmt", "json"),
-        "missing_study_uid": ("derive", "reject"),
-        "overlong_values": ("reject", "truncate"),
-        "protocol_code_source": ("alternate-first", "primary", "alternate"),
-    }
-    for name, allowed in choices.items():
-        if getattr(settings, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}")
-    if not 1 <= len(settings.ae_title) <= 16:
-        raise ValueError("ae_title must be 1 to 16 characters")
+    """ConfigError for a combination of values that could not work as written."""
+
+    def fail(name: str, text: str) -> None:
+        raise ConfigError(f"{_origin(settings, name)}: {_dashed(name)}: {text}")
+
+    for name, allowed in _CHOICES.items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            fail(
+                name,
+                f"{value!r} is not one of {', '.join(allowed)}{_suggest(str(value), allowed)}",
+            )
+    for name, (low, inclusive) in _LOWER_BOUNDS.items():
+        value = getattr(settings, name)
+        if value < low or (value == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"more than {low}"
+            fail(name, f"{value} is too small: it must be {bound}")
+    for name in ("mllp_port", "dicom_port"):
+        if getattr(settings, name) > 65535:
+            fail(name, f"{getattr(settings, name)} is not a TCP port (0 to 65535)")
+    problem = ae_title_problem(settings.ae_title)
+    if problem:
+        fail("ae_title", problem)
+    for title in settings.allowed_calling_aets:
+        problem = ae_title_problem(title)
+        if problem:
+            fail("allowed_calling_aets", problem)
+    for status in settings.hidden_statuses:
+        if status not in SPS_STATUS_TERMS:
+            fail(
+                "hidden_statuses",
+                f"{status!r} is not a Scheduled Procedure Step Status term"
+                f"{_suggest(status.upper(), SPS_STATUS_TERMS)}; "
+                f"DICOM spells them {', '.join(SPS_STATUS_TERMS)}",
+            )
+    for pid in settings.processing_ids:
+        if pid not in PROCESSING_IDS:
+            fail("processing_ids", f"{pid!r} is not an HL7 processing ID (P, T or D)")
+    try:
+        parse_sources(settings.allowed_mllp_sources)
+    except ValueError as exc:
+        fail(
+            "allowed_mllp_sources",
+            f"{str(exc)!r} is not an IP address or network (like 10.1.2.3 or 10.1.2.0/24); "
+            "host names are not resolved: write the sending engine's address",
+        )
+    for side in ("mllp", "dicom"):
+        cert, key, ca = (f"{side}_tls_{part}" for part in ("cert", "key", "ca"))
+        if not getattr(settings, cert):
+            for other in (key, ca):
+                if getattr(settings, other):
+                    fail(
+                        other,
+                        f"set without {_dashed(cert)}: TLS needs the server's certificate "
+                        f"and key; set {_dashed(cert)} and {_dashed(key)}, or remove "
+                        f"{_dashed(other)} for plain TCP",
+                    )
     if settings.housekeeping_interval <= 0:
-        raise ValueError("housekeeping_interval must be above 0 seconds")
-    if settings.max_frame_size < 1024:
-        raise ValueError("max_frame_size must be at least 1024 bytes")
+        fail("housekeeping_interval", "must be above 0 seconds")
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
-    check_station_rules(settings.station_rules)
+    try:
+        check_station_rules(settings.station_rules)
+    except ValueError as exc:
+        raise ConfigError(f"{_origin(settings, 'station_rules')}: {exc}") from None
     from bridge.outbox import check_outbound
 
-    check_outbound(settings)
+    try:
+        check_outbound(settings)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{_origin(settings, 'outbound')}: {exc}") from None
+
+
+def check_files(settings: Settings) -> None:
+    """Start-up checks of what the server will open or write: ConfigError naming the setting.
+
+    Convert does not call this: it writes to a folder of its own and opens no listener."""
+
+    def fail(name: str, text: str) -> None:
+        raise ConfigError(f"{_origin(settings, name)}: {_dashed(name)}: {text}")
+
+    for side in ("mllp", "dicom"):
+        for part in ("cert", "key", "ca"):
+            name = f"{side}_tls_{part}"
+            path = getattr(settings, name)
+            if not path:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except FileNotFoundError:
+                fail(name, f"no such file: {Path(path).absolute()}")
+            except OSError as exc:
+                fail(name, f"cannot read {Path(path).absolute()}: {exc.strerror}")
+    rejected = settings.rejected_dir.absolute()
+    problem = _unwritable_folder(rejected)
+    if problem:
+        fail(
+            "rejected_dir",
+            f"cannot write to {rejected} ({problem}); give a folder the bridge's user can write",
+        )
+    if str(settings.translation_log) != "-":
+        folder = Path(settings.translation_log).absolute().parent
+        problem = _unwritable_folder(folder)
+        if problem:
+            fail(
+                "translation_log",
+                f"cannot write to the folder {folder} ({problem}); give a path the bridge's "
+                'user can write, or "-" for standard output',
+            )
+    if settings.worklist_dir.exists() and not settings.worklist_dir.is_dir():
+        fail("worklist_dir", f"{settings.worklist_dir.absolute()} is a file, not a folder")
+
+
+def _unwritable_folder(folder: Path) -> str:
+    """Why the bridge cannot create files in `folder` (creating it if missing), or ""."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return ""

@@ -4,18 +4,25 @@ The reactor thread does all HL7 work (so changes to one order never interleave),
 handlers and the housekeeping hand their changes to it (bridge.worklist_service); pynetdicom serves
 associations in its own threads and reads the index, which the reactor keeps in step with the
 folder. SIGINT and SIGTERM stop accepting, let the message in hand finish, close both servers.
+SIGHUP reopens the translation log at its configured path (after logrotate renamed it).
+
+A mistake in the settings stops start-up with a sentence (ConfigError) naming the setting.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
+import signal
 import sys
 
 from twisted.internet import reactor as default_reactor
 from twisted.internet import task, threads
+from twisted.internet.error import CannotListenError
 
 from bridge.cfind import start_dicom_server
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings, check_files, parse_sources
 from bridge.events import EventBus, PatientMerged, StatusChange
 from bridge.housekeeping import Housekeeping
 from bridge.index import WorklistIndex
@@ -34,15 +41,46 @@ log = logging.getLogger("bridge.server")
 SWEEP_INTERVAL = 60.0  # seconds between removals of finished items past their retention
 
 
+class AllowedSources:
+    """`allowed-mllp-sources` as networks: an address is allowed when any of them holds it
+    (what MLLPFactory asks with `in`; empty: any source)."""
+
+    def __init__(self, values: list[str]) -> None:
+        self.networks = parse_sources(values)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, host: object) -> bool:
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
+def _origin(settings: Settings, name: str) -> str:
+    return getattr(settings, "sources", {}).get(name, "the defaults")
+
+
 class BridgeServer:
     """Everything `serve` starts, so tests can run it in-process too."""
 
     def __init__(self, settings: Settings, reactor=default_reactor) -> None:
         self.settings = settings
         self.reactor = reactor
-        self.translation_log = TranslationLog(
-            settings.translation_log, settings.translation_log_format
-        )
+        check_files(settings)
+        try:
+            self.translation_log = TranslationLog(
+                settings.translation_log, settings.translation_log_format
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"{_origin(settings, 'translation_log')}: translation-log: cannot open "
+                f"{settings.translation_log} ({exc.strerror or exc})"
+            ) from None
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
         self.store = WorklistStore(settings, self.index)
         self.events = EventBus()
@@ -64,7 +102,25 @@ class BridgeServer:
         self._sweeper: task.LoopingCall | None = None
 
     def start(self) -> None:
-        leftovers = self.store.prepare()
+        s = self.settings
+        # The configured folder, not per-ae's sub-folder of our own AE title (made on first use).
+        created_empty = not s.worklist_dir.exists()
+        try:
+            leftovers = self.store.prepare()
+        except OSError as exc:
+            raise ConfigError(
+                f"{_origin(s, 'worklist_dir')}: worklist-dir: cannot use "
+                f"{self.store.folder.absolute()} ({exc.strerror or exc}); give a folder the "
+                "bridge's user can write"
+            ) from None
+        if created_empty:
+            # Said once and loudly: a typo in worklist-dir would otherwise serve an empty list.
+            log.warning(
+                "worklist-dir %s did not exist: created it EMPTY (from %s); if the worklist "
+                "is elsewhere, correct worklist-dir",
+                s.worklist_dir.absolute(),
+                _origin(s, "worklist_dir"),
+            )
         if leftovers:
             log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
         self.index.load(save_cache=False)  # written once both servers listen
@@ -72,7 +128,6 @@ class BridgeServer:
         if instances:
             log.info("%d MPPS instance(s) in %s", instances, self.mpps_store.folder)
         self.outbox.prepare()
-        s = self.settings
         factory = MLLPFactory(
             self.bridge.handle,
             max_frame_size=s.max_frame_size,
@@ -82,14 +137,26 @@ class BridgeServer:
             on_oversized=self.bridge.refuse_oversized,
             on_dropped=self.bridge.record_dropped,
         )
-        tls = mllp_tls_options(s)
-        if tls is not None:
-            self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
-        else:
-            self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
-        self.dicom_server = start_dicom_server(
-            s, self.index, ssl_context=dicom_ssl_context(s), extra_handlers=mpps_handlers(self.mpps)
-        )
+        factory.allowed_sources = AllowedSources(s.allowed_mllp_sources)  # networks, not strings
+        tls = self._tls("mllp", mllp_tls_options)
+        try:
+            if tls is not None:
+                self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
+            else:
+                self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
+        except CannotListenError as exc:
+            raise ConfigError(
+                self._cannot_listen("mllp_port", s.mllp_port, exc.socketError)
+            ) from None
+        ssl_context = self._tls("dicom", dicom_ssl_context)
+        try:
+            self.dicom_server = start_dicom_server(
+                s, self.index, ssl_context=ssl_context, extra_handlers=mpps_handlers(self.mpps)
+            )
+        except OSError as exc:
+            self.mllp_port.stopListening()
+            self.mllp_port = None
+            raise ConfigError(self._cannot_listen("dicom_port", s.dicom_port, exc)) from None
         self.index.start_watching(self.reactor)
         if self.index.cache_is_stale:
             threads.deferToThread(self.index.save_cache).addErrback(
@@ -107,15 +174,91 @@ class BridgeServer:
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         # Last: connections still open at shutdown are dropped after "before", and say so.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.translation_log.close)
-        log.info(
-            "wlbridge serving MLLP on %s:%d and DICOM %s on %s:%d, worklist %s",
-            s.host,
-            self.mllp_port.getHost().port,
-            s.ae_title,
-            s.host,
-            s.dicom_port,
-            self.store.folder,
+        # Once the reactor runs: its SIGINT/SIGTERM handlers are in place by then, so whoever
+        # waits for this line may stop the server at once.
+        self.reactor.callWhenRunning(lambda: log.info("%s", self.startup_line()))
+
+    def startup_line(self) -> str:
+        """What is on, in one line: each listener, its TLS, its allow-list, and the folder."""
+        s = self.settings
+
+        def tls(cert: str, ca: str) -> str:
+            if not cert:
+                return "plain TCP"
+            return "TLS, client certificate required" if ca else "TLS, no client certificate"
+
+        sources = ", ".join(s.allowed_mllp_sources) or "any"
+        callers = ", ".join(s.allowed_calling_aets) or "any"
+        dicom_port = self.dicom_server.server_address[1] if self.dicom_server else s.dicom_port
+        return (
+            f"wlbridge serving MLLP on {s.host}:{self.mllp_port.getHost().port} "
+            f"({tls(s.mllp_tls_cert, s.mllp_tls_ca)}; sources: {sources}) "
+            f"and DICOM {s.ae_title} on {s.host}:{dicom_port} "
+            f"({tls(s.dicom_tls_cert, s.dicom_tls_ca)}; calling AE titles: {callers}"
+            f"{'; own items only' if s.own_items_only else ''}), "
+            f"worklist {self.store.folder.absolute()} ({s.worklist_layout}, "
+            f"{len(self.index)} item(s))"
         )
+
+    def _tls(self, side: str, build):
+        """The listener's TLS options, or a ConfigError naming the settings that failed."""
+        try:
+            return build(self.settings)
+        except Exception as exc:  # OpenSSL and ssl errors have no common base
+            names = ", ".join(f"{side}-tls-{p}" for p in ("cert", "key", "ca"))
+            origin = _origin(self.settings, f"{side}_tls_cert")
+            raise ConfigError(
+                f"{origin}: {names}: cannot load the certificate, key or CA "
+                f"({type(exc).__name__}: {exc}); give PEM files, the key matching the certificate"
+            ) from None
+
+    def _cannot_listen(self, name: str, port: int, exc: object) -> str:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        flag = name.replace("_", "-")
+        where = (
+            f"{_origin(self.settings, name)}: {flag}: cannot listen on {self.settings.host}:{port}"
+        )
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            return (
+                f"{where} (port {port} is already in use); stop the other program that uses "
+                f"it, or choose another {flag}"
+            )
+        return (
+            f"{where} ({reason}); host must be an address of this machine (0.0.0.0: all), "
+            f"{flag} a port this user may open"
+        )
+
+    def reopen_log(self) -> None:
+        """Reopen the translation log (on the reactor thread)."""
+        try:
+            self.translation_log.reopen()
+        except OSError as exc:
+            log.error(
+                "cannot reopen the translation log %s: %s", self.settings.translation_log, exc
+            )
+            return
+        log.info("reopened the translation log %s", self.settings.translation_log)
+
+    def on_sighup(self, *_: object) -> None:
+        """SIGHUP: the translation log only. Reopened in the handler itself when the log is not
+        in the middle of a line, so that a message sent right after the signal is written to
+        the new file; otherwise on the reactor thread, once that line is done."""
+        try:
+            reopened = self.translation_log.reopen(blocking=False)
+        except OSError as exc:
+            self.reactor.callFromThread(
+                log.error,
+                "cannot reopen the translation log %s: %s",
+                self.settings.translation_log,
+                exc,
+            )
+            return
+        if reopened:
+            self.reactor.callFromThread(
+                log.info, "reopened the translation log %s", self.settings.translation_log
+            )
+        else:
+            self.reactor.callFromThread(self.reopen_log)
 
     def _sweep(self):
         """Find expired items in a worker thread (it reads files), delete them on this one."""
@@ -154,11 +297,15 @@ def serve(settings: Settings) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
-    server = BridgeServer(settings)
     try:
+        server = BridgeServer(settings)
         server.start()
-    except Exception as exc:
+    except ConfigError as exc:
         log.error("cannot start: %s", exc)
+        return 2
+    except Exception as exc:
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
         return 1
+    signal.signal(signal.SIGHUP, server.on_sighup)
     default_reactor.run()
     return 0

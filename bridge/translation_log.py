@@ -107,6 +107,7 @@ class TranslationLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(path, "a", encoding="utf-8", buffering=1)
             self._owned = True
+        self.path = None if str(target) == "-" else Path(target)
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one line; returns the record as written."""
@@ -130,6 +131,25 @@ class TranslationLog:
                 # A full or closed log must not cost the sender its ACK: the change is applied.
                 log.error("cannot write the translation log (%s): %s", exc, line)
         return record
+
+    def reopen(self, blocking: bool = True) -> bool:
+        """Open the configured path afresh (SIGHUP, after logrotate renamed the file): the next
+        line goes to a new file there. Raises OSError, keeping the old file, if it cannot.
+        With blocking=False (from a signal handler, which may have interrupted a write on this
+        very thread) returns False instead of waiting for the lock."""
+        if self.path is None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a", encoding="utf-8", buffering=1)
+        if not self._lock.acquire(blocking):
+            stream.close()
+            return False
+        try:
+            old, self._stream = self._stream, stream
+        finally:
+            self._lock.release()
+        old.close()
+        return True
 
     def close(self) -> None:
         if self._owned:

@@ -44,7 +44,7 @@ def test_serve_refuses_a_bad_config(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text("worklist-layout = 'nested'\n")
     assert main(["serve", "--config", str(config)]) == 2
-    assert "worklist_layout" in capsys.readouterr().err
+    assert "worklist-layout" in capsys.readouterr().err
 
 
 def test_version(capsys):
