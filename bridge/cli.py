@@ -1,4 +1,4 @@
-"""The `wlbridge` command: serve, send, query, convert, replay."""
+"""The `wlbridge` command: serve, send, query, convert, replay, mapping."""
 
 from __future__ import annotations
 
@@ -128,6 +128,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _mapping(args: argparse.Namespace) -> int:
+    """Print the field map in effect for a config: built-in rows, the site's rows and tables."""
+    from bridge.mapping import format_toml
+    from bridge.order import field_rows
+
+    try:
+        settings = load_settings(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    source = f"{args.config}" if args.config else "the built-in rows (no --config)"
+    print(f"# The field map in effect for {source}. A row: DICOM keyword = HL7 location, or a")
+    print("# list (first non-empty wins); ORM covers OMG^O19. See docs/mapping.md.")
+    print(format_toml(field_rows(settings)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlbridge", description="HL7 v2 orders to a DICOM Modality Worklist."
@@ -174,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", type=Path, help="write the .wl files to this folder")
     convert.add_argument("--config", type=Path, help="TOML config file (mapping settings)")
     convert.set_defaults(func=_convert)
+
+    mapping = sub.add_parser("mapping", help="print the HL7 -> DICOM field map in effect")
+    mapping.add_argument("--config", type=Path, help="TOML config file ([mapping], [code-tables])")
+    mapping.set_defaults(func=_mapping)
     return parser
 
 

@@ -90,6 +90,18 @@ class Settings:
     station_rules: list[StationRule] = _opt(
         "scheduled station rules (config file only)", cli=False, default_factory=list
     )
+    mapping: dict[str, Any] = _opt(
+        "[mapping] rows: DICOM keyword = HL7 location or list of them, replacing the built-in "
+        "row of that attribute (config file only)",
+        cli=False,
+        default_factory=dict,
+    )
+    code_tables: dict[str, dict[str, str]] = _opt(
+        '[code-tables.<keyword>] translations of mapped values; "*" for anything unlisted '
+        "(config file only)",
+        cli=False,
+        default_factory=dict,
+    )
 
     # Worklist life cycle
     hidden_statuses: list[str] = _opt(
@@ -222,3 +234,6 @@ def validate(settings: Settings) -> None:
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     check_station_rules(settings.station_rules)
+    from bridge.mapping import check_mapping  # [mapping] and [code-tables]: attributes, locations
+
+    check_mapping(settings.mapping, settings.code_tables)
