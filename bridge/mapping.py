@@ -170,9 +170,9 @@ def _code_tables(code_tables: dict, kinds: dict[str, str]) -> dict[str, tuple]:
         if attribute.keyword in tables:
             raise ValueError(f"{setting}: {attribute.keyword} has a code table already")
         kind = kinds.get(attribute.keyword, default_kind(attribute))
-        if kind in _NOT_TRANSLATED:
+        if kind in _NOT_TRANSLATED or attribute.vr in ("SQ", "DA", "TM"):
             raise ValueError(
-                f"{setting}: {attribute.keyword} is not a single code ({KINDS[kind]}); "
+                f"{setting}: {attribute.keyword} ({attribute.vr}) is not a single code; "
                 "a code table cannot translate it"
             )
         if not isinstance(table, dict):
