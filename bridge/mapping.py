@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.attributes import DERIVED, ORDER, PATIENT, Attribute, find
@@ -53,14 +52,13 @@ class Row:
     kind: str
     origin: str = "built-in"  # or "site"
     codes: tuple[tuple[str, str], ...] = ()  # the code table, in the order written
+    # the locations parsed once, (segment, field, component), for the reader
+    orm_sources: tuple[tuple[str, int, int], ...] = field(init=False, repr=False, compare=False)
+    omi_sources: tuple[tuple[str, int, int], ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def orm_sources(self) -> tuple[tuple[str, int, int], ...]:
-        return tuple(parse(text) for text in self.orm)
-
-    @property
-    def omi_sources(self) -> tuple[tuple[str, int, int], ...]:
-        return tuple(parse(text) for text in self.omi)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "orm_sources", tuple(parse(text) for text in self.orm))
+        object.__setattr__(self, "omi_sources", tuple(parse(text) for text in self.omi))
 
 
 def parse(location: str) -> tuple[str, int, int]:
@@ -226,16 +224,25 @@ def effective_rows(defaults: tuple[Row, ...], mapping: dict, code_tables: dict) 
     attribute; the site's rows for other attributes follow; code tables attached."""
     if not mapping and not code_tables:
         return defaults
-    key = json.dumps(mapping, default=str), json.dumps(code_tables, default=str)
-    return _effective(defaults, *key)
+    key = (id(defaults), repr(mapping), repr(code_tables))  # TOML values: repr is exact
+    cached = _EFFECTIVE.get(key)
+    if cached is not None and cached[0] is defaults:
+        return cached[1]
+    rows = _effective(defaults, mapping, code_tables)
+    if len(_EFFECTIVE) >= 16:  # per message otherwise; a process has one or two configs
+        _EFFECTIVE.clear()
+    _EFFECTIVE[key] = (defaults, rows)
+    return rows
 
 
-@lru_cache(maxsize=16)  # per message otherwise; the key is the settings' text
-def _effective(defaults: tuple[Row, ...], mapping_json: str, tables_json: str) -> tuple[Row, ...]:
+_EFFECTIVE: dict[tuple[int, str, str], tuple[tuple[Row, ...], tuple[Row, ...]]] = {}
+
+
+def _effective(defaults: tuple[Row, ...], mapping: dict, code_tables: dict) -> tuple[Row, ...]:
     by_keyword = {row.keyword: row for row in defaults}
-    site = _site_rows(json.loads(mapping_json), by_keyword)
+    site = _site_rows(mapping, by_keyword)
     merged = {**by_keyword, **site}
-    tables = _code_tables(json.loads(tables_json), {k: r.kind for k, r in merged.items()})
+    tables = _code_tables(code_tables, {k: r.kind for k, r in merged.items()})
     rows = []
     for keyword, row in merged.items():
         if keyword in tables:

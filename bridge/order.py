@@ -228,11 +228,6 @@ def field_rows(settings: Settings) -> tuple[Row, ...]:
     return effective_rows(DEFAULT_ROWS, settings.mapping, settings.code_tables)
 
 
-@lru_cache(maxsize=256)
-def _row_sources(row: Row) -> tuple[tuple, tuple]:
-    return row.orm_sources, row.omi_sources
-
-
 def err_location(segment: Segment, field_no: int, component: int = 1, repetition: int = 1) -> str:
     """ERR-2 location `SEG^sequence^field[^repetition^component]`."""
     location = f"{segment.name}^{segment.occurrence}^{field_no}"
@@ -572,8 +567,7 @@ def _read_step(
         )
     reader = _StepReader(message, group, ipc, settings)
     for row in field_rows(settings):
-        orm_sources, omi_sources = _row_sources(row)
-        reader.read(row.keyword, omi_sources if omi else orm_sources, row.kind)
+        reader.read(row.keyword, row.omi_sources if omi else row.orm_sources, row.kind)
         if row.codes:
             reader.translate(row.keyword, row.codes)
     values = reader.values
