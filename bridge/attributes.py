@@ -101,7 +101,12 @@ _ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("FillerOrderNumberImagingServiceRequest",         "top", "3",  ORDER),
     ("ReasonForTheRequestedProcedure",                 "top", "3",  ORDER),
     ("TimezoneOffsetFromUTC",                          "top", "3",  DERIVED),  # with the date
+    # no built-in row: for a site's [mapping]
+    ("RequestingService",                              "top", "3",  ORDER),
+    ("RequestedProcedureComments",                     "top", "3",  ORDER),
+    ("ImagingServiceRequestComments",                  "top", "3",  ORDER),
     ("ScheduledProcedureStepStatus",                   "sps", "3",  DERIVED),  # ORC-1 + ORC-5
+    ("CommentsOnTheScheduledProcedureStep",            "sps", "3",  ORDER),
     # the items of the code sequences
     ("CodeValue",                                      "code", "1", NONE),
     ("CodingSchemeDesignator",                         "code", "1", NONE),

@@ -202,6 +202,20 @@ def test_a_new_row_for_an_attribute_without_a_built_in_one(tmp_path):
     assert item_of(text, Settings()).SpecialNeeds in ("", None)  # Type 2: present, empty
 
 
+def test_an_optional_attribute_is_written_only_when_its_row_finds_a_value(tmp_path):
+    settings = load_settings(
+        config(
+            tmp_path,
+            '[mapping]\nRequestingService = "PV1-3"\nRequestedProcedureComments = "OBR-13"\n',
+        )
+    )
+    item = item_of(with_field(orm(), "OBR", 13, "Pacemaker"), settings)
+    assert item.RequestingService == "RAD" and item.RequestedProcedureComments == "Pacemaker"
+    item = item_of(orm(), settings)
+    assert "RequestedProcedureComments" not in item  # Type 3: absent rather than empty
+    assert "RequestingService" not in item_of(orm(), Settings())
+
+
 @pytest.mark.parametrize(
     ("text", "setting", "says"),
     [
