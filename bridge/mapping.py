@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.attributes import DERIVED, ORDER, PATIENT, Attribute, find
+from bridge.attributes import DERIVED, ORDER, PATIENT, SPS_SEQUENCE, Attribute, find
 
 # The segments a step is read from, and their fields in HL7 v2.5.1 (the latest version read;
 # earlier ones have fewer). ZDS is IHE's Z-segment: ZDS-1 is the Study Instance UID.
@@ -121,6 +121,18 @@ def _attribute(name: Any, setting: str) -> Attribute:
     return attribute
 
 
+def _flatten(table: dict) -> dict:
+    """`ScheduledProcedureStepSequence.Modality = ...` written without quotes is a nested table
+    in TOML: the same as the quoted key."""
+    flat = {}
+    for name, value in table.items():
+        if name == SPS_SEQUENCE and isinstance(value, dict) and not set(value) & set(FAMILIES):
+            flat.update({f"{SPS_SEQUENCE}.{key}": inner for key, inner in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
 def default_kind(attribute: Attribute) -> str:
     """How a site's row for an attribute without a built-in row is read."""
     return {"PN": "xcn", "CS": "upper"}.get(attribute.vr, "text")
@@ -131,7 +143,7 @@ def _site_rows(mapping: dict, defaults: dict[str, Row]) -> dict[str, Row]:
         raise ValueError('mapping must be a table: [mapping] with rows like Modality = "OBR-24"')
     rows: dict[str, Row] = {}
     named: dict[str, str] = {}
-    for name, value in mapping.items():
+    for name, value in _flatten(mapping).items():
         setting = f"mapping.{name}"
         attribute = _attribute(name, setting)
         if attribute.keyword in named:
@@ -162,7 +174,7 @@ def _code_tables(code_tables: dict, kinds: dict[str, str]) -> dict[str, tuple]:
     if not isinstance(code_tables, dict):
         raise ValueError('code-tables must be tables: [code-tables.Modality] with RX = "CR"')
     tables: dict[str, tuple] = {}
-    for name, table in code_tables.items():
+    for name, table in _flatten(code_tables).items():
         setting = f"code-tables.{name}"
         attribute = _attribute(name, setting)
         if attribute.keyword in tables:

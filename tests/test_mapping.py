@@ -175,6 +175,17 @@ def test_bare_keyword_and_sequence_path_mean_the_same_attribute(tmp_path):
     assert item_of(orm(), tables).ScheduledProcedureStepSequence[0].Modality == "MR"
 
 
+def test_an_unquoted_sequence_path_is_the_same_key(tmp_path):
+    # TOML reads ScheduledProcedureStepSequence.Modality without quotes as a nested table
+    text = (
+        '[mapping]\nScheduledProcedureStepSequence.Modality = "OBR-4.1"\n'
+        '[code-tables.ScheduledProcedureStepSequence.Modality]\nMR = "OT"\n'
+    )
+    settings = load_settings(config(tmp_path, text))
+    item = item_of(orm(procedure="MR^MR brain^LOCAL"), settings)
+    assert item.ScheduledProcedureStepSequence[0].Modality == "OT"
+
+
 def test_a_family_table_sets_orm_and_omi_sources_apart(tmp_path):
     settings = load_settings(
         config(tmp_path, '[mapping]\nCurrentPatientLocation = { ORM = "PV1-3.4" }\n')
