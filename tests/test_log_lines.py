@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bridge.client import MLLPClient
 from bridge.config import StationRule
+from bridge.hl7message import parse_message
 from bridge.translation_log import FIELD_ORDER
 from tests.conftest import SAMPLES
 from tests.messages import orm
@@ -129,3 +130,12 @@ def test_readme_lists_the_keys_in_the_order_lines_have_them():
     sentence = section.split("The keys, in order:", 1)[1].split(". `station`", 1)[0]
     named = re.findall(r"`([a-z_]+)`", sentence)
     assert named == list(FIELD_ORDER)
+
+
+def test_readme_quick_start_queries_the_modality_of_the_order_it_sends():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    [sample] = re.findall(r"wlbridge send samples/(\S+)", quick)
+    modality = parse_message((SAMPLES / sample).read_bytes()).first("OBR").value(24)
+    assert re.findall(r"query --modality (\S+)", quick) == [modality]
+    assert re.findall(r"Modality=(\w+)", quick) == [modality]
