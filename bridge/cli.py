@@ -1,4 +1,4 @@
-"""The `wlbridge` command: serve, send, query, convert, replay, outbox."""
+"""The `wlbridge` command: serve, send, query, convert, replay, outbox, mapping."""
 
 from __future__ import annotations
 
@@ -240,6 +240,23 @@ def _outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mapping(args: argparse.Namespace) -> int:
+    """Print the field map in effect for a config: built-in rows, the site's rows and tables."""
+    from bridge.mapping import format_toml
+    from bridge.order import field_rows
+
+    try:
+        settings = load_settings(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    source = f"{args.config}" if args.config else "the built-in rows (no --config)"
+    print(f"# The field map in effect for {source}. A row: DICOM keyword = HL7 location, or a")
+    print("# list (first non-empty wins); ORM covers OMG^O19. See docs/mapping.md.")
+    print(format_toml(field_rows(settings)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlbridge", description="HL7 v2 orders to a DICOM Modality Worklist."
@@ -313,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("--config", type=Path, help="TOML config file (for outbox-dir)")
     outbox.add_argument("--outbox-dir", type=Path, help="the outbox folder (default ./outbox)")
     outbox.set_defaults(func=_outbox)
+    mapping = sub.add_parser("mapping", help="print the HL7 -> DICOM field map in effect")
+    mapping.add_argument("--config", type=Path, help="TOML config file ([mapping], [code-tables])")
+    mapping.set_defaults(func=_mapping)
     return parser
 
 

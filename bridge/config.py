@@ -164,6 +164,18 @@ class Settings:
     station_rules: list[StationRule] = _opt(
         "scheduled station rules (config file only)", cli=False, default_factory=list
     )
+    mapping: dict[str, Any] = _opt(
+        "[mapping] rows: DICOM keyword = HL7 location or list of them, replacing the built-in "
+        "row of that attribute (config file only)",
+        cli=False,
+        default_factory=dict,
+    )
+    code_tables: dict[str, dict[str, str]] = _opt(
+        '[code-tables.<keyword>] translations of mapped values; "*" for anything unlisted '
+        "(config file only)",
+        cli=False,
+        default_factory=dict,
+    )
 
     # Worklist life cycle
     hidden_statuses: list[str] = _opt(
@@ -615,6 +627,14 @@ def validate(settings: Settings) -> None:
         check_station_rules(settings.station_rules)
     except ValueError as exc:
         raise ConfigError(f"{_origin(settings, 'station_rules')}: {exc}") from None
+    from bridge.mapping import check_mapping  # [mapping] and [code-tables]: attributes, locations
+
+    try:
+        check_mapping(settings.mapping, settings.code_tables)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{_origin(settings, 'mapping')}: {exc}") from None
     from bridge.outbox import check_outbound
 
     try:

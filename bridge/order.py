@@ -5,9 +5,11 @@ Step (one per ORC/OBR group, or per IPC segment), each with the action the order
 gives it. A patient message (ADT) becomes a `PatientUpdate`. Anything else is refused with an
 HL7Error that the ACK reports.
 
-The field map is `ORDER_FIELDS` below; `docs/mapping.md` describes it with every setting that
-changes it. Values are read here and stored under their DICOM keyword in `ProcedureStep.values`;
-`bridge.worklist_item` turns them into a dataset and checks their lengths.
+The built-in field map is `ORDER_FIELDS` below; a site's `[mapping]` and `[code-tables]`
+(`bridge.mapping`) replace its rows; `docs/mapping.md` describes it with every setting that
+changes it, and `wlbridge mapping` prints the rows in effect. Values are read here and stored
+under their DICOM keyword in `ProcedureStep.values`; `bridge.worklist_item` turns them into a
+dataset and checks their lengths.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bridge.errors import (
     HL7Error,
 )
 from bridge.hl7message import HL7Message, Segment
+from bridge.mapping import Row, default_rows, effective_rows, translate
 
 
 class Action(Enum):
@@ -139,7 +142,8 @@ def order_control(control: str, status: str, orc: Segment | None = None) -> tupl
 # --- The field map ----------------------------------------------------------------------------
 
 # One row per DICOM attribute: where it comes from in ORM^O01 / OMG^O19 and in OMI^O23 ("=": the
-# same), the first non-empty source winning, and how the HL7 value is read. "" means no source.
+# same), the first non-empty source winning, and how the HL7 value is read (mapping.KINDS).
+# "" means no source. A location without a component is its first component.
 # fmt: off
 ORDER_FIELDS: tuple[tuple[str, str, str, str], ...] = (
     # DICOM keyword                             ORM, OMG         OMI              kind
@@ -156,6 +160,7 @@ ORDER_FIELDS: tuple[tuple[str, str, str, str], ...] = (
     ("RequestingPhysician",                    "ORC-12 OBR-16", "=",             "xcn"),
     ("ScheduledPerformingPhysicianName",       "OBR-34",        "=",             "ndl"),
     ("ReferringPhysicianName",                 "PV1-8",         "=",             "xcn"),
+    ("CurrentPatientLocation",                 "PV1-3",         "=",             "text"),
     ("PatientState",                           "OBR-12",        "=",             "cwe-text"),
     ("MedicalAlerts",                          "OBR-13",        "=",             "text"),
     ("PatientTransportArrangements",           "OBR-30",        "=",             "text"),
@@ -214,15 +219,13 @@ def parse_location(text: str) -> tuple[str, int, int]:
     return segment, int(field_text), int(component or 1)
 
 
-def _sources(text: str) -> tuple[tuple[str, int, int], ...]:
-    return tuple(parse_location(t) for t in text.split())
+# checked against the attribute registry at import: a row it lacks fails here, not per message
+DEFAULT_ROWS: tuple[Row, ...] = default_rows(ORDER_FIELDS)
 
 
-# precomputed at import: keyword -> (sources for ORM/OMG, sources for OMI, kind)
-_FIELD_TABLE = [
-    (keyword, _sources(orm), _sources(orm if omi == "=" else omi), kind)
-    for keyword, orm, omi, kind in ORDER_FIELDS
-]
+def field_rows(settings: Settings) -> tuple[Row, ...]:
+    """The rows in effect: the built-in ones with the site's `[mapping]` and `[code-tables]`."""
+    return effective_rows(DEFAULT_ROWS, settings.mapping, settings.code_tables)
 
 
 def err_location(segment: Segment, field_no: int, component: int = 1, repetition: int = 1) -> str:
@@ -373,6 +376,14 @@ class _StepReader:
     def read(self, keyword: str, sources: tuple[tuple[str, int, int], ...], kind: str) -> None:
         reader = getattr(self, "_" + kind.replace("-", "_"))
         reader(keyword, sources)
+
+    def translate(self, keyword: str, codes: tuple[tuple[str, str], ...]) -> None:
+        """The site's code table applied to the value just read (each value, if several)."""
+        value = self.values.get(keyword, "")
+        if isinstance(value, list):
+            self.values[keyword] = [translate(v, codes) for v in value]
+        elif isinstance(value, str):
+            self.values[keyword] = translate(value, codes)
 
     def _text(self, keyword: str, sources) -> None:
         value, location, _ = self.first(sources)
@@ -555,8 +566,10 @@ def _read_step(
             f"the order at segment {orc.position} has no OBR segment",
         )
     reader = _StepReader(message, group, ipc, settings)
-    for keyword, orm_sources, omi_sources, kind in _FIELD_TABLE:
-        reader.read(keyword, omi_sources if omi else orm_sources, kind)
+    for row in field_rows(settings):
+        reader.read(row.keyword, row.omi_sources if omi else row.orm_sources, row.kind)
+        if row.codes:
+            reader.translate(row.keyword, row.codes)
     values = reader.values
 
     obr = group.obr

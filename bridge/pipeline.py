@@ -47,6 +47,8 @@ class Outcome:
     patient_id: str = ""
     error: HL7Error | None = None
     kept_as: str = ""
+    # the message's procedure steps, for what each became (station, modality, start)
+    steps: list[order.ProcedureStep] = field(default_factory=list)
 
 
 def interpret(message: HL7Message, settings: Settings) -> OrderMessage | PatientUpdate | Ignored:
@@ -104,6 +106,8 @@ class Bridge:
         try:
             message = parse_message(raw)
             intent = interpret(message, self.settings)
+            if isinstance(intent, OrderMessage):
+                result.steps = intent.steps
             self._apply(message, intent, result)
         except HL7Error as exc:
             # Without its traceback: the frames would tie the message's text into a reference
@@ -121,6 +125,7 @@ class Bridge:
         if result.error is not None:
             result.outcomes.append("rejected")  # after the steps a failure left applied, if any
             result.kept_as = self._keep_rejected(raw, header, result.error)
+            _add_readable_ids(result, raw, message)
         ack = build_ack(
             header,
             result.ack_code,
@@ -143,6 +148,7 @@ class Bridge:
         )
         ack = build_ack(header, "AR", [error], text=error.text)
         result = Outcome(ack_code="AR", outcomes=["rejected"], error=error)
+        _add_readable_ids(result, head, None)
         self._record(peer, header, None, result, ack, time.perf_counter())
         return ack
 
@@ -338,11 +344,105 @@ class Bridge:
             outcome=",".join(result.outcomes),
             ack=ack_code or result.ack_code,
             file=",".join(result.files),
+            **_step_fields(result),
             reason=reason,
             kept_as=result.kept_as,
             note="; ".join(message.notes) if message is not None else "",
             ms=f"{(time.perf_counter() - started) * 1000:.1f}",
         )
+
+
+def _step_fields(result: Outcome) -> dict[str, str]:
+    """station, modality, sps_date, sps_time of the steps applied (comma-separated, in order)."""
+    steps = result.steps[: len(result.files)]  # those applied: one file each
+
+    def joined(keyword: str) -> str:
+        values = []
+        for step in steps:
+            value = step.values.get(keyword, "")
+            values.append("+".join(value) if isinstance(value, list) else str(value))
+        return ",".join(values) if any(values) else ""
+
+    return {
+        "station": joined("ScheduledStationAETitle"),
+        "modality": joined("Modality"),
+        "sps_date": joined("ScheduledProcedureStepStartDate"),
+        "sps_time": joined("ScheduledProcedureStepStartTime"),
+    }
+
+
+MAX_READ_SEGMENTS = 1000  # segments looked at for a rejected message's identifiers
+MAX_READ_ORDERS = 32  # order controls and accession numbers kept from one rejected message
+MAX_ID_LENGTH = 64  # characters of an identifier written to the log
+
+
+def _add_readable_ids(result: Outcome, raw: bytes, message: HL7Message | None) -> None:
+    """A rejected message's accession numbers, order controls and patient ID, as far as they
+    can be read (from the raw segments when parsing failed), for its log line."""
+    if not (result.order_controls and result.accessions and result.patient_id):
+        try:
+            controls, accessions, patient_id = (
+                _ids_of_message(message) if message is not None else _ids_of_raw(raw)
+            )
+        except Exception:  # best effort: the line must be written whatever the bytes are
+            controls, accessions, patient_id = [], [], ""
+        # what the steps applied before the failure said stays
+        result.order_controls = result.order_controls or controls[:MAX_READ_ORDERS]
+        result.accessions = result.accessions or accessions[:MAX_READ_ORDERS]
+        result.patient_id = result.patient_id or patient_id
+    result.order_controls = [c[:MAX_ID_LENGTH] for c in result.order_controls]
+    result.accessions = [a[:MAX_ID_LENGTH] for a in result.accessions]
+    result.patient_id = result.patient_id[:MAX_ID_LENGTH]
+
+
+def _ids_of_message(message: HL7Message) -> tuple[list[str], list[str], str]:
+    controls = [orc.value(1).strip().upper() for orc in message.all("ORC")]
+    ipcs = message.all("IPC")
+    if ipcs:
+        accessions = [ipc.value(1).strip() for ipc in ipcs]
+    else:
+        accessions = [obr.value(18).strip() for obr in message.all("OBR")]
+    patient_id = ""
+    pid = message.first("PID")
+    if pid is not None:
+        for repetition in pid.repetitions(3):
+            patient_id = pid.leaf(repetition, 1).strip()
+            if patient_id:
+                break
+    return controls, accessions, patient_id
+
+
+def _ids_of_raw(raw: bytes) -> tuple[list[str], list[str], str]:
+    """The same from bytes that did not parse: separators from MSH, else the usual ones."""
+    text = raw.lstrip(b"\x0b\r\n\t ")
+    field_sep, component, repetition = b"|", b"^", b"~"
+    if text.startswith(b"MSH") and len(text) >= 6:
+        field_sep, component, repetition = text[3:4], text[4:5], text[5:6]
+    controls: list[str] = []
+    obr_accessions: list[str] = []
+    ipc_accessions: list[str] = []
+    patient_id = ""
+    for line in re.split(rb"[\r\n]+", text, maxsplit=MAX_READ_SEGMENTS)[:MAX_READ_SEGMENTS]:
+        fields = line.split(field_sep)
+        name = fields[0].strip()
+        if name == b"ORC":
+            controls.append(_first_component(fields, 1, component, repetition).upper())
+        elif name == b"OBR":
+            obr_accessions.append(_first_component(fields, 18, component, repetition))
+        elif name == b"IPC":
+            ipc_accessions.append(_first_component(fields, 1, component, repetition))
+        elif name == b"PID" and not patient_id:
+            patient_id = _first_component(fields, 3, component, repetition)
+    return controls, ipc_accessions or obr_accessions, patient_id
+
+
+def _first_component(fields: list[bytes], no: int, component: bytes, repetition: bytes) -> str:
+    value = fields[no] if len(fields) > no else b""
+    value = value.split(repetition)[0].split(component)[0].strip()
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _status(item: Dataset) -> str:

@@ -35,6 +35,10 @@ FIELD_ORDER = (
     "ack",
     "status",  # MPPS: the DIMSE status answered
     "file",
+    "station",
+    "modality",
+    "sps_date",
+    "sps_time",
     "reason",
     "attempt",  # outbound: the delivery attempt's number
     "kept_as",

@@ -18,6 +18,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from bridge.attributes import ATTRIBUTES, MAX_LENGTH, by_level
 from bridge.errors import DATA_TYPE_ERROR, HL7Error
 
 if TYPE_CHECKING:
@@ -32,68 +33,14 @@ python_encoding.setdefault("ISO_IR 203", "iso8859_15")
 SPS_STATUSES = ("SCHEDULED", "ARRIVED", "READY", "STARTED", "COMPLETED", "DISCONTINUED", "CANCELED")
 
 # PS3.4 Table K.6-1: return key types of the top level ("1C"/"2C": conditional; a 1C key is
-# present only with a value). Optional (Type 3) keys the bridge also fills follow in TOP_LEVEL.
-# fmt: off
-REQUIRED_KEYS: dict[str, str] = {
-    # Scheduled Procedure Step
-    "ScheduledProcedureStepSequence": "1",
-    # Requested Procedure
-    "RequestedProcedureID": "1",
-    "RequestedProcedureDescription": "1C",  # required if RequestedProcedureCodeSequence is absent
-    "RequestedProcedureCodeSequence": "1C",  # required if RequestedProcedureDescription is absent
-    "StudyInstanceUID": "1",
-    "ReferencedStudySequence": "2",
-    "RequestedProcedurePriority": "2",
-    "PatientTransportArrangements": "2",
-    # Imaging Service Request
-    "AccessionNumber": "2",
-    "RequestingPhysician": "2",
-    "ReferringPhysicianName": "2",
-    # Visit Identification, Status and Relationship
-    "AdmissionID": "2",
-    "CurrentPatientLocation": "2",
-    "ReferencedPatientSequence": "2",
-    # Patient Identification and Demographics
-    "PatientName": "1",
-    "PatientID": "1",
-    "PatientBirthDate": "2",
-    "PatientSex": "2",
-    "PatientWeight": "2",
-    "ConfidentialityConstraintOnPatientDataDescription": "2",
-    # Patient Medical
-    "PatientState": "2",
-    "PregnancyStatus": "2",
-    "MedicalAlerts": "2",
-    "Allergies": "2",
-    "SpecialNeeds": "2",
-}
+# present only with a value), from the attribute registry. Optional (Type 3) keys the bridge
+# also fills follow in TOP_LEVEL_OPTIONAL.
+REQUIRED_KEYS: dict[str, str] = {a.keyword: a.type for a in by_level("top") if a.type != "3"}
 # the same for the (single) item of ScheduledProcedureStepSequence
-SPS_REQUIRED_KEYS: dict[str, str] = {
-    "ScheduledStationAETitle": "1",
-    "ScheduledProcedureStepStartDate": "1",
-    "ScheduledProcedureStepStartTime": "1",
-    "Modality": "1",
-    "ScheduledPerformingPhysicianName": "2",
-    "ScheduledProcedureStepDescription": "1C",  # required if ScheduledProtocolCodeSequence absent
-    "ScheduledProtocolCodeSequence": "1C",  # required if ScheduledProcedureStepDescription absent
-    "ScheduledStationName": "2",
-    "ScheduledProcedureStepLocation": "2",
-    "PreMedication": "2C",  # "required if pre-medication is to be given": kept, empty if unknown
-    "ScheduledProcedureStepID": "1",
-    "RequestedContrastAgent": "2C",  # likewise
-}
-# fmt: on
+SPS_REQUIRED_KEYS: dict[str, str] = {a.keyword: a.type for a in by_level("sps") if a.type != "3"}
 # optional (Type 3) keys, written when the message has a value
-TOP_LEVEL_OPTIONAL = (
-    "IssuerOfPatientID",
-    "PatientAddress",
-    "PatientSize",
-    "PlacerOrderNumberImagingServiceRequest",
-    "FillerOrderNumberImagingServiceRequest",
-    "ReasonForTheRequestedProcedure",
-    "TimezoneOffsetFromUTC",
-)
-SPS_OPTIONAL = ("ScheduledProcedureStepStatus",)
+TOP_LEVEL_OPTIONAL = tuple(a.keyword for a in by_level("top") if a.type == "3")
+SPS_OPTIONAL = tuple(a.keyword for a in by_level("sps") if a.type == "3")
 PATIENT_KEYS = (
     "PatientName",
     "PatientID",
@@ -103,24 +50,8 @@ PATIENT_KEYS = (
     "PatientAddress",
 )
 
-# the longest value (in characters) of each VR the item uses; PN: per component group
-MAX_LENGTH = {
-    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "IS": 12, "LO": 64, "PN": 64, "SH": 16,
-    "TM": 16, "UI": 64, "ST": 1024, "LT": 10240,
-}  # fmt: skip
-_VR = {
-    kw: dictionary_VR(tag_for_keyword(kw))
-    for kw in (
-        *REQUIRED_KEYS,
-        *SPS_REQUIRED_KEYS,
-        *TOP_LEVEL_OPTIONAL,
-        *SPS_OPTIONAL,
-        "CodeValue",
-        "CodingSchemeDesignator",
-        "CodeMeaning",
-    )
-}
-_TAG = {kw: tag_for_keyword(kw) for kw in _VR}
+_VR = {keyword: a.vr for keyword, a in ATTRIBUTES.items()}
+_TAG = {keyword: a.tag for keyword, a in ATTRIBUTES.items()}
 _CS = re.compile(r"[A-Z0-9 _]*")
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _SPS_KEYS = frozenset(SPS_REQUIRED_KEYS) | frozenset(SPS_OPTIONAL)
