@@ -12,7 +12,9 @@ from bridge.config import add_cli_options, load_settings
 
 def _serve(args: argparse.Namespace) -> int:
     from bridge.server import serve
+    from bridge.translation_log import configure_logging
 
+    configure_logging()  # before serve()'s basicConfig, which then leaves it in place
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     try:
         settings = load_settings(args.config, overrides)

@@ -37,6 +37,7 @@ class BridgeServer:
             settings.translation_log, settings.translation_log_format
         )
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
+        self.index.translation_log = self.translation_log  # lines for other programs' removals
         self.store = WorklistStore(settings, self.index)
         self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
         self.mllp_port = None
