@@ -22,8 +22,9 @@ from pydicom import Dataset
 from bridge import hl7schema, order, worklist_item
 from bridge.ack import build_ack
 from bridge.config import FINISHED_STATUSES, Settings
-from bridge.errors import APPLICATION_INTERNAL_ERROR, HL7Error
+from bridge.errors import APPLICATION_INTERNAL_ERROR, DUPLICATE_KEY_IDENTIFIER, HL7Error
 from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
+from bridge.matching import ISSUER_OF_PATIENT_ID, PATIENT_ID
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
 from bridge.store import StoreError, WorklistStore
 from bridge.translation_log import TranslationLog
@@ -169,8 +170,11 @@ class Bridge:
         for step in intent.steps:
             item = worklist_item.build_elements(message, intent, step, self.settings)
             planned.append((step, item))
-        for step, item in planned:
-            path = self._locate(step)
+        # Every step's item checked before any is written: none may belong to another patient.
+        located = [(step, item, self._locate(step)) for step, item in planned]
+        for step, _item, path in located:
+            self._check_same_patient(message, intent.patient, step, path)
+        for step, item, path in located:
             existed = path.exists()
             result.order_controls.append(step.order_control)
             result.accessions.append(step.accession_number)
@@ -191,6 +195,49 @@ class Bridge:
                     result.outcomes.append(step.status.lower())
             else:
                 result.outcomes.append(self._finish(path, existed, step))
+
+    def _check_same_patient(
+        self, message: HL7Message, patient: order.Patient, step: order.ProcedureStep, path: Path
+    ) -> None:
+        """An order's identifiers never move its item to another patient (a RIS that reuses
+        accession numbers, two senders): AE 205 unless allow-patient-change-by-order is set.
+        Patients change through ADT merges and moves only."""
+        owner = self._patient_of(path)
+        if owner is None:
+            return
+        stored_id, stored_issuer = owner
+        same_id = stored_id == patient.patient_id
+        same_issuer = not stored_issuer or not patient.issuer or stored_issuer == patient.issuer
+        if same_id and same_issuer:
+            return
+        known = f"{stored_id}" + (f" ({stored_issuer})" if stored_issuer else "")
+        if self.settings.allow_patient_change_by_order:
+            message.notes.append(
+                f"{path.name}: patient changed from {known} to {patient.patient_id} by order "
+                f"{step.order_control} (allow-patient-change-by-order)"
+            )
+            return
+        raise HL7Error(
+            DUPLICATE_KEY_IDENTIFIER,
+            patient.locations.get("PatientID", "PID^1^3"),
+            f"order {step.accession_number or step.identity[:40]!r} belongs to patient {known}, "
+            f"not {patient.patient_id}: patients change through ADT merges and moves only",
+        )
+
+    def _patient_of(self, path: Path) -> tuple[str, str] | None:
+        """(PatientID, IssuerOfPatientID) of the item at `path`; None when there is none."""
+        record = self.index.record(path) if hasattr(self.index, "record") else None
+        if record is not None:
+            values = [record.get(tag) for tag in (PATIENT_ID, ISSUER_OF_PATIENT_ID)]
+            return tuple(  # type: ignore[return-value]
+                str(v[0] if isinstance(v, tuple) and v else v or "") for v in values
+            )
+        if not path.exists():
+            return None
+        existing = self.store.read(path)
+        if existing is None:
+            return None
+        return str(existing.get("PatientID", "")), str(existing.get("IssuerOfPatientID", ""))
 
     def _locate(self, step: order.ProcedureStep) -> Path:
         """The file of the step's item: named after the order's identity; else, for a message

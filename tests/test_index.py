@@ -307,7 +307,9 @@ def test_a_large_first_load_reads_in_processes_with_the_same_outcome(tmp_path, c
     assert accessions(pooled.search(compile_query(q(PatientName="DVOŘÁK*")))) == ["UTF8"]
     unreadable = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(unreadable) == 2  # named once each, by the pooled load
-    assert {"garbage.wl", "truncated.wl"} == {m.split(": ")[0].rsplit("/", 1)[1] for m in unreadable}
+    assert {"garbage.wl", "truncated.wl"} == {
+        m.split(": ")[0].rsplit("/", 1)[1] for m in unreadable
+    }
 
 
 def test_the_cache_can_be_written_after_the_load(tmp_path):
