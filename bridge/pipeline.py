@@ -77,6 +77,8 @@ class Bridge:
         self.translation_log = translation_log
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        if hasattr(index, "translation_log"):  # the index logs removals other programs make
+            index.translation_log = translation_log
 
     # The MLLP handler: bytes in, ACK bytes out.
     def handle(self, raw: bytes, peer: str = "") -> bytes:
@@ -150,6 +152,12 @@ class Bridge:
         result = Outcome(ack_code="", outcomes=["dropped"])
         result.error = HL7Error("", "", f"unfinished frame: {why}", "")
         self._record(peer, header, None, result, b"", time.perf_counter())
+
+    def record_refused(self, peer: str, why: str) -> None:
+        """An MLLP connection refused before any message (source, limits, TLS): logged."""
+        result = Outcome(ack_code="", outcomes=["connection-refused"])
+        result.error = HL7Error("", "", why, "")
+        self._record(peer, None, None, result, b"", time.perf_counter())
 
     # Applying what a message asks
     def _apply(self, message: HL7Message, intent, result: Outcome) -> None:

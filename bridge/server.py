@@ -37,7 +37,6 @@ class BridgeServer:
             settings.translation_log, settings.translation_log_format
         )
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
-        self.index.translation_log = self.translation_log  # lines for other programs' removals
         self.store = WorklistStore(settings, self.index)
         self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
         self.mllp_port = None
@@ -58,6 +57,7 @@ class BridgeServer:
             allowed_sources=s.allowed_mllp_sources,
             on_oversized=self.bridge.refuse_oversized,
             on_dropped=self.bridge.record_dropped,
+            **MLLPFactory.settings_options(s, self.bridge.record_refused),
         )
         tls = mllp_tls_options(s)
         if tls is not None:
