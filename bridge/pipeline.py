@@ -77,6 +77,7 @@ class Bridge:
         self.translation_log = translation_log
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._kept: OrderedDict[str, Path] = OrderedDict()  # digest -> kept rejected message
         if hasattr(index, "translation_log"):  # the index logs removals other programs make
             index.translation_log = translation_log
 
@@ -346,11 +347,25 @@ class Bridge:
         """Keep the message byte for byte, with its reason beside it, for `wlbridge replay`."""
         try:
             self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(raw).hexdigest()
+            kept = self._kept.get(digest)
+            if kept is not None and kept.is_file():
+                # A retry of the same bytes (an engine re-sending after AR): one file, whose
+                # reason says the latest answer.
+                self._kept.move_to_end(digest)
+                kept.with_suffix(".reason").write_text(
+                    f"{error.ack_code} {error.code} {error.location} {error.text}\n",
+                    encoding="utf-8",
+                )
+                return str(kept)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             control = re.sub(r"[^A-Za-z0-9_-]", "_", header.control_id if header else "")[:32]
-            name = f"{stamp}-{control or 'unknown'}-{hashlib.sha256(raw).hexdigest()[:8]}"
+            name = f"{stamp}-{control or 'unknown'}-{digest[:8]}"
             path = self.rejected_dir / f"{name}.hl7"
             path.write_bytes(raw)
+            self._kept[digest] = path
+            while len(self._kept) > RECENT_MESSAGES:
+                self._kept.popitem(last=False)
             (self.rejected_dir / f"{name}.reason").write_text(
                 f"{error.ack_code} {error.code} {error.location} {error.text}\n", encoding="utf-8"
             )
