@@ -384,11 +384,10 @@ def read_file_bytes(path: str | os.PathLike, max_size: int = MAX_FILE_SIZE) -> t
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{os.fspath(path)}: not a regular file ({_kind(st.st_mode)})")
+            raise UnsafeFile(f"not a regular file ({_kind(st.st_mode)})")
         if st.st_size > max_size:
             raise UnsafeFile(
-                f"{os.fspath(path)}: {st.st_size} bytes, more than the {max_size} a worklist "
-                "file may have"
+                f"{st.st_size} bytes, more than the {max_size} a worklist file may have"
             )
         chunks, left = [], max_size + 1
         while left > 0:
@@ -399,7 +398,7 @@ def read_file_bytes(path: str | os.PathLike, max_size: int = MAX_FILE_SIZE) -> t
             left -= len(chunk)
         data = b"".join(chunks)
         if len(data) > max_size:  # grew while being read
-            raise UnsafeFile(f"{os.fspath(path)}: more than the {max_size} bytes allowed")
+            raise UnsafeFile(f"more than the {max_size} bytes a worklist file may have")
         return data, st
     finally:
         os.close(fd)
@@ -415,7 +414,7 @@ def read_dataset(path: str | os.PathLike, **dcmread_options: Any) -> Any:
     data, _st = read_file_bytes(path)
     reason = incomplete(data)
     if reason is not None:
-        raise UnsafeFile(f"{os.fspath(path)} does not parse completely: {reason}")
+        raise UnsafeFile(f"does not parse completely: {reason}")
     return pydicom.dcmread(io.BytesIO(data), **dcmread_options)
 
 
