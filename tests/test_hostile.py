@@ -113,7 +113,6 @@ def test_a_hostile_folder_neither_hangs_nor_is_served_in_part(tmp_path):
         assert found == ["GOOD1", "GOOD2"]  # none of the cases, not even the outside item
         assert {a.PatientID for a in answers} == {LONG_ID, "PAT-2"}  # never PAT-009
         assert rss_mib(bridge.process.pid) < 300  # the 400 MB file and /dev/zero were not read
-        output = "".join(bridge.stderr_lines)
         for name in FOLDER_CASES:
             if (folder / name).exists() or (folder / name).is_symlink():
                 lines = [line for line in bridge.stderr_lines if name in line]

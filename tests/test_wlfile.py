@@ -25,7 +25,7 @@ from bench.worklist_items import make_item, write_item
 from bridge.index import read_record
 from bridge.matching import Record, record_from_dataset
 from bridge.store import encode_file
-from bridge.wlfile import incomplete, record_from_bytes
+from bridge.wlfile import MAX_FILE_SIZE, UnsafeFile, incomplete, read_dataset, record_from_bytes
 from tests import peers
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about the odd values below
@@ -243,3 +243,79 @@ def test_read_record_uses_the_short_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom, "dcmread", None)  # would fail if it were called
     record, sig = read_record(str(path))
     assert record.get(0x00080050) == "A" and sig[0] == path.stat().st_size
+
+
+def flat(record: Record) -> dict:
+    """Top-level and nested values by tag path, for comparing a record with the original's."""
+    out = {}
+
+    def walk(rec, prefix):
+        for tag, _vr, value in rec.items():
+            if isinstance(value, tuple) and value and isinstance(value[0], Record):
+                for n, item in enumerate(value):
+                    walk(item, (*prefix, tag, n))
+            else:
+                out[(*prefix, tag)] = value
+
+    walk(record, ())
+    return out
+
+
+CUT_ITEM = part10(make_item("CUT-PROPERTY", patient_id="PAT-0093117-LONGID",
+                            patient_name="Gaël^Zoë"))  # fmt: skip
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(min_value=0, max_value=len(CUT_ITEM) - 1), st.booleans())
+def test_a_cut_copy_is_refused_or_holds_only_whole_values(tmp_path, cut, undefined):
+    data = CUT_ITEM
+    if undefined:
+        data = part10(undefined_lengths(pydicom.dcmread(io.BytesIO(CUT_ITEM))))
+        cut = min(cut, len(data) - 1)
+    whole = flat(read_record_of(tmp_path, data))
+    try:
+        served = flat(read_record_of(tmp_path, data[:cut]))
+    except Exception:
+        return  # refused: fine
+    assert all(whole.get(path) == value for path, value in served.items()), cut
+
+
+def read_record_of(folder: Path, data: bytes) -> Record:
+    path = folder / "item.wl"
+    path.write_bytes(data)
+    return read_record(str(path))[0]
+
+
+def test_fifos_devices_huge_and_preamble_only_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.wl"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.wl"
+    zero.symlink_to("/dev/zero")
+    huge = tmp_path / "huge.wl"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_FILE_SIZE + 1)
+    preamble = tmp_path / "preamble.wl"
+    preamble.write_bytes(b"\0" * 128 + b"DICM")
+    for path, why in ((fifo, "a FIFO"), (zero, "a character device"), (huge, "more than"),
+                      (preamble, "does not parse completely")):  # fmt: skip
+        with pytest.raises(UnsafeFile, match=why):
+            read_record(str(path))
+    with pytest.raises(UnsafeFile, match="a FIFO"):
+        read_dataset(fifo)
+    assert incomplete(b"\0" * 128 + b"DICM") is not None
+
+
+def test_a_symlink_out_of_the_folder_is_refused_inside_is_read(tmp_path):
+    folder = tmp_path / "wl"
+    folder.mkdir()
+    outside = write_item(tmp_path / "elsewhere.wl", make_item("OUT"))
+    inside = write_item(folder / "real.wl", make_item("IN"))
+    (folder / "out.wl").symlink_to(outside)
+    (folder / "in.wl").symlink_to(inside)
+    with pytest.raises(UnsafeFile, match="outside the worklist folder"):
+        read_record(str(folder / "out.wl"), str(folder))
+    assert read_record(str(folder / "in.wl"), str(folder))[0].get(0x00080050) == "IN"
