@@ -244,3 +244,20 @@ def test_no_raw_control_or_bidi_character_reaches_either_log(tmp_path, fmt):
         item = pydicom.dcmread(path)
         for keyword in ("PatientName", "PatientID", "AccessionNumber"):
             assert str(item.get(keyword, "")).isprintable(), (keyword, item.get(keyword))
+
+
+def test_removals_by_other_programs_get_translation_log_lines(bridge):
+    path = bridge.worklist_dir / "theirs.wl"
+    other_program_writes(path, make_item("THEIRS", patient_id="PAT-T"))
+    wait_for(lambda: "THEIRS" in accessions(bridge)[0], what="their item served")
+    assert msa(send_one(bridge.mllp_port, order("OURS")))[0] == "AA"
+    ours = [r["file"] for r in bridge.log_records() if r.get("control_id") == "OK-OURS"][0]
+    path.unlink()
+    wait_for(lambda: any(r.get("outcome") == "removed-externally" for r in bridge.log_records()),
+             what="a line for the removal")  # fmt: skip
+    [line] = [r for r in bridge.log_records() if r.get("outcome") == "removed-externally"]
+    assert line["file"] == "theirs.wl" and "another program" in line["note"]
+    (bridge.worklist_dir / ours).unlink()  # one of the bridge's own items, removed by hand
+    wait_for(lambda: sum(r.get("outcome") == "removed-externally" for r in bridge.log_records())
+             == 2, what="a line for the second removal")  # fmt: skip
+    assert "THEIRS" not in accessions(bridge)[0]

@@ -322,3 +322,17 @@ def test_the_cache_can_be_written_after_the_load(tmp_path):
     assert (tmp_path / CACHE_NAME).is_file() and not index.cache_is_stale
     again = make_index(tmp_path)
     assert (again.load_stats["cached"], again.load_stats["read"]) == (3, 0)
+
+
+def test_start_up_names_the_file_it_waits_on(caplog):
+    from bridge.index import _SlowReadReporter
+
+    log = logging.getLogger("bridge.index")
+    with caplog.at_level(logging.WARNING, logger="bridge.index"):
+        with _SlowReadReporter(log, after=0.2) as reporter:
+            reporter.reading("/folder/stalled.wl")
+            deadline = time.monotonic() + 20
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert caplog.records, "nothing logged while waiting"
+    assert "start-up is waiting on /folder/stalled.wl" in caplog.records[0].getMessage()
