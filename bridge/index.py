@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -181,9 +182,17 @@ def read_record(path: str, root: str | None = None) -> tuple[Record, Signature]:
 
 
 def _check_inside(path: str, root: str) -> None:
-    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    """A `.wl` symlink must resolve inside the folder (one lstat for the usual plain file)."""
+    if not stat.S_ISLNK(os.lstat(path).st_mode):
+        return
+    real, real_root = os.path.realpath(path), _real_root(root)
     if not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise UnsafeFile(f"points outside the worklist folder (to {real})")
+
+
+@functools.lru_cache(maxsize=8)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
 
 
 def read_records(
