@@ -66,7 +66,9 @@ class Settings:
     idle_timeout: float = _opt("seconds an MLLP connection may stay silent", default=300.0)
     max_connections: int = _opt("concurrent MLLP connections", default=200)
     max_connections_per_source: int = _opt(
-        "concurrent MLLP connections from one address (0: no limit of its own)", default=20
+        "concurrent MLLP connections from one address, so one source cannot take them all "
+        "(0: no limit of its own)",
+        default=100,
     )
     frame_timeout: float = _opt(
         "seconds an MLLP frame may take from its start byte to its end (0: no limit)",
