@@ -278,3 +278,22 @@ def test_no_frame_is_handled_once_the_connection_is_closing():
     transport.loseConnection()
     proto.dataReceived(frame(b"MSH|after") + frame(b"MSH|after2"))
     assert handler.messages == [b"MSH|before"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=4), st.binary(min_size=1, max_size=5)
+                          .map(lambda b: b.replace(START, b"").replace(END, b"") or b"x")),
+                min_size=1, max_size=12))  # fmt: skip
+def test_a_frame_is_handled_if_and_only_if_it_ends_within_the_frame_timeout(pieces):
+    handler = Recorder()
+    clock, proto, transport = clocked(handler, frame_timeout=10)
+    proto.dataReceived(START)
+    elapsed = 0.0
+    for delay, chunk in pieces:
+        clock.advance(delay)
+        elapsed += delay
+        proto.dataReceived(chunk)
+    proto.dataReceived(END + b"\r")
+    in_time = elapsed < 10
+    assert (handler.messages == [b"".join(c for _, c in pieces)]) == in_time
+    assert transport.disconnecting == (not in_time)
