@@ -9,6 +9,10 @@ code extensions, a charset inside a sequence item, VRs such as UN, AT or OF, num
 reformat, private tags in implicit VR, elements out of order, lengths that do not add up, a
 truncated file...) it returns None, and the caller reads the file with pydicom, which then
 either succeeds or raises as it always did. tests/test_wlfile.py compares both paths.
+
+Files come from other programs too, so `read_file_bytes` opens them non-blocking and reads only
+regular files of a bounded size, and `incomplete` refuses a file whose lengths do not add up
+(pydicom reads a truncated value as the shorter bytes it finds): no item is served in part.
 """
 
 from __future__ import annotations
