@@ -134,7 +134,8 @@ class TerminalSafeFormatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
-    """Send the whole process's log records to stderr through TerminalSafeFormatter."""
+    """Send the whole process's log records (Twisted's too) to stderr through
+    TerminalSafeFormatter."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(TerminalSafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
@@ -142,6 +143,11 @@ def configure_logging(level: int = logging.INFO, stream: IO[str] | None = None) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Twisted's own errors (an unhandled error in a Deferred...) would reach stderr raw.
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    logging.getLogger("twisted").setLevel(logging.WARNING)  # not every factory start and stop
 
 
 def _json_safe(line: str) -> str:
