@@ -26,7 +26,9 @@ def _settings(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     from bridge.server import serve
+    from bridge.translation_log import configure_logging
 
+    configure_logging()  # before serve()'s basicConfig, which then leaves it in place
     settings = _settings(args)
     if settings is None:
         return 2

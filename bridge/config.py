@@ -139,6 +139,15 @@ class Settings:
     max_frame_size: int = _opt("largest accepted MLLP frame, in bytes", default=1024 * 1024)
     idle_timeout: float = _opt("seconds an MLLP connection may stay silent", default=300.0)
     max_connections: int = _opt("concurrent MLLP connections", default=200)
+    max_connections_per_source: int = _opt(
+        "concurrent MLLP connections from one address, so one source cannot take them all "
+        "(0: no limit of its own)",
+        default=100,
+    )
+    frame_timeout: float = _opt(
+        "seconds an MLLP frame may take from its start byte to its end (0: no limit)",
+        default=30.0,
+    )
     allowed_mllp_sources: list[str] = _opt(
         "addresses allowed to connect over MLLP (empty: any)", cli=False, default_factory=list
     )
@@ -160,6 +169,10 @@ class Settings:
     protocol_code_source: str = _opt(
         "OBR-4 components feeding the protocol code: alternate-first, primary or alternate",
         default="alternate-first",
+    )
+    allow_patient_change_by_order: bool = _opt(
+        "let an order message (NW, XO...) move a known order to another patient; off: AE 205",
+        default=False,
     )
     station_rules: list[StationRule] = _opt(
         "scheduled station rules (config file only)", cli=False, default_factory=list

@@ -14,11 +14,13 @@ whose name, size, mtime or inode changed.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import io
 import logging
 import os
 import pickle
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -51,7 +53,13 @@ from bridge.matching import (
     record_from_elements,
     sort_key,
 )
-from bridge.wlfile import record_from_bytes
+from bridge.wlfile import (
+    UnsafeFile,
+    incomplete,
+    read_dataset,
+    read_file_bytes,
+    record_from_bytes,
+)
 
 if TYPE_CHECKING:
     from bridge.store import PlainItem
@@ -157,25 +165,46 @@ class _CacheUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_record(path: str) -> tuple[Record, Signature]:
-    """The record of a worklist file and the signature of the version read."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        data = f.read()
+def read_record(path: str, root: str | None = None) -> tuple[Record, Signature]:
+    """The record of a worklist file and the signature of the version read. Only a regular
+    file (inside `root`, when given: a symlink may point anywhere) of a bounded size that
+    parses completely gives one; anything else raises OSError or ValueError."""
+    if root is not None:
+        _check_inside(path, root)
+    data, st = read_file_bytes(path)
     record = record_from_bytes(data)
     if record is None:  # something the short reader leaves to pydicom
+        reason = incomplete(data)  # the short reader declines these too
+        if reason is not None:
+            raise UnsafeFile(f"does not parse completely: {reason}")
         record = record_from_dataset(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
     return record, (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def read_records(paths: list[str]) -> list[tuple[str, Record | None, Signature | None, str | None]]:
+def _check_inside(path: str, root: str) -> None:
+    """A `.wl` symlink must resolve inside the folder (one lstat for the usual plain file)."""
+    if not stat.S_ISLNK(os.lstat(path).st_mode):
+        return
+    real, real_root = os.path.realpath(path), _real_root(root)
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise UnsafeFile(f"points outside the worklist folder (to {real})")
+
+
+@functools.lru_cache(maxsize=8)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def read_records(
+    paths: list[str], root: str | None = None
+) -> list[tuple[str, Record | None, Signature | None, str | None]]:
     """read_record of each path (in a worker process): (path, record, signature, None), or
     (path, None, None, error message); a file that vanished gives (path, None, None, None)."""
     gc.disable()  # a short-lived worker: nothing to collect
     out: list[tuple[str, Record | None, Signature | None, str | None]] = []
     for path in paths:
         try:
-            record, sig = read_record(path)
+            record, sig = read_record(path, root)
             out.append((path, record, sig, None))
         except FileNotFoundError:
             out.append((path, None, None, None))
@@ -228,6 +257,7 @@ class WorklistIndex:
         self._poller: Any = None
         self._polling = False
         self.load_stats: dict[str, float] = {}  # of the last load(): items, read, cached, seconds
+        self.translation_log: Any = None  # set by the server: lines for other programs' removals
 
     # ---- paths
 
@@ -315,12 +345,14 @@ class WorklistIndex:
         if len(to_read) >= PARALLEL_MIN_FILES and (os.cpu_count() or 1) > 1:
             workers = os.cpu_count() or 1
             to_read = self._read_in_processes(to_read, workers, loaded)
-        for key, sig in to_read:
-            result = self._read(key, sig)
-            if result is not None:
-                loaded.append((key, result[0], result[1]))
-                with self._lock:
-                    self._set_entry(key, result[0], result[1])
+        with _SlowReadReporter(self.log) as reporter:
+            for key, sig in to_read:
+                reporter.reading(key)
+                result = self._read(key, sig)
+                if result is not None:
+                    loaded.append((key, result[0], result[1]))
+                    with self._lock:
+                        self._set_entry(key, result[0], result[1])
         with self._lock:
             self._bump()
         self._dirty = reread > 0 or len(cached) != len(loaded)
@@ -393,7 +425,8 @@ class WorklistIndex:
         try:
             # spawn: the parent may run threads (a fork would copy their locks mid-use)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for results in pool.map(read_records, chunks):
+                read = functools.partial(read_records, root=self.root)
+                for results in pool.map(read, chunks):
                     batch = []
                     for key, record, sig, error in results:
                         done.add(key)
@@ -417,7 +450,7 @@ class WorklistIndex:
     def _read(self, key: str, sig: Signature | None) -> tuple[Record, Signature] | None:
         """Read one file; an unreadable file is logged once per version and skipped."""
         try:
-            return read_record(key)
+            return read_record(key, self.root)
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -524,8 +557,9 @@ class WorklistIndex:
         if key not in self._entries:
             return None
         try:
-            return pydicom.dcmread(key)
-        except (OSError, InvalidDicomError) as exc:
+            _check_inside(key, self.root)
+            return read_dataset(key)
+        except (OSError, InvalidDicomError, ValueError) as exc:
             self.log.warning("cannot read indexed worklist file %s: %s", key, exc)
             return None
 
@@ -725,20 +759,27 @@ class WorklistIndex:
             result = self._read(key, sig)
             if result is not None:
                 out.append((key, result[0], result[1]))
+            else:  # vanished, or unreadable now (logged): an older version is served no more
+                out.append((key, None, sig if key in self._failed else None))
         return out
 
     def _apply(self, results: list[tuple[str, Record | None, Signature | None]]) -> None:
         """Apply what a worker read, unless the file changed again since (a later event or
         the bridge's own put() carries the newer version)."""
         changed = False
+        gone: list[tuple[str, bool]] = []  # items no longer served: (key, file removed)
         with self._lock:
             for key, record, sig in results:
                 if _signature(key) != sig:
                     continue
                 if record is None:
-                    changed |= self._remove_entry(key)
-                    self._failed.pop(key, None)
-                    self._warned.pop(key, None)
+                    removed = self._remove_entry(key)
+                    changed |= removed
+                    if sig is None:  # gone: forget it (an unreadable one stays logged once)
+                        self._failed.pop(key, None)
+                        self._warned.pop(key, None)
+                    if removed:
+                        gone.append((key, sig is None))
                 else:
                     self._set_entry(key, record, sig)
                     changed = True
@@ -746,6 +787,20 @@ class WorklistIndex:
                 self._bump()
         if changed:
             self._dirty = True
+        for key, removed in gone:
+            self._log_withdrawn(key, removed)
+
+    def _log_withdrawn(self, key: str, removed: bool) -> None:
+        """A translation-log line for an item another program removed (or made unreadable):
+        the bridge's own deletes never get here (the index forgot them first)."""
+        if self.translation_log is None:
+            return
+        note = "removed by another program" if removed else "unreadable now: no longer served"
+        self.translation_log.record(
+            outcome="removed-externally" if removed else "withdrawn",
+            file=os.path.relpath(key, self.root),
+            note=note,
+        )
 
     def _poll(self) -> None:
         """Compare the folder with the index in a worker thread; refresh what differs."""
@@ -772,6 +827,36 @@ class WorklistIndex:
         d.addCallback(self._apply)
         d.addBoth(done)
         d.addErrback(lambda f: self.log.error("worklist rescan failed: %s", f.getTraceback()))
+
+
+class _SlowReadReporter:
+    """Names the file start-up waits on (a stalled network mount, say) every `after` s, so a
+    slow start is never silent."""
+
+    def __init__(self, log: logging.Logger, after: float = 5.0) -> None:
+        self.log = log
+        self.after = after
+        self.path: str | None = None
+        self.since = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="wl-read-watch", daemon=True)
+
+    def __enter__(self) -> _SlowReadReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def reading(self, path: str) -> None:
+        self.path, self.since = path, time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.after):
+            path, waited = self.path, time.monotonic() - self.since
+            if path is not None and waited >= self.after:
+                self.log.warning("start-up is waiting on %s (%.0f s so far)", path, waited)
 
 
 _MAX_FILTER_VALUES = 8

@@ -22,9 +22,10 @@ from pydicom import Dataset
 from bridge import hl7schema, order, worklist_item
 from bridge.ack import build_ack
 from bridge.config import FINISHED_STATUSES, Settings
-from bridge.errors import APPLICATION_INTERNAL_ERROR, HL7Error
+from bridge.errors import APPLICATION_INTERNAL_ERROR, DUPLICATE_KEY_IDENTIFIER, HL7Error
 from bridge.events import EventBus, PatientMerged
 from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
+from bridge.matching import ISSUER_OF_PATIENT_ID, PATIENT_ID
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
 from bridge.store import StoreError, WorklistStore
 from bridge.translation_log import TranslationLog
@@ -81,6 +82,9 @@ class Bridge:
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self.events = events  # PatientMerged goes to the other records of a patient (MPPS)
+        self._kept: OrderedDict[str, Path] = OrderedDict()  # digest -> kept rejected message
+        if hasattr(index, "translation_log"):  # the index logs removals other programs make
+            index.translation_log = translation_log
 
     # The MLLP handler: bytes in, ACK bytes out.
     def handle(self, raw: bytes, peer: str = "") -> bytes:
@@ -159,6 +163,12 @@ class Bridge:
         result.error = HL7Error("", "", f"unfinished frame: {why}", "")
         self._record(peer, header, None, result, b"", time.perf_counter())
 
+    def record_refused(self, peer: str, why: str) -> None:
+        """An MLLP connection refused before any message (source, limits, TLS): logged."""
+        result = Outcome(ack_code="", outcomes=["connection-refused"])
+        result.error = HL7Error("", "", why, "")
+        self._record(peer, None, None, result, b"", time.perf_counter())
+
     # Applying what a message asks
     def _apply(self, message: HL7Message, intent, result: Outcome) -> None:
         if isinstance(intent, Ignored):
@@ -178,8 +188,11 @@ class Bridge:
         for step in intent.steps:
             item = worklist_item.build_elements(message, intent, step, self.settings)
             planned.append((step, item))
-        for step, item in planned:
-            path = self._locate(step)
+        # Every step's item checked before any is written: none may belong to another patient.
+        located = [(step, item, self._locate(step)) for step, item in planned]
+        for step, _item, path in located:
+            self._check_same_patient(message, intent.patient, step, path)
+        for step, item, path in located:
             existed = path.exists()
             result.order_controls.append(step.order_control)
             result.accessions.append(step.accession_number)
@@ -200,6 +213,49 @@ class Bridge:
                     result.outcomes.append(step.status.lower())
             else:
                 result.outcomes.append(self._finish(path, existed, step))
+
+    def _check_same_patient(
+        self, message: HL7Message, patient: order.Patient, step: order.ProcedureStep, path: Path
+    ) -> None:
+        """An order's identifiers never move its item to another patient (a RIS that reuses
+        accession numbers, two senders): AE 205 unless allow-patient-change-by-order is set.
+        Patients change through ADT merges and moves only."""
+        owner = self._patient_of(path)
+        if owner is None:
+            return
+        stored_id, stored_issuer = owner
+        same_id = stored_id == patient.patient_id
+        same_issuer = not stored_issuer or not patient.issuer or stored_issuer == patient.issuer
+        if same_id and same_issuer:
+            return
+        known = f"{stored_id}" + (f" ({stored_issuer})" if stored_issuer else "")
+        if self.settings.allow_patient_change_by_order:
+            message.notes.append(
+                f"{path.name}: patient changed from {known} to {patient.patient_id} by order "
+                f"{step.order_control} (allow-patient-change-by-order)"
+            )
+            return
+        raise HL7Error(
+            DUPLICATE_KEY_IDENTIFIER,
+            patient.locations.get("PatientID", "PID^1^3"),
+            f"order {step.accession_number or step.identity[:40]!r} belongs to patient {known}, "
+            f"not {patient.patient_id}: patients change through ADT merges and moves only",
+        )
+
+    def _patient_of(self, path: Path) -> tuple[str, str] | None:
+        """(PatientID, IssuerOfPatientID) of the item at `path`; None when there is none."""
+        record = self.index.record(path) if hasattr(self.index, "record") else None
+        if record is not None:
+            values = [record.get(tag) for tag in (PATIENT_ID, ISSUER_OF_PATIENT_ID)]
+            return tuple(  # type: ignore[return-value]
+                str(v[0] if isinstance(v, tuple) and v else v or "") for v in values
+            )
+        if not path.exists():
+            return None
+        existing = self.store.read(path)
+        if existing is None:
+            return None
+        return str(existing.get("PatientID", "")), str(existing.get("IssuerOfPatientID", ""))
 
     def _locate(self, step: order.ProcedureStep) -> Path:
         """The file of the step's item: named after the order's identity; else, for a message
@@ -304,11 +360,25 @@ class Bridge:
         """Keep the message byte for byte, with its reason beside it, for `wlbridge replay`."""
         try:
             self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(raw).hexdigest()
+            kept = self._kept.get(digest)
+            if kept is not None and kept.is_file():
+                # A retry of the same bytes (an engine re-sending after AR): one file, whose
+                # reason says the latest answer.
+                self._kept.move_to_end(digest)
+                kept.with_suffix(".reason").write_text(
+                    f"{error.ack_code} {error.code} {error.location} {error.text}\n",
+                    encoding="utf-8",
+                )
+                return str(kept)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             control = re.sub(r"[^A-Za-z0-9_-]", "_", header.control_id if header else "")[:32]
-            name = f"{stamp}-{control or 'unknown'}-{hashlib.sha256(raw).hexdigest()[:8]}"
+            name = f"{stamp}-{control or 'unknown'}-{digest[:8]}"
             path = self.rejected_dir / f"{name}.hl7"
             path.write_bytes(raw)
+            self._kept[digest] = path
+            while len(self._kept) > RECENT_MESSAGES:
+                self._kept.popitem(last=False)
             (self.rejected_dir / f"{name}.reason").write_text(
                 f"{error.ack_code} {error.code} {error.location} {error.text}\n", encoding="utf-8"
             )

@@ -136,6 +136,7 @@ class BridgeServer:
             allowed_sources=s.allowed_mllp_sources,
             on_oversized=self.bridge.refuse_oversized,
             on_dropped=self.bridge.record_dropped,
+            **MLLPFactory.settings_options(s, self.bridge.record_refused),
         )
         factory.allowed_sources = AllowedSources(s.allowed_mllp_sources)  # networks, not strings
         tls = self._tls("mllp", mllp_tls_options)

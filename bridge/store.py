@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pydicom
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.charset import python_encoding
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -26,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from bridge.config import Settings
+from bridge.wlfile import read_dataset
 
 WORKLIST_SOP_CLASS = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
 TEMP_PREFIX = ".wlbridge-tmp-"
@@ -247,10 +248,14 @@ class WorklistStore:
         return self.folder / f"{name}.wl"
 
     def read(self, path: Path) -> Dataset | None:
+        """The item at `path`; None when there is none. A file that is not a complete item
+        (another program's FIFO, a truncated copy) raises StoreError: never read as one."""
         try:
-            return dcmread(path)
+            return read_dataset(path)
         except FileNotFoundError:
             return None
+        except (OSError, InvalidDicomError) as exc:
+            raise StoreError(f"cannot read {path.name}: {exc}") from exc
 
     def write(self, path: Path, dataset: Dataset | PlainItem, identity: str | None = None) -> None:
         """Replace `path` (inside the folder) with `dataset` (a Dataset, or a new item's plain
@@ -321,8 +326,8 @@ class WorklistStore:
             try:
                 if path.stat().st_mtime > cutoff:
                     continue
-                item = dcmread(path, specific_tags=["ScheduledProcedureStepSequence"])
-            except (OSError, InvalidDicomError):
+                item = read_dataset(path, specific_tags=["ScheduledProcedureStepSequence"])
+            except (OSError, InvalidDicomError, ValueError):
                 continue
             steps = item.get("ScheduledProcedureStepSequence") or []
             statuses = {str(s.get("ScheduledProcedureStepStatus", "")) for s in steps}

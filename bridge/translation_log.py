@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +48,24 @@ FIELD_ORDER = (
 )
 
 
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def terminal_safe(text: str, keep: str = "") -> str:
+    """`text` with every character a terminal could act on escaped (`\\x9b`, `\\u202e`): C0 and
+    C1 controls, DEL, line and paragraph separators, bidi overrides, zero-width and other
+    invisible characters (all that `str.isprintable` refuses), except those in `keep`."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape_char(c) for c in text)
+
+
 def _logfmt_value(value: Any) -> str:
     text = str(value)
     if text and not any(c in text for c in ' "=\\') and text.isprintable():
@@ -54,12 +73,18 @@ def _logfmt_value(value: Any) -> str:
     escaped = (
         text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     )
-    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
-    return f'"{escaped}"'
+    return f'"{terminal_safe(escaped)}"'
 
 
 def format_logfmt(record: dict[str, Any]) -> str:
     return " ".join(f"{key}={_logfmt_value(value)}" for key, value in record.items())
+
+
+_ESCAPE_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def parse_logfmt(line: str) -> dict[str, str]:
@@ -80,9 +105,11 @@ def parse_logfmt(line: str) -> dict[str, str]:
             while i < n and line[i] != '"':
                 if line[i] == "\\" and i + 1 < n:
                     nxt = line[i + 1]
-                    if nxt == "x" and i + 3 < n:
-                        out.append(chr(int(line[i + 2 : i + 4], 16)))
-                        i += 4
+                    digits = _ESCAPE_DIGITS.get(nxt, 0)
+                    code = line[i + 2 : i + 2 + digits]
+                    if digits and len(code) == digits and _is_hex(code):
+                        out.append(chr(int(code, 16)))
+                        i += 2 + digits
                         continue
                     out.append({"n": "\n", "r": "\r"}.get(nxt, nxt))
                     i += 2
@@ -97,6 +124,59 @@ def parse_logfmt(line: str) -> dict[str, str]:
             result[key] = line[i:end]
             i = end
     return result
+
+
+class TerminalSafeFormatter(logging.Formatter):
+    """The process's stderr lines: every module's message escaped as the translation log escapes
+    values (a C-FIND key or HL7 field can hold ESC sequences), on the same clock (UTC, `Z`).
+    Tracebacks keep their line breaks; a message never has one."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return terminal_safe(super().formatException(ei), keep="\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return terminal_safe(super().formatStack(stack_info), keep="\n")
+
+
+def configure_logging(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
+    """Send the whole process's log records (Twisted's too) to stderr through
+    TerminalSafeFormatter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(TerminalSafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Twisted's own errors (an unhandled error in a Deferred...) would reach stderr raw.
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    logging.getLogger("twisted").setLevel(logging.WARNING)  # not every factory start and stop
+
+
+def _json_safe(line: str) -> str:
+    """A JSON line with the characters json.dumps leaves raw (C1 controls, DEL, U+2028, bidi
+    overrides...) written as \\u escapes: outside strings a JSON line has none of them."""
+    if line.isprintable():
+        return line
+    out = []
+    for c in line:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:  # a UTF-16 surrogate pair, as JSON spells characters beyond the BMP
+            code = ord(c) - 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    return "".join(out)
 
 
 class TranslationLog:
@@ -124,7 +204,7 @@ class TranslationLog:
                 record[key] = value
         record.update({k: v for k, v in fields.items() if v not in (None, "")})
         if self.format == "json":
-            line = json.dumps(record, ensure_ascii=False)
+            line = _json_safe(json.dumps(record, ensure_ascii=False))
         else:
             line = format_logfmt(record)
         with self._lock:

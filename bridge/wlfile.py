@@ -9,12 +9,18 @@ code extensions, a charset inside a sequence item, VRs such as UN, AT or OF, num
 reformat, private tags in implicit VR, elements out of order, lengths that do not add up, a
 truncated file...) it returns None, and the caller reads the file with pydicom, which then
 either succeeds or raises as it always did. tests/test_wlfile.py compares both paths.
+
+Files come from other programs too, so `read_file_bytes` opens them non-blocking and reads only
+regular files of a bounded size, and `incomplete` refuses a file whose lengths do not add up
+(pydicom reads a truncated value as the shorter bytes it finds): no item is served in part.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from sys import intern
@@ -356,3 +362,196 @@ def _item_is_explicit(data: bytes, pos: int) -> bool:
     if pos + 4 <= len(data) and _TAG_LEN(data, pos)[:2] == (0xFFFE, 0xE00D):
         return True
     return _uppercase(data, pos + 4)
+
+
+# ---- Reading files other programs put in the folder: nothing about them is trusted.
+
+MAX_FILE_SIZE = 16 * 1024 * 1024  # bytes; a worklist item is a few KiB
+_UNDEFINED = 0xFFFFFFFF
+_EXPLICIT_LONG = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+
+class UnsafeFile(OSError):
+    """A worklist file that is not read: not a regular file, too large, or incomplete."""
+
+
+def read_file_bytes(path: str | os.PathLike, max_size: int = MAX_FILE_SIZE) -> tuple[bytes, Any]:
+    """The bytes and stat of a regular file of at most `max_size` bytes. Opened non-blocking,
+    so a FIFO or device named like an item never blocks the caller; checked after opening
+    (fstat), so a rename between a check and the open cannot slip one in."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"not a regular file ({_kind(st.st_mode)})")
+        if st.st_size > max_size:
+            raise UnsafeFile(
+                f"{st.st_size} bytes, more than the {max_size} a worklist file may have"
+            )
+        chunks, left = [], max_size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_size:  # grew while being read
+            raise UnsafeFile(f"more than the {max_size} bytes a worklist file may have")
+        return data, st
+    finally:
+        os.close(fd)
+
+
+def read_dataset(path: str | os.PathLike, **dcmread_options: Any) -> Any:
+    """A worklist file as a pydicom Dataset, read as read_file_bytes reads it and only if it
+    parses completely (UnsafeFile otherwise)."""
+    import io
+
+    import pydicom
+
+    data, _st = read_file_bytes(path)
+    reason = incomplete(data)
+    if reason is not None:
+        raise UnsafeFile(f"does not parse completely: {reason}")
+    return pydicom.dcmread(io.BytesIO(data), **dcmread_options)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def incomplete(data: bytes) -> str | None:
+    """Why the Part 10 bytes `data` do not parse completely (a truncated copy, a file that is
+    only a preamble), or None: every element's length fits, every sequence and item of
+    undefined length is closed, and the dataset has at least one element. pydicom reads a
+    truncated value as the shorter bytes it finds, so its reading alone does not tell."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return "no DICOM preamble"
+    try:
+        pos, syntax = _walk_meta(data)
+        if syntax == _DEFLATED_LE:
+            import zlib
+
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(data[pos:], MAX_FILE_SIZE * 4)
+            if not inflater.eof:
+                return "deflated data set cut short"
+            data, pos = body, 0
+            syntax = EXPLICIT_LE
+        if pos >= len(data):
+            return "no data set after the file meta information"
+        walker = _Walker(data, implicit=syntax == IMPLICIT_LE, big=syntax == _EXPLICIT_BE)
+        walker.dataset(pos, len(data))
+    except _Incomplete as exc:
+        return str(exc)
+    except Exception as exc:  # any failure to walk it is a reason not to serve it
+        return f"unreadable structure ({type(exc).__name__})"
+    return None
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _walk_meta(data: bytes) -> tuple[int, str]:
+    pos, end, syntax = 132, len(data), None
+    while pos + 8 <= end:
+        group, elem, vr, length = _HEAD(data, pos)
+        if group != 2:
+            break
+        if vr in _EXPLICIT_LONG:
+            if pos + 12 > end:
+                raise _Incomplete("file meta information cut short")
+            (length,) = _LEN32(data, pos + 8)
+            pos += 12
+        else:
+            pos += 8
+        if length == _UNDEFINED or pos + length > end:
+            raise _Incomplete("file meta information cut short")
+        if elem == 0x0010:
+            syntax = data[pos : pos + length].decode("latin_1").rstrip("\x00 ")
+        pos += length
+    if syntax is None:
+        raise _Incomplete("no transfer syntax in the file meta information")
+    return pos, syntax
+
+
+class _Walker:
+    """Checks that element lengths add up, without converting any value."""
+
+    def __init__(self, data: bytes, implicit: bool, big: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.prefix = ">" if big else "<"
+
+    def _tag_length(self, pos: int) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR or None, value length, position of the value) of the element at pos."""
+        data, p = self.data, self.prefix
+        if pos + 8 > len(data):
+            raise _Incomplete("cut short inside an element header")
+        group, elem = struct.unpack_from(p + "HH", data, pos)
+        tag = group << 16 | elem
+        if self.implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(p + "L", data, pos + 4)
+            return tag, None, length, pos + 8
+        vr = data[pos + 4 : pos + 6]
+        if vr in _EXPLICIT_LONG:
+            if pos + 12 > len(data):
+                raise _Incomplete("cut short inside an element header")
+            (length,) = struct.unpack_from(p + "L", data, pos + 8)
+            return tag, vr, length, pos + 12
+        (length,) = struct.unpack_from(p + "H", data, pos + 6)
+        return tag, vr, length, pos + 8
+
+    def dataset(self, pos: int, end: int | None) -> int:
+        """Walk elements from pos to end (None: to an item delimitation item)."""
+        while end is None or pos < end:
+            tag, vr, length, pos = self._tag_length(pos)
+            if tag == _ITEM_END:
+                if end is None:
+                    return pos
+                raise _Incomplete("item delimitation outside an item")
+            if length == _UNDEFINED:
+                pos = self.sequence(pos, None)
+                continue
+            stop = pos + length
+            limit = len(self.data) if end is None else end
+            if stop > limit:
+                raise _Incomplete(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) cut short")
+            if vr == b"SQ":
+                self.sequence(pos, stop)
+            pos = stop
+        if end is None:
+            raise _Incomplete("item without its delimitation item")
+        return pos
+
+    def sequence(self, pos: int, end: int | None) -> int:
+        while end is None or pos < end:
+            tag, _vr, length, pos = self._tag_length(pos)
+            if tag == _SEQ_END and end is None:
+                return pos
+            if tag != _ITEM:
+                raise _Incomplete("a sequence holds something other than items")
+            if length == _UNDEFINED:
+                pos = self.dataset(pos, None)
+                continue
+            stop = pos + length
+            if stop > (len(self.data) if end is None else end):
+                raise _Incomplete("sequence item cut short")
+            pos = self.dataset(pos, stop) if length else stop
+        if end is None:
+            raise _Incomplete("sequence without its delimitation item")
+        return pos

@@ -64,9 +64,13 @@ def _fit(value: str, keyword: str, location: str, message: HL7Message, settings:
     """The value as the VR allows it: HL7Error 102 or a cut value (with a note) when too long."""
     vr = _VR.get(keyword, "LO")
     if not value.isprintable() and vr not in ("ST", "LT", "UT"):
-        # Control characters (a TAB, \.br\'s CR LF) are not allowed in these VRs (PS3.5 6.2)
+        # Control characters (a TAB, \.br\'s CR LF) are not allowed in these VRs (PS3.5 6.2);
+        # invisible ones (bidi overrides, zero-width, line separators) would disguise a value.
         value = _CONTROL.sub(" ", value)
-        message.notes.append(f"{location or keyword}: control characters in {keyword} -> space")
+        value = "".join(c if c.isprintable() else " " if c.isspace() else "" for c in value)
+        message.notes.append(
+            f"{location or keyword}: control characters in {keyword} -> space, invisible removed"
+        )
     if vr not in ("ST", "LT") and "\\" in value:
         value = value.replace("\\", "/")  # a backslash separates values in DICOM
         message.notes.append(f"{location or keyword}: backslash in {keyword} replaced by /")

@@ -177,3 +177,123 @@ def test_unfinished_frames_are_reported_when_dropped():
     proto.connectionLost(None)
     assert [head for head, _ in dropped] == [b"MSH|first", b"MSH|cut short"]
     assert "closed" in dropped[1][1]
+
+
+class Addr:
+    def __init__(self, host: str, port: int = 4000) -> None:
+        self.host, self.port = host, port
+
+
+def clocked(handler, **kwargs):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    factory = MLLPFactory(handler, clock=clock, idle_timeout=None, **kwargs)
+    proto = factory.buildProtocol(Addr("10.1.1.1"))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return clock, proto, transport
+
+
+def test_a_frame_trickled_a_byte_a_second_is_cut_at_the_frame_timeout():
+    handler, dropped = Recorder(), []
+    clock, proto, transport = clocked(
+        handler, frame_timeout=30, on_dropped=lambda head, peer, why: dropped.append(why)
+    )
+    proto.dataReceived(START)
+    for byte in b"MSH|^~\\&|SLOW|" * 2:  # 28 bytes, one a second: traffic, but no end
+        clock.advance(1)
+        proto.dataReceived(bytes([byte]))
+    assert not transport.disconnecting
+    clock.advance(2.5)
+    assert transport.disconnecting and handler.messages == []
+    assert len(dropped) == 1 and "frame timeout of 30 s" in dropped[0]
+    proto.dataReceived(END + b"\r")  # what arrives after the cut is not handled
+    assert handler.messages == [] and transport.value() == b""
+
+
+def test_frames_that_end_in_time_keep_the_connection_open():
+    handler = Recorder()
+    clock, proto, transport = clocked(handler, frame_timeout=5)
+    for n in range(10):
+        proto.dataReceived(START + b"MSH|" + str(n).encode())
+        clock.advance(4)
+        proto.dataReceived(END + b"\r")
+        clock.advance(60)  # between frames only the idle timeout counts (off here)
+    assert len(handler.messages) == 10 and not transport.disconnecting
+
+
+def test_per_source_connection_limit_and_refusals_are_reported():
+    refused = []
+    factory = MLLPFactory(
+        Recorder(), max_connections_per_source=2, on_refused=lambda p, w: refused.append((p, w))
+    )
+    first, second = (factory.buildProtocol(Addr("10.0.0.5", 4000 + n)) for n in range(2))
+    assert first is not None and second is not None
+    assert factory.buildProtocol(Addr("10.0.0.5", 4002)) is None
+    assert refused == [("10.0.0.5:4002", "2 connections open from this address "
+                                         "(max-connections-per-source)")]  # fmt: skip
+    assert factory.buildProtocol(Addr("10.0.0.6")) is not None  # another source: its own share
+    first.makeConnection(StringTransport())
+    first.connectionLost(None)
+    assert factory.buildProtocol(Addr("10.0.0.5", 4003)) is not None
+    allow = MLLPFactory(
+        Recorder(), allowed_sources=["127.0.0.1"], on_refused=lambda p, w: refused.append((p, w))
+    )  # noqa: E501
+    assert allow.buildProtocol(Addr("10.9.9.9", 1)) is None
+    assert refused[-1] == ("10.9.9.9:1", "not in the allowed sources")
+
+
+def client_hello() -> bytes:
+    import ssl
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_a_tls_handshake_on_the_plain_port_is_refused_as_such_not_handled():
+    handler, refused = Recorder(), []
+    hello = client_hello()
+    assert hello[:2] == b"\x16\x03"
+    # A ClientHello holding VT and FS bytes, as its random bytes may: still not a message.
+    hello = hello[:60] + START + b"MSH|" + END + b"\r" + hello[60:]
+    factory = MLLPFactory(handler, on_refused=lambda p, w: refused.append(w))
+    proto = factory.buildProtocol(Addr("10.2.2.2"))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(hello)
+    assert handler.messages == [] and transport.disconnecting
+    assert refused == ["a TLS handshake on the plain MLLP port"]
+
+
+def test_no_frame_is_handled_once_the_connection_is_closing():
+    handler = Recorder()
+    _, proto, transport = connect(handler)
+    proto.dataReceived(frame(b"MSH|before"))
+    transport.loseConnection()
+    proto.dataReceived(frame(b"MSH|after") + frame(b"MSH|after2"))
+    assert handler.messages == [b"MSH|before"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=4), st.binary(min_size=1, max_size=5)
+                          .map(lambda b: b.replace(START, b"").replace(END, b"") or b"x")),
+                min_size=1, max_size=12))  # fmt: skip
+def test_a_frame_is_handled_if_and_only_if_it_ends_within_the_frame_timeout(pieces):
+    handler = Recorder()
+    clock, proto, transport = clocked(handler, frame_timeout=10)
+    proto.dataReceived(START)
+    elapsed = 0.0
+    for delay, chunk in pieces:
+        clock.advance(delay)
+        elapsed += delay
+        proto.dataReceived(chunk)
+    proto.dataReceived(END + b"\r")
+    in_time = elapsed < 10
+    assert (handler.messages == [b"".join(c for _, c in pieces)]) == in_time
+    assert transport.disconnecting == (not in_time)

@@ -267,3 +267,47 @@ def test_a_translation_log_that_cannot_be_written_does_not_cost_the_ack(h, caplo
     code, control, _ = h.send(orm(control_id="L1"))
     assert (code, control) == ("AA", "L1")
     assert "cannot write the translation log" in caplog.text
+
+
+def test_an_order_for_another_patient_never_replaces_the_first_patients_item(h):
+    assert h.send(orm(control_id="P1", patient_id="PAT001", patient_name="FIRST^ANN"))[0] == "AA"
+    [before] = h.items()
+    # Another RIS (or one reusing accession numbers): same order identifiers, other patient.
+    for control, order_control in (("P2", "NW"), ("P3", "XO")):
+        code, _control, ack = h.send(
+            orm(control_id=control, order_control=order_control, patient_id="PAT999",
+                patient_name="SECOND^BOB")
+        )  # fmt: skip
+        assert code == "AE" and b"|205" in ack, ack
+    [after] = h.items()
+    assert after.PatientID == "PAT001" and str(after.PatientName) == "FIRST^ANN"
+    assert after == before
+    rejected = [r for r in h.records() if r["control_id"] in ("P2", "P3")]
+    assert [r["outcome"] for r in rejected] == ["rejected", "rejected"]
+    assert all("belongs to patient PAT001" in r["reason"] for r in rejected)
+    assert all(Path(r["kept_as"]).is_file() for r in rejected)
+    # the same patient still updates its order
+    assert h.send(orm(control_id="P4", order_control="XO", patient_name="FIRST^ANNA"))[0] == "AA"
+    assert str(h.items()[0].PatientName) == "FIRST^ANNA"
+
+
+def test_allow_patient_change_by_order_relaxes_it_and_says_so(tmp_path):
+    h = Harness(tmp_path, allow_patient_change_by_order=True)
+    assert h.send(orm(control_id="Q1", patient_id="PAT001"))[0] == "AA"
+    assert h.send(orm(control_id="Q2", order_control="XO", patient_id="PAT777"))[0] == "AA"
+    assert h.items()[0].PatientID == "PAT777"
+    note = h.records()[-1]["note"]
+    assert "patient changed from PAT001 (HOSP) to PAT777" in note
+    assert "allow-patient-change-by-order" in note
+
+
+def test_retries_of_one_rejected_message_keep_one_file(h):
+    message = orm(control_id="R50", version="2.7")  # AR: evaluated afresh on each retry
+    for _ in range(50):
+        assert h.send(message)[0] == "AR"
+    kept = sorted(p.name for p in h.settings.rejected_dir.iterdir())
+    assert len(kept) == 2 and kept[0].endswith(".hl7") and kept[1].endswith(".reason")
+    assert {r["kept_as"] for r in h.records()} == {str(h.settings.rejected_dir / kept[0])}
+    assert len(h.records()) == 50  # each retry still logged
+    h.send(orm(control_id="R51", version="2.7"))  # other bytes: kept apart
+    assert len(list(h.settings.rejected_dir.glob("*.hl7"))) == 2

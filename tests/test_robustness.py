@@ -151,6 +151,7 @@ def test_hostile_corpus_gets_an_answer_and_leaves_the_server_well(hostile_bridge
     payload = (HOSTILE / name).read_bytes()
     roots_before = set(os.listdir(ROOT))
     log_before = len(bridge.log_records())
+    kept_before = set(bridge.rejected_dir.glob("*")) if bridge.rejected_dir.exists() else set()
     conn = Connection(bridge.mllp_port)
     try:
         if name.endswith(".stream"):
@@ -158,6 +159,8 @@ def test_hostile_corpus_gets_an_answer_and_leaves_the_server_well(hostile_bridge
             wanted = [tuple(a) for a in expect["acks"]]
             acks = conn.read_acks(len(wanted))
             assert [msa(a) for a in acks] == wanted
+            if expect.get("kept") is False:
+                assert conn.wait_closed(), name  # refused: the server is done with it
         else:
             conn.send_frame(payload)
             acks = conn.read_acks(1)
@@ -175,6 +178,8 @@ def test_hostile_corpus_gets_an_answer_and_leaves_the_server_well(hostile_bridge
     finally:
         conn.close()
     assert_healthy(bridge, f"ALIVE{sorted(CASES).index(name)}")
+    if expect.get("kept") is False:
+        assert set(bridge.rejected_dir.glob("*")) <= kept_before, name
     assert_only_own_files(root)
     new_roots = set(os.listdir(ROOT)) - roots_before
     assert not new_roots & {"etc", "tmp", "abs", "pwned", "win", "x", "p"}, new_roots

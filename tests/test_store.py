@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pydicom
@@ -116,3 +117,18 @@ def test_a_rewritten_item_keeps_its_sop_instance_uid(tmp_path):
     read_back.PatientName = "Doe^Janet"
     store.write(path, read_back)  # as an ADT update does: no identity at hand
     assert pydicom.dcmread(path).file_meta.MediaStorageSOPInstanceUID == first
+
+
+def test_reading_a_fifo_or_a_cut_file_at_an_items_name_fails_at_once(tmp_path):
+    store = WorklistStore(Settings(worklist_dir=tmp_path))
+    store.prepare()
+    fifo = store.path_for("fifo-order")
+    os.mkfifo(fifo)  # no writer: a blocking open would wait forever
+    with pytest.raises(StoreError, match="not a regular file"):
+        store.read(fifo)
+    cut = store.path_for("cut-order")
+    cut.write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(StoreError, match="does not parse completely"):
+        store.read(cut)
+    assert store.read(store.path_for("absent")) is None
+    assert store.expired(0, ("SCHEDULED",)) == []  # the sweep skips both, without blocking

@@ -183,3 +183,38 @@ def test_send_over_tls_with_a_client_certificate(tls_bridge, pki, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "order.hl7: AA TLSSEND" in result.stdout
+
+
+def tls12_context(pki: PKI, ciphers: str) -> ssl.SSLContext:
+    context = pki.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(ciphers)
+    return context
+
+
+@pytest.mark.parametrize("port", ["mllp_port", "dicom_port"])
+def test_tls_listeners_offer_forward_secret_aead_suites_only(tls_bridge, pki, port):
+    address = ("127.0.0.1", getattr(tls_bridge, port))
+    # static-RSA key exchange and CBC with SHA-1 MACs: refused
+    for weak in ("AES128-SHA", "AES256-SHA256", "ECDHE-RSA-AES128-SHA"):
+        with socket.create_connection(address, timeout=10) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                tls12_context(pki, weak).wrap_socket(raw, server_hostname="localhost")
+    with socket.create_connection(address, timeout=10) as raw:
+        context = tls12_context(pki, "ECDHE-RSA-AES128-GCM-SHA256")
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.2" and "GCM" in tls.cipher()[0]
+
+
+def test_a_failed_tls_handshake_on_mllp_gets_a_log_line(tls_bridge, pki):
+    with socket.create_connection(("127.0.0.1", tls_bridge.mllp_port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            tls12_context(pki, "AES128-SHA").wrap_socket(raw, server_hostname="localhost")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        refused = [r for r in tls_bridge.log_records() if r.get("outcome") == "connection-refused"]
+        if any("TLS failure" in r.get("reason", "") for r in refused):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"no log line for the failed handshake: {tls_bridge.log_records()}")

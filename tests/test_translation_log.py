@@ -1,6 +1,16 @@
 import json
+import logging
 
-from bridge.translation_log import TranslationLog, format_logfmt, parse_logfmt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.translation_log import (
+    TerminalSafeFormatter,
+    TranslationLog,
+    format_logfmt,
+    parse_logfmt,
+    terminal_safe,
+)
 
 
 def test_logfmt_quotes_what_needs_quoting_and_reads_back():
@@ -36,3 +46,69 @@ def test_json_format(tmp_path):
     log.close()
     record = json.loads(path.read_text(encoding="utf-8"))
     assert record["control_id"] == "Ü1" and record["ack"] == "AA"
+
+
+# What a terminal acts on: C0, DEL, C1 (CSI U+009B, NEL U+0085), line and paragraph separators,
+# bidi overrides and isolates, zero-width characters, the BOM.
+DANGEROUS = (
+    [chr(c) for c in range(0x20)] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)]
+    + ["\u2028", "\u2029", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066",
+       "\u2067", "\u2068", "\u2069", "\u200b", "\u200c", "\u200d", "\u200e", "\u200f",
+       "\u2060", "\ufeff", "\u061c"]
+)  # fmt: skip
+values = st.text(
+    alphabet=st.one_of(st.characters(), st.sampled_from(DANGEROUS + ["\\", '"', "=", " ", "x"])),
+    max_size=60,
+)
+
+
+def assert_terminal_safe(line: str) -> None:
+    bad = [c for c in line if c in DANGEROUS or not c.isprintable()]
+    assert not bad, (line, bad)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "note", "reason", "peer"]), values, min_size=1))
+def test_logfmt_reads_back_whatever_it_writes_and_writes_nothing_a_terminal_acts_on(record):
+    record = {k: v for k, v in record.items() if v}
+    line = format_logfmt(record)
+    assert_terminal_safe(line)
+    assert parse_logfmt(line) == record
+
+
+def test_the_escape_of_a_character_beyond_latin_1_reads_back():
+    record = {"note": "\u202eevil\u200b \U000e0041 \\x202e"}
+    line = format_logfmt(record)
+    assert "\\u202e" in line and "\\U000e0041" in line
+    assert parse_logfmt(line) == record
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_json_lines_escape_what_json_dumps_leaves_raw(tmp_path_factory, value):
+    path = tmp_path_factory.mktemp("j") / "t.log"
+    log = TranslationLog(path, "json")
+    log.record(control_id=value or "x", note=value)
+    log.close()
+    text = path.read_text("utf-8")
+    assert_terminal_safe(text.rstrip("\n"))
+    assert json.loads(text)["control_id"] == (value or "x")
+
+
+def test_the_stderr_formatter_escapes_every_module_message_and_uses_utc_z():
+    formatter = TerminalSafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    record = logging.LogRecord(
+        "bridge.cfind",
+        logging.INFO,
+        __file__,
+        1,
+        "C-FIND key %s",
+        ("\x1b]0;pwned\x07\u202e\n",),
+        None,
+    )
+    line = formatter.format(record)
+    assert_terminal_safe(line)
+    assert "\\x1b]0;pwned\\x07\\u202e\\x0a" in line
+    stamp = line.split(" ")[0]
+    assert stamp.endswith("Z") and "T" in stamp and len(stamp) == len("2026-12-01T21:00:00.000Z")
+    assert terminal_safe("plain text") == "plain text"

@@ -25,7 +25,7 @@ from bench.worklist_items import make_item, write_item
 from bridge.index import read_record
 from bridge.matching import Record, record_from_dataset
 from bridge.store import encode_file
-from bridge.wlfile import record_from_bytes
+from bridge.wlfile import MAX_FILE_SIZE, UnsafeFile, incomplete, read_dataset, record_from_bytes
 from tests import peers
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about the odd values below
@@ -211,7 +211,9 @@ def pydicom_outcome(data: bytes):
 
 
 @pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined lengths"])
-def test_truncated_and_corrupt_files_fare_as_with_pydicom(tmp_path, undefined):
+def test_truncated_and_corrupt_files_are_refused_or_read_as_pydicom_reads_them(tmp_path, undefined):
+    """A file that does not parse completely is refused (pydicom serves its cut values); any
+    other fares as with pydicom."""
     ds = make_item("CUT", patient_name="Gaël^Zoë")
     data = part10(undefined_lengths(ds) if undefined else ds)
     path = tmp_path / "cut.wl"
@@ -220,15 +222,20 @@ def test_truncated_and_corrupt_files_fare_as_with_pydicom(tmp_path, undefined):
     flips = [(rng.randrange(132, len(data)), rng.randrange(256)) for _ in range(120)]
     cases = [data[:cut] for cut in cuts]
     cases += [data[:at] + bytes([byte]) + data[at + 1 :] for at, byte in flips]
-    failed = 0
+    failed = refused = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for case in cases:
             path.write_bytes(case)
             expected = pydicom_outcome(case)
-            assert outcome(path) == expected
+            if incomplete(case) is not None:
+                assert outcome(path) == "UnsafeFile"
+                refused += not isinstance(expected, str)  # pydicom would have served it
+            else:
+                assert outcome(path) == expected
             failed += isinstance(expected, str)
     assert failed > 20  # the cases do reach pydicom's failures, not only its successes
+    assert refused > 20  # and cut copies that pydicom reads without a word
 
 
 def test_read_record_uses_the_short_reader(tmp_path, monkeypatch):
@@ -236,3 +243,79 @@ def test_read_record_uses_the_short_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom, "dcmread", None)  # would fail if it were called
     record, sig = read_record(str(path))
     assert record.get(0x00080050) == "A" and sig[0] == path.stat().st_size
+
+
+def flat(record: Record) -> dict:
+    """Top-level and nested values by tag path, for comparing a record with the original's."""
+    out = {}
+
+    def walk(rec, prefix):
+        for tag, _vr, value in rec.items():
+            if isinstance(value, tuple) and value and isinstance(value[0], Record):
+                for n, item in enumerate(value):
+                    walk(item, (*prefix, tag, n))
+            else:
+                out[(*prefix, tag)] = value
+
+    walk(record, ())
+    return out
+
+
+CUT_ITEM = part10(make_item("CUT-PROPERTY", patient_id="PAT-0093117-LONGID",
+                            patient_name="Gaël^Zoë"))  # fmt: skip
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(min_value=0, max_value=len(CUT_ITEM) - 1), st.booleans())
+def test_a_cut_copy_is_refused_or_holds_only_whole_values(tmp_path, cut, undefined):
+    data = CUT_ITEM
+    if undefined:
+        data = part10(undefined_lengths(pydicom.dcmread(io.BytesIO(CUT_ITEM))))
+        cut = min(cut, len(data) - 1)
+    whole = flat(read_record_of(tmp_path, data))
+    try:
+        served = flat(read_record_of(tmp_path, data[:cut]))
+    except Exception:
+        return  # refused: fine
+    assert all(whole.get(path) == value for path, value in served.items()), cut
+
+
+def read_record_of(folder: Path, data: bytes) -> Record:
+    path = folder / "item.wl"
+    path.write_bytes(data)
+    return read_record(str(path))[0]
+
+
+def test_fifos_devices_huge_and_preamble_only_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.wl"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.wl"
+    zero.symlink_to("/dev/zero")
+    huge = tmp_path / "huge.wl"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_FILE_SIZE + 1)
+    preamble = tmp_path / "preamble.wl"
+    preamble.write_bytes(b"\0" * 128 + b"DICM")
+    for path, why in ((fifo, "a FIFO"), (zero, "a character device"), (huge, "more than"),
+                      (preamble, "does not parse completely")):  # fmt: skip
+        with pytest.raises(UnsafeFile, match=why):
+            read_record(str(path))
+    with pytest.raises(UnsafeFile, match="a FIFO"):
+        read_dataset(fifo)
+    assert incomplete(b"\0" * 128 + b"DICM") is not None
+
+
+def test_a_symlink_out_of_the_folder_is_refused_inside_is_read(tmp_path):
+    folder = tmp_path / "wl"
+    folder.mkdir()
+    outside = write_item(tmp_path / "elsewhere.wl", make_item("OUT"))
+    inside = write_item(folder / "real.wl", make_item("IN"))
+    (folder / "out.wl").symlink_to(outside)
+    (folder / "in.wl").symlink_to(inside)
+    with pytest.raises(UnsafeFile, match="outside the worklist folder"):
+        read_record(str(folder / "out.wl"), str(folder))
+    assert read_record(str(folder / "in.wl"), str(folder))[0].get(0x00080050) == "IN"

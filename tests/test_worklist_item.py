@@ -425,3 +425,18 @@ def test_control_characters_become_spaces_outside_text_vrs():
     assert str(item.PatientName) == "DOE X^JANE"
     assert item.MedicalAlerts == "Line one  Line two"
     assert any("control characters in PatientName" in n for n in message.notes)
+
+
+def test_invisible_characters_are_removed_from_identifiers_and_names():
+    # RLO (U+202E), ZWSP (U+200B), a line separator, a C1 CSI: what disguises a value on screen.
+    message = build(
+        base_orm(),
+        {"PID": {5: "DOE\u202eEOD^JA\u200bNE"}, "OBR": {18: "ACC\u200b1\u2028\x9b2"}},
+        charset="UNICODE UTF-8",
+    )
+    [item] = items(message)
+    assert str(item.PatientName) == "DOEEOD^JANE"
+    assert item.AccessionNumber == "ACC1  2"
+    values = str(item.PatientName) + item.AccessionNumber
+    assert all(c.isprintable() for c in values)
+    assert any("invisible removed" in n for n in message.notes)
