@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from bridge.config import HousekeepingRule, Settings
 from bridge.translation_log import TranslationLog
+from bridge.wlfile import read_dataset
 from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.housekeeping")
@@ -54,7 +54,7 @@ def find_idle(folder: Path, rules: list[HousekeepingRule], now: datetime) -> lis
     found = []
     for path in sorted(folder.glob("*.wl")):
         try:
-            item = dcmread(path, specific_tags=_TAGS)
+            item = read_dataset(path, specific_tags=_TAGS)  # regular, complete files only
             mtime = os.stat(path).st_mtime
         except (OSError, InvalidDicomError):
             continue

@@ -25,7 +25,7 @@ from twisted.python import threadable
 from bridge import worklist_item
 from bridge.config import FINISHED_STATUSES, Settings
 from bridge.events import EventBus, StatusChange
-from bridge.store import WorklistStore
+from bridge.store import StoreError, WorklistStore
 
 log = logging.getLogger("bridge.worklist_service")
 
@@ -108,7 +108,7 @@ class WorklistService:
         for path in paths:
             try:
                 item = self.store.read(path)
-            except (OSError, InvalidDicomError):
+            except (OSError, InvalidDicomError, StoreError):
                 continue  # logged by the index when it read it
             if item is not None and accession_issuer(item) in ("", issuer):
                 kept.append(path)
@@ -150,7 +150,7 @@ class WorklistService:
     ) -> StatusResult:
         try:
             item = self.store.read(path)
-        except (OSError, InvalidDicomError) as exc:  # another program's file, damaged
+        except (OSError, InvalidDicomError, StoreError) as exc:  # another program's file, damaged
             log.warning("cannot read worklist item %s: %s", path.name, exc)
             item = None
         if item is None:
