@@ -21,6 +21,7 @@ def split_messages(data: bytes) -> list[bytes]:
     if START in data:
         return [part.split(END)[0] for part in data.split(START)[1:] if part.split(END)[0].strip()]
     messages = []
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as editors and some senders write
     for chunk in _MESSAGE_START.split(data):
         chunk = chunk.strip(b"\r\n")
         if chunk.startswith(b"MSH"):

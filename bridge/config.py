@@ -83,6 +83,26 @@ class Settings:
         "reject (AE 102) or truncate (and log) values longer than their DICOM VR allows",
         default="reject",
     )
+    strict: bool = _opt(
+        "check messages to the letter of HL7: refuse what is otherwise accepted with a note "
+        "(docs/hl7.md lists each check)",
+        default=False,
+    )
+    default_charset: str = _opt(
+        "charset of a message with an empty MSH-18 whose bytes are not UTF-8 "
+        "(an MSH-18 label; ascii refuses 8-bit bytes, as HL7 says)",
+        default="8859/1",
+    )
+    charset_fallback: dict[str, str] = _opt(
+        "per MSH-18 label, the charset for bytes that label cannot decode, e.g. "
+        '"8859/1" = "windows-1252" (config file only)',
+        cli=False,
+        default_factory=dict,
+    )
+    pid2_as_patient_id: bool = _opt(
+        "use PID-2 (patient ID, kept for backward compatibility) when PID-3 is empty, with a note",
+        default=True,
+    )
     protocol_code_source: str = _opt(
         "OBR-4 components feeding the protocol code: alternate-first, primary or alternate",
         default="alternate-first",
@@ -175,6 +195,10 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a table")
+        return {str(k): str(v) for k, v in value.items()}
     if isinstance(default, list):
         if not isinstance(value, list):
             raise ValueError(f"{name} must be a list")
@@ -219,6 +243,9 @@ def validate(settings: Settings) -> None:
         raise ValueError("ae_title must be 1 to 16 characters")
     if settings.max_frame_size < 1024:
         raise ValueError("max_frame_size must be at least 1024 bytes")
+    from bridge.hl7message import check_charset_settings
+
+    check_charset_settings(settings.default_charset, settings.charset_fallback)
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     check_station_rules(settings.station_rules)

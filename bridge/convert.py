@@ -32,7 +32,7 @@ class Report:
 def convert_message(raw: bytes, settings: Settings, write: bool = False) -> Report:
     lines: list[str] = []
     try:
-        message = parse_message(raw)
+        message = parse_message(raw, settings)
         intent = interpret(message, settings)
         if isinstance(intent, OrderMessage):
             store = WorklistStore(settings)
@@ -60,7 +60,11 @@ def convert_message(raw: bytes, settings: Settings, write: bool = False) -> Repo
 def _would_answer(raw: bytes, settings: Settings) -> bytes:
     header = read_header(raw.strip(b"\r\n\t "))
     try:
-        interpret(parse_message(raw), settings)
+        message = parse_message(raw, settings)
+        intent = interpret(message, settings)
+        if isinstance(intent, OrderMessage):  # values too long for their VR are refused here
+            for step in intent.steps:
+                worklist_item.build_elements(message, intent, step, settings)
     except HL7Error as exc:
         return build_ack(header, exc.ack_code, [exc], text=exc.text)
     return build_ack(header, "AA")

@@ -83,18 +83,29 @@ MAX_CONTROL_ID = 199
 
 
 def validate_header(message: HL7Message, settings: Settings) -> None:
-    """MSH checks; raises the first failure as HL7Error."""
+    """MSH checks; raises the first failure as HL7Error. Outside strict mode, header fields the
+    worklist does not use (an empty MSH-10 or MSH-11, an MSH-7 that is not a DTM) are notes, and
+    the version is read as the nearest one we have rules for (`rules_version`)."""
     h = message.header
+    strict = settings.strict
     # HL7 v2.5.1 2.9.2: message type, version and processing ID are the acceptance edits: a
     # failure is a reject (AR). Whether the type is supported is the order module's call.
     if not h.message_type:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^9", "MSH-9 (message type) is empty", "AR")
     if not h.version:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^12", "MSH-12 (version ID) is empty", "AR")
-    _require_supported_version(h.version)
+    version, note = rules_version(h.version, strict)
+    _require_supported_version(version)
+    message.rules_version = version
+    if note:
+        message.notes.append(note)
     if not h.processing_id:
-        raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^11", "MSH-11 (processing ID) is empty", "AR")
-    if h.processing_id not in settings.processing_ids:
+        if strict:
+            raise HL7Error(
+                REQUIRED_FIELD_MISSING, "MSH^1^11", "MSH-11 (processing ID) is empty", "AR"
+            )
+        message.notes.append("MSH-11 (processing ID) is empty; read as production")
+    elif h.processing_id not in settings.processing_ids:
         raise HL7Error(
             UNSUPPORTED_PROCESSING_ID,
             "MSH^1^11",
@@ -106,12 +117,19 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
     if not msh7:
         # Required from 2.4 on, but the worklist does not use it: refusing orders over it would
         # only hurt the patient (real feeds omit it). Say so in the log instead.
-        if _msh7_required(h.version):
-            message.notes.append(f"MSH-7 is empty (required in HL7 {h.version}); not used")
+        if _msh7_required(version):
+            message.notes.append(f"MSH-7 is empty (required in HL7 {version}); not used")
     elif problem := dtm_problem(msh7):
-        raise HL7Error(DATA_TYPE_ERROR, "MSH^1^7^1^1", f"MSH-7 {msh7!r}: {problem}")
+        if strict:
+            raise HL7Error(DATA_TYPE_ERROR, "MSH^1^7^1^1", f"MSH-7 {msh7!r}: {problem}")
+        message.notes.append(f"MSH-7 {msh7[:40]!r} is not an HL7 date/time; not used")
     if not h.control_id:
-        raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty")
+        if strict:
+            raise HL7Error(
+                REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty"
+            )
+        # The ACK's MSA-2 is then empty too; a retry is recognised by the message's digest.
+        message.notes.append("MSH-10 (message control ID) is empty")
     if len(h.control_id) > MAX_CONTROL_ID:
         raise HL7Error(
             DATA_TYPE_ERROR,
@@ -121,13 +139,38 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
         )
 
 
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def rules_version(declared: str, strict: bool = False) -> tuple[str, str]:
+    """(version whose rules apply, note) for MSH-12. HL7 v2 is backward compatible, so outside
+    strict mode `2.5.0` is 2.5, 2.6 and later get the newest rules we have (2.5.1), and 2.1/2.2
+    get 2.3's; anything else is returned as is (and refused as unsupported)."""
+    if declared in SUPPORTED_VERSIONS or strict:
+        return declared, ""
+    match = _VERSION.fullmatch(declared.strip())
+    if match is None or match.group(1) != "2":
+        return declared, ""
+    minor, patch = int(match.group(2)), int(match.group(3) or 0)
+    if patch == 0 and f"2.{minor}" in SUPPORTED_VERSIONS:
+        version = f"2.{minor}"
+    elif (minor, patch) > (5, 1):
+        version = SUPPORTED_VERSIONS[-1]
+    elif minor < 3:
+        version = SUPPORTED_VERSIONS[0]
+    else:  # 2.3.2, 2.4.1: the release it amends
+        version = f"2.{minor}"
+    return version, f"HL7 {declared} read with the rules of {version}"
+
+
 def _require_supported_version(version: str) -> None:
     if version not in SUPPORTED_VERSIONS:
         raise HL7Error(
             UNSUPPORTED_VERSION_ID,
             "MSH^1^12",
             f"HL7 version {version!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_VERSIONS)})",
+            f"(supported: {', '.join(SUPPORTED_VERSIONS)}, and outside strict mode 2.1, 2.2 "
+            "and 2.6 or later)",
             "AR",
         )
 
@@ -168,7 +211,7 @@ class Grammar:
 def structure_of(message: HL7Message) -> str | None:
     """The message structure: MSH-9.3 when given, else the type^trigger's (None if unknown)."""
     h = message.header
-    version = h.version
+    version = message.version
     if h.structure:
         if h.structure not in _structures(version):
             raise HL7Error(
@@ -365,8 +408,18 @@ def _first(children: tuple[_Node, ...], choice: bool) -> frozenset[str]:
 # Fields
 
 
-def check_fields(message: HL7Message) -> None:
-    """Required fields the bridge reads (AE 101) and the date/times it reads (AE 102)."""
+# Required by hl7apy's tables but not by what the bridge does with them: ORC-7 and OBR-27 are
+# (1,1) in hl7apy's 2.3 only (2.3.1 makes them optional; a cancel needs no timing, and an item
+# needs its start, which the order module demands where it does), and OBR-4, whose absence the
+# order module notes (or refuses, in strict mode).
+LENIENT_FIELDS = frozenset({("ORC", 7), ("OBR", 27), ("OBR", 4)})
+
+
+def check_fields(
+    message: HL7Message, strict: bool = False, pid2_as_patient_id: bool = False
+) -> None:
+    """Required fields the bridge reads (AE 101) and the date/times it reads (AE 102). With
+    `pid2_as_patient_id` (and not strict), an empty PID-3 is allowed when PID-2 has the ID."""
     version = message.version
     _require_supported_version(version)
     rules = _field_rules(version)
@@ -376,8 +429,13 @@ def check_fields(message: HL7Message) -> None:
             continue
         required, dates = rule
         for field, component in required:
+            if not strict and (seg.name, field) in LENIENT_FIELDS:
+                continue
             if (seg.name, field) == ("OBR", 4) and _procedure_given_elsewhere(message, seg):
                 continue
+            if (seg.name, field) == ("PID", 3) and pid2_as_patient_id and not strict:
+                if _filled(seg, 2, 1):
+                    continue
             if not _filled(seg, field, component):
                 raise HL7Error(
                     REQUIRED_FIELD_MISSING,
@@ -495,4 +553,4 @@ def check_message(message: HL7Message, settings: Settings) -> None:
     """Header, structure and fields, in that order."""
     validate_header(message, settings)
     check_structure(message)
-    check_fields(message)
+    check_fields(message, settings.strict, settings.pid2_as_patient_id)
