@@ -573,10 +573,18 @@ def parse_message(raw: bytes, settings: Settings | None = None) -> HL7Message:
         fields = line.split(delims.field)
         name = fields[0]
         if not _SEGMENT_NAME.match(name):
+            location, hint = "", ""
+            if segments:
+                # Most often a bare CR or LF inside a field (a name on two lines): the field
+                # where the previous segment ended is the one to fix.
+                before = segments[-1]
+                last = before.field_count
+                location = f"{before.name}^{before.occurrence}^{last}"
+                hint = f" (a line break inside {before.name}-{last}?)"
             raise HL7Error(
                 SEGMENT_SEQUENCE_ERROR,
-                "",
-                f"segment {len(segments) + 1} has an invalid name {name[:10]!r}",
+                location,
+                f"segment {len(segments) + 1} has an invalid name {name[:10]!r}{hint}",
             )
         seen[name] = seen.get(name, 0) + 1
         segments.append(Segment(name, len(segments) + 1, fields, delims, codec, seen[name]))

@@ -504,9 +504,9 @@ class _StepReader:
         if len(code) > _SH_MAX and not self.settings.strict:
             # Longer than a DICOM code value (SH) can be: free text where the code goes (some
             # senders write only the procedure's name in OBR-4.1). It describes; it codes nothing.
-            self.message.notes.append(
-                f"{location}: {code[:40]!r} is too long for a code; used as the description"
-            )
+            note = f"{location}: {code[:40]!r} is too long for a code; used as the description"
+            if note not in self.message.notes:  # OBR-4 feeds the procedure and the protocol
+                self.message.notes.append(note)
             code, meaning = "", meaning or code
         items = [_code_item(code, meaning, scheme)] if code else []
         self.set(keyword, items, location)
@@ -578,6 +578,13 @@ def _order_key(values: dict, orc: Segment, obr: Segment | None = None) -> str:
 
 
 _SH_MAX = 16  # RequestedProcedureID and ScheduledProcedureStepID are SH
+_PLAUSIBLE_UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def _implausible_uid(value: str) -> bool:
+    """Digits that pass for a UID's syntax but cannot be an OID (`987861`: an accession number
+    in ZDS-1). What breaks the syntax (`1.2.03.x`) stays an error (AE 102)."""
+    return bool(re.fullmatch(r"[0-9.]+", value)) and not _PLAUSIBLE_UID.fullmatch(value)
 
 
 def _default_ids(reader: _StepReader, rp_location: str, sps_location: str) -> bool:
@@ -697,6 +704,15 @@ def _read_step(
     )
 
     derived = False
+    given_uid = values.get("StudyInstanceUID", "")
+    if given_uid and not settings.strict and _implausible_uid(given_uid):
+        # An accession number or a local study number where the UID goes: images filed under
+        # it would match no other system's study. A UID derived from the order is kept instead.
+        message.notes.append(
+            f"{reader.locations.get('StudyInstanceUID', 'ZDS-1')}: {given_uid[:64]!r} is not "
+            "a UID (an OID starts with 0, 1 or 2 and has two arcs or more); UID derived"
+        )
+        values["StudyInstanceUID"] = ""
     if not values.get("StudyInstanceUID"):
         if omi:
             study_location = f"IPC^{ipc.occurrence}^3"

@@ -377,3 +377,10 @@ def test_explicit_null_reads_as_empty():
     assert pid.components(5) == ["", "JANE"]
     assert pid.value(7) == ""
     assert pid.components(11) == ["", "", "SPRINGFIELD"]
+
+
+def test_a_line_break_inside_a_field_is_refused_at_that_field():
+    raw = build("PID|1|604|||Tierschutzverein Bernburg und \rUmgebung E.V.^Tyson||20200101|M")
+    err = error_of(raw.encode())
+    assert (err.code, err.location) == ("100", "PID^1^5")
+    assert "line break inside PID-5" in err.text

@@ -911,3 +911,12 @@ def test_public_adt(name, event, patient_id, previous):
 def test_public_siu_is_unsupported():
     error = refused(public("SIU_S12-NewAppointmentBooking.hl7"))
     assert (error.ack_code, error.code) == ("AR", "200")
+
+
+def test_a_number_that_cannot_be_a_uid_in_zds_1_gives_way_to_a_derived_uid():
+    message = build(base_orm(), {"ZDS": {1: "987861"}})
+    step = read(message).steps[0]
+    assert step.values["StudyInstanceUID"].startswith("2.25.") and step.study_uid_derived
+    assert any("'987861' is not a UID" in n for n in message.notes)
+    strict = read(build(base_orm(), {"ZDS": {1: "987861"}}), strict=True).steps[0]
+    assert strict.values["StudyInstanceUID"] == "987861"
