@@ -44,6 +44,7 @@ CHARSETS: dict[str, tuple[str, str]] = {
     "UTF-8": ("utf-8", "ISO_IR 192"),
 }
 UTF8 = ("utf-8", "ISO_IR 192")
+HL7_LABELS = frozenset(CHARSETS)  # HL7 table 0211's names: all that strict mode accepts
 # What senders write in MSH-18 besides HL7's table 0211: DICOM's names of the same character sets
 # (`ISO_IR 100`), and common spellings of the IANA names.
 CHARSETS.update(
@@ -440,7 +441,7 @@ def _decode(
     label = header.charset
     shown = label or "ASCII"
     notes: list[str] = []
-    entry = CHARSETS.get(label.upper())
+    entry = CHARSETS.get(label.upper()) if not strict or label.upper() in HL7_LABELS else None
     if entry is None:
         if not strict and raw.isascii():
             notes.append(f"MSH-18 {label!r} is not a known character set; the bytes are ASCII")
