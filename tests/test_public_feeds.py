@@ -295,3 +295,34 @@ def test_ascii_default_charset_refuses_8bit_bytes_but_reads_utf8(tmp_path):
         assert code == "AE" and location.startswith(("PID^1^5", "OBR^1^4")), reports[key]
     assert report_ack(reports["13"])[0] == "AA"  # valid UTF-8 is UTF-8 whatever the default
     assert report_ack(reports["19"])[0] == "AA"
+
+
+def test_a_cancel_without_procedure_ids_finds_the_order_by_its_numbers(server, tmp_path):
+    """nHapi's cancel (16) names its order by placer and filler number only: it removes the
+    item that the order's NW created with OBR-19/OBR-20, as a change (XO) without them updates
+    it."""
+    cancel = message_of(feeds_folder() / "16-nhapi-it-ca-addome-v23.hl7").decode()
+    cancel = cancel.replace("|1234567890|", "|CA-AFTER-NW|").replace(
+        "PID|||1^^^XXX", "PID|||77^^^XXX"
+    )
+    obr = "OBR|1|1410|3121|RX50^ADDOME SUPINO" + "|" * 15 + "RP77|SPS77||||CR"
+    new = (
+        cancel.replace("|CA-AFTER-NW|", "|NW-1|")
+        .replace("ORC|CA|1410|3121||CA", "ORC|NW|1410|3121||SC||^^^20180504090000")
+        .replace("OBR|1|1410|3121|RX50^ADDOME SUPINO", obr)
+    )
+    change = new.replace("|NW-1|", "|XO-1|").replace("ORC|NW|", "ORC|XO|")
+    change = change.replace(obr, "OBR|1|1410|3121|RX50^ADDOME SUPINO" + "|" * 20 + "CR")
+    change = change.replace("^^^20180504090000", "^^^20180505100000")
+    with MLLPClient("127.0.0.1", server.mllp_port) as client:
+        assert ack_fields(client.send(new.encode()))[0] == "AA"
+        assert [served(a) for a in answers_for(server, "77", tmp_path / "nw")] == [
+            Item("77", "", "CR", "20180504")
+        ]
+        assert ack_fields(client.send(change.encode()))[0] == "AA"
+        assert [served(a) for a in answers_for(server, "77", tmp_path / "xo")] == [
+            Item("77", "", "CR", "20180505")
+        ]
+        assert ack_fields(client.send(cancel.encode()))[0] == "AA"
+    assert server.log_records()[-1]["outcome"] == "removed"
+    assert answers_for(server, "77", tmp_path / "ca") == []
