@@ -8,7 +8,9 @@ and the tokenized message is checked against those.
 Rules (see docs/hl7.md for the reasons):
 - Header: the original-mode acceptance edits of HL7 v2.5.1 2.9.2 in the standard's order, message
   type (presence only: its support is the order module's), version, processing ID, all AR;
-  then MSH-7 (when the version requires it) and MSH-10, AE.
+  then MSH-7 and MSH-10, AE. Outside strict mode, what the worklist does not use is a note (an
+  empty MSH-10 or MSH-11, an MSH-7 that is not a DTM) and a version is read with the nearest
+  rules we have (`rules_version`).
 - Structure: the place and cardinality of the segments the bridge reads (`READ_SEGMENTS`) are
   checked against the version's structure; other segments (NTE, OBX, EVN...) are passed over, as
   are Z-segments anywhere after MSH, except that a ZDS must follow the OBR of its order.

@@ -2,7 +2,9 @@
 
 The item carries every Type 1 and Type 2 return key of PS3.4 Table K.6-1 (Type 2 empty when the
 message has no value): modalities and dcmtk's wlmscpfs silently drop items that lack one. Values
-longer than their VR allows are refused (AE 102 at the HL7 field) or cut, by configuration.
+longer than their VR allows: descriptive ones are cut with a note, identifiers and UIDs refused
+(AE 102 at the HL7 field: cut, they would name another order), by configuration (`strict`,
+`overlong-values`).
 The dataset has no file meta information; the store adds it.
 """
 
