@@ -12,6 +12,7 @@ import codecs
 import re
 import string
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 from bridge.errors import (
@@ -552,13 +553,18 @@ def _location_of_offset(raw: bytes, offset: int, delims: Delimiters) -> str:
     return f"{name}^{occurrence}^{field}"
 
 
+@cache
+def _default_settings() -> Settings:
+    from bridge.config import Settings
+
+    return Settings()
+
+
 def parse_message(raw: bytes, settings: Settings | None = None) -> HL7Message:
     """Tokenize one message. Raises HL7Error (and nothing else) for what makes it unreadable.
     `settings` decides how lenient the charset reading is (default settings when None)."""
     if settings is None:
-        from bridge.config import Settings
-
-        settings = Settings()
+        settings = _default_settings()
     raw = _trim(raw)
     header = read_header(raw)
     if header is None:
