@@ -246,6 +246,31 @@ def _hex_bytes(body: str) -> bytes | None:
         return None
 
 
+_ISO_DATE_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?"
+    r"(Z|[+-]\d\d:?\d\d)?"
+)
+_LONG_FRACTION = re.compile(r"(\d{14})\.(\d{4})\d+([+-]\d{4})?")
+
+
+def loose_dtm(text: str) -> str | None:
+    """What some senders write for an HL7 DTM, as one: ISO 8601 (`2017-04-25 07:31:13.123456`,
+    `2021-06-21T08:15:00+02:00`) or more than 4 digits of fraction. None when it is neither."""
+    text = text.strip()
+    if m := _LONG_FRACTION.fullmatch(text):
+        return f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}"
+    m = _ISO_DATE_TIME.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    dtm = year + month + day + (hour or "") + (minute or "") + (second or "")
+    if fraction:
+        dtm += "." + fraction[:4]
+    if zone:
+        dtm += "+0000" if zone == "Z" else zone.replace(":", "")
+    return dtm
+
+
 @dataclass
 class MessageHeader:
     """What an ACK needs from MSH, read even from a message that cannot be parsed further."""
@@ -366,13 +391,29 @@ def header_codec(charset: str) -> str:
 def _codec_of(name: str) -> tuple[str, str] | None:
     """(codec, DICOM charset) for an MSH-18 label or a Python codec name (`windows-1252`);
     text that is not in a DICOM charset is stored as UTF-8."""
-    known = CHARSETS.get(name.strip().upper())
-    if known is not None:
-        return known
+    return CHARSETS.get(name.strip().upper()) or _loose_label(name)
+
+
+def _squeezed(label: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", label.upper())
+
+
+_SQUEEZED = {_squeezed(label): entry for label, entry in CHARSETS.items() if label}
+
+
+def _loose_label(label: str) -> tuple[str, str] | None:
+    """A label written another way (`ISO IR100`, `iso8859_1`, `UTF 8`), or the name of a text
+    codec Python knows (`windows-1252`): (codec, DICOM charset), else None."""
+    entry = _SQUEEZED.get(_squeezed(label))
+    if entry is not None or not label.strip():
+        return entry
     try:
-        return codecs.lookup(name.strip()).name, "ISO_IR 192"
-    except LookupError:
+        info = codecs.lookup(label.strip())
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         return None
+    if not getattr(info, "_is_text_encoding", True):
+        return None  # base64, zlib, rot13: codecs, not character sets
+    return info.name, "ISO_IR 192"
 
 
 def check_charset_settings(default_charset: str, fallback: dict[str, str]) -> None:
@@ -443,6 +484,8 @@ def _decode(
     shown = label or "ASCII"
     notes: list[str] = []
     entry = CHARSETS.get(label.upper()) if not strict or label.upper() in HL7_LABELS else None
+    if entry is None and not strict and (entry := _loose_label(label)) is not None:
+        notes.append(f"MSH-18 {label!r} is not an HL7 character set; read as {entry[0]}")
     if entry is None:
         if not strict and raw.isascii():
             notes.append(f"MSH-18 {label!r} is not a known character set; the bytes are ASCII")

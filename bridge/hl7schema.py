@@ -38,7 +38,7 @@ from bridge.errors import (
     UNSUPPORTED_VERSION_ID,
     HL7Error,
 )
-from bridge.hl7message import HL7Message, Segment
+from bridge.hl7message import HL7Message, Segment, loose_dtm
 
 # Segments whose content the worklist mapping reads: their place in the message decides which
 # order, patient or visit a value belongs to.
@@ -210,11 +210,17 @@ class Grammar:
         return "ORC" in self.segments and "OBR" in self.segments
 
 
-def structure_of(message: HL7Message) -> str | None:
-    """The message structure: MSH-9.3 when given, else the type^trigger's (None if unknown)."""
+def structure_of(message: HL7Message, lenient: bool = False) -> str | None:
+    """The message structure: MSH-9.3 when given, else the type^trigger's (None if unknown).
+    `lenient`: an MSH-9.3 the version does not define (`ADT_A08`) is a note, and the event's
+    structure is used."""
     h = message.header
     version = message.version
-    if h.structure:
+    if h.structure and lenient and h.structure not in _structures(version):
+        message.notes.append(
+            f"MSH-9.3 {h.structure[:20]!r} is not a structure of HL7 {version}; the event's used"
+        )
+    elif h.structure:
         if h.structure not in _structures(version):
             raise HL7Error(
                 TABLE_VALUE_NOT_FOUND,
@@ -230,11 +236,13 @@ def structure_of(message: HL7Message) -> str | None:
     return own if own in known else None
 
 
-def check_structure(message: HL7Message, strict: bool = False) -> None:
+def check_structure(message: HL7Message, strict: bool = False, lenient: bool = False) -> None:
     """The segment sequence against the version's structure; AE 100 at the first segment out of
-    place. A message whose structure is unknown is not checked (the order module refuses it)."""
+    place. A message whose structure is unknown is not checked (the order module refuses it).
+    `strict` checks every segment; `lenient` (the setting `strict = false`) reads an unknown
+    MSH-9.3 as the event's structure."""
     _require_supported_version(message.version)
-    structure = structure_of(message)
+    structure = structure_of(message, lenient)
     if structure is None:
         return
     grammar = compile_structure(structure, message.version, strict)
@@ -447,6 +455,8 @@ def check_fields(
                 )
         for field, component, subcomponent in dates:
             value = seg.value(field, component, subcomponent)
+            if value and not strict and (fixed := loose_dtm(value)) and not dtm_problem(fixed):
+                continue  # ISO 8601 or a long fraction: the order module reads it, with a note
             if value and (problem := dtm_problem(value)):
                 raise HL7Error(
                     DATA_TYPE_ERROR,
@@ -554,5 +564,5 @@ def dtm_problem(value: str) -> str | None:
 def check_message(message: HL7Message, settings: Settings) -> None:
     """Header, structure and fields, in that order."""
     validate_header(message, settings)
-    check_structure(message)
+    check_structure(message, lenient=not settings.strict)
     check_fields(message, settings.strict, settings.pid2_as_patient_id)

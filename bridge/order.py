@@ -30,7 +30,7 @@ from bridge.errors import (
     UNSUPPORTED_VERSION_ID,
     HL7Error,
 )
-from bridge.hl7message import HL7Message, Segment
+from bridge.hl7message import HL7Message, Segment, loose_dtm
 
 
 class Action(Enum):
@@ -471,6 +471,9 @@ class _StepReader:
             if index >= 5 and self.settings.strict:
                 break  # OBR-6 / OBR-7: what was requested or observed, not a schedule
             location = err_location(segment, field_no, component)
+            if not self.settings.strict and (fixed := loose_dtm(text)):
+                self.message.notes.append(f"{location}: {text!r} read as the DTM {fixed}")
+                text = fixed
             date, time, offset = parse_dtm(text, location)
             if index >= 3:  # OBR-36, ORC-15, OBR-6, OBR-7: not where the standard puts it
                 self.message.notes.append(f"scheduled start taken from {location}")
@@ -937,7 +940,11 @@ def read_patient(
         raise HL7Error(
             REQUIRED_FIELD_MISSING, f"PID^{pid.occurrence}^5", "PID-5 (patient name) is empty"
         )
-    birth = pid.value(7).strip()[:8]
+    birth = pid.value(7).strip()
+    if not settings.strict and (fixed := loose_dtm(birth)):
+        message.notes.append(f"PID^{pid.occurrence}^7: {birth!r} read as {fixed[:8]}")
+        birth = fixed
+    birth = birth[:8]
     if birth and not (len(birth) == 8 and birth.isdigit()):
         raise HL7Error(
             DATA_TYPE_ERROR, f"PID^{pid.occurrence}^7", f"birth date {birth!r} is not YYYYMMDD"

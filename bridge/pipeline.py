@@ -53,7 +53,7 @@ def interpret(message: HL7Message, settings: Settings) -> OrderMessage | Patient
     # The order HL7 v2.5.1 2.9.2 gives: acceptance (header, supported type), then content.
     hl7schema.validate_header(message, settings)
     order.check_supported(message)
-    hl7schema.check_structure(message)
+    hl7schema.check_structure(message, lenient=not settings.strict)
     hl7schema.check_fields(message, settings.strict, settings.pid2_as_patient_id)
     return order.read_message(message, settings)
 

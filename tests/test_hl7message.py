@@ -384,3 +384,17 @@ def test_a_line_break_inside_a_field_is_refused_at_that_field():
     err = error_of(raw.encode())
     assert (err.code, err.location) == ("100", "PID^1^5")
     assert "line break inside PID-5" in err.text
+
+
+@pytest.mark.parametrize(
+    ("label", "codec"),
+    [("ISO IR100", "latin-1"), ("iso8859_1", "latin-1"), ("windows-1252", "cp1252"),
+     ("UTF 8", "utf-8")],
+)  # fmt: skip
+def test_charset_labels_written_another_way_are_read_with_a_note(label, codec):
+    m = parse_message(build("PID|||1||Müller€", charset=label).encode("cp1252")
+                      if codec == "cp1252" else
+                      build("PID|||1||Müller", charset=label).encode(codec))  # fmt: skip
+    assert m.first("PID").value(5).startswith("Müller") and m.codec == codec
+    assert any("is not an HL7 character set" in n for n in m.notes)
+    assert error_of(build("PID|||1", charset=label).encode(), STRICT).code == "103"

@@ -337,8 +337,11 @@ def test_orc1_is_optional_in_231_per_hl7apy():
 def test_bad_dates_that_the_worklist_reads(segment, location):
     segs = [s for s in (PID, ORC, OBR) if s[:3] != segment[:3]] + [segment]
     segs.sort(key=lambda s: ["PID", "ORC", "TQ1", "OBR"].index(s[:3]))
-    err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")))
+    err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")), True)
     assert (err.code, err.location) == ("102", location)
+    if "2000-07-01" not in segment:  # ISO 8601 is read (with a note) outside strict mode
+        err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")))
+        assert (err.code, err.location) == ("102", location)
 
 
 def test_bad_dates_in_fields_not_read_pass():
@@ -400,3 +403,18 @@ def test_public_samples_header_and_fields(name):
     check_message(message, Settings())
     if name in SAMPLES_WITHOUT_MSH7:
         assert any("MSH-7" in note for note in message.notes)
+
+
+def test_an_iso_date_time_is_left_to_the_order_module_outside_strict_mode():
+    raw = msg(PID, ORC, "TQ1|1||||||2025-06-12 10:15:00", OBR)
+    check_fields(parse_message(raw))
+    err = error_of(check_fields, parse_message(raw), True)
+    assert (err.code, err.location) == ("102", "TQ1^1^7^1^1")
+
+
+def test_an_msh_9_3_the_version_does_not_define_is_a_note_outside_strict_mode():
+    message = parse_message(msg(PID, msh9="ADT^A08^ADT_A08"))
+    check_structure(message, lenient=True)
+    assert any("'ADT_A08' is not a structure of HL7 2.5.1" in n for n in message.notes)
+    err = error_of(check_structure, parse_message(msg(PID, msh9="ADT^A08^ADT_A08")))
+    assert (err.code, err.location) == ("103", "MSH^1^9^1^3")

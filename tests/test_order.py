@@ -533,10 +533,11 @@ def test_dtm_precisions_and_offsets(dtm, expected):
 @pytest.mark.parametrize("dtm", ["2025-06-12", "20251312", "20250231", "202506121075",
                                  "tomorrow", "20250612+2500", "2025061210153"])  # fmt: skip
 def test_bad_timing_is_102_naming_the_field(dtm):
-    error = refused(build(base_orm(), {"TQ1": {7: dtm}}))
+    strict = {"strict": True} if "-" in dtm else {}  # ISO 8601 is read outside strict mode
+    error = refused(build(base_orm(), {"TQ1": {7: dtm}}), **strict)
     assert (error.code, error.location) == ("102", "TQ1^1^7")
     assert dtm in error.text
-    error = refused(build(base_orm(), {"ORC": {7: f"^^^{dtm}"}}, drop=("TQ1",)))
+    error = refused(build(base_orm(), {"ORC": {7: f"^^^{dtm}"}}, drop=("TQ1",)), **strict)
     assert (error.code, error.location) == ("102", "ORC^1^7^1^4")
 
 
@@ -920,3 +921,26 @@ def test_a_number_that_cannot_be_a_uid_in_zds_1_gives_way_to_a_derived_uid():
     assert any("'987861' is not a UID" in n for n in message.notes)
     strict = read(build(base_orm(), {"ZDS": {1: "987861"}}), strict=True).steps[0]
     assert strict.values["StudyInstanceUID"] == "987861"
+
+
+@pytest.mark.parametrize(
+    ("written", "date", "time", "offset"),
+    [("2025-06-12 10:15:00", "20250612", "101500", ""),
+     ("2025-06-12T10:15:00+02:00", "20250612", "101500", "+0200"),
+     ("20250612101500.123456", "20250612", "101500.1234", "")],
+)  # fmt: skip
+def test_iso_and_long_fraction_start_times_are_read_with_a_note(written, date, time, offset):
+    message = build(base_orm(), {"TQ1": {7: written}})
+    step = read(message).steps[0]
+    values = step.values
+    assert (values["ScheduledProcedureStepStartDate"], values["ScheduledProcedureStepStartTime"],
+            values["TimezoneOffsetFromUTC"]) == (date, time, offset)  # fmt: skip
+    assert any("read as the DTM" in n for n in message.notes)
+    error = refused(build(base_orm(), {"TQ1": {7: written}}), strict=True)
+    assert (error.code, error.location) == ("102", "TQ1^1^7")
+
+
+def test_an_iso_birth_date_is_read_with_a_note():
+    message = build(base_orm(), {"PID": {7: "1952-11-03"}})
+    assert read(message).patient.birth_date == "19521103"
+    assert any("read as 19521103" in n for n in message.notes)
