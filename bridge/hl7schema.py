@@ -421,8 +421,11 @@ def _first(children: tuple[_Node, ...], choice: bool) -> frozenset[str]:
 # Required by hl7apy's tables but not by what the bridge does with them: ORC-7 and OBR-27 are
 # (1,1) in hl7apy's 2.3 only (2.3.1 makes them optional; a cancel needs no timing, and an item
 # needs its start, which the order module demands where it does), and OBR-4, whose absence the
-# order module notes (or refuses, in strict mode).
-LENIENT_FIELDS = frozenset({("ORC", 7), ("OBR", 27), ("OBR", 4)})
+# order module notes (or refuses, in strict mode); and IPC-1..4, which an order module reads as
+# OBR-18..20 and ZDS-1: an empty accession number is allowed, the IDs defaulted, the UID derived.
+LENIENT_FIELDS = frozenset(
+    {("ORC", 7), ("OBR", 27), ("OBR", 4), ("IPC", 1), ("IPC", 2), ("IPC", 3), ("IPC", 4)}
+)
 
 
 def check_fields(
