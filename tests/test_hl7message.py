@@ -251,6 +251,9 @@ def test_charset_settings_are_checked_when_loaded(tmp_path):
     config.write_text('[charset-fallback]\n"8859/1" = "nonsense-42"\n')
     with pytest.raises(ValueError, match="charset_fallback"):
         load_settings(config)
+    config.write_text('charset-fallback = "windows-1252"\n')
+    with pytest.raises(ValueError, match="charset_fallback must be a table"):
+        load_settings(config)
     config.write_text('[charset-fallback]\n"8859/1" = "windows-1252"\n')
     assert load_settings(config).charset_fallback == {"8859/1": "windows-1252"}
 
