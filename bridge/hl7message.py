@@ -418,10 +418,10 @@ def _loose_label(label: str) -> tuple[str, str] | None:
 
 def check_charset_settings(default_charset: str, fallback: dict[str, str]) -> None:
     """ValueError naming the setting when a charset setting names no known charset."""
-    if default_charset.strip().upper() not in CHARSETS:
+    if _codec_of(default_charset) is None:
         raise ValueError(
             f"default_charset {default_charset!r} is not an MSH-18 charset "
-            "(8859/1, ascii, UNICODE UTF-8 ...)"
+            "(an MSH-18 label such as 8859/1 or ascii, or a charset such as windows-1252)"
         )
     for label, codec in fallback.items():
         if _codec_of(codec) is None:
@@ -508,7 +508,7 @@ def _decode(
         # HL7 says ASCII, but senders leave MSH-18 empty over their own charset.
         if _is_utf8(raw):
             return raw.decode("utf-8"), *UTF8, ["MSH-18 is empty; the bytes are UTF-8"]
-        default = CHARSETS[settings.default_charset.strip().upper()]
+        default = _codec_of(settings.default_charset) or CHARSETS[""]
         if default[0] != "ascii":
             shown = settings.default_charset
             entry = default
