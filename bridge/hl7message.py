@@ -420,7 +420,7 @@ def check_charset_settings(default_charset: str, fallback: dict[str, str]) -> No
     """ValueError naming the setting when a charset setting names no known charset."""
     if _codec_of(default_charset) is None:
         raise ValueError(
-            f"default_charset {default_charset!r} is not an MSH-18 charset "
+            f"default_charset {default_charset!r} names no known charset "
             "(an MSH-18 label such as 8859/1 or ascii, or a charset such as windows-1252)"
         )
     for label, codec in fallback.items():
