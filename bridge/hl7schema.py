@@ -315,12 +315,30 @@ def _missing_error(grammar: Grammar, segments: list[Segment], missing: _Missing)
         anchor = segments[missing.group_start] if missing.group is not grammar.root else segments[0]
         location = f"{anchor.name}^{anchor.occurrence}"
         found_text = "the end of the message"
+    hint = ""
+    if fused := _fused_segment(segments[: missing.pos], missing.child.first):
+        # `...|VORC|NW|...`: the segment separator before the missing segment was lost
+        segment, field_no, name = fused
+        location = f"{segment.name}^{segment.occurrence}^{field_no}"
+        hint = f"; {name} seems fused into {segment.name}-{field_no} (a lost segment separator?)"
     return HL7Error(
         SEGMENT_SEQUENCE_ERROR,
         location,
         f"{grammar.structure} ({grammar.version}): {expected} required in {where}, "
-        f"found {found_text}",
+        f"found {found_text}{hint}",
     )
+
+
+def _fused_segment(before: list[Segment], names: frozenset[str]) -> tuple[Segment, int, str] | None:
+    """(segment, field, missing segment ID) of a field that ends with a missing segment's ID and
+    is followed by more fields (`PV1-51 = VORC`, then `NW`, `363463^EPC`...), or None."""
+    for segment in reversed(before):
+        for field_no in range(1, segment.field_count + 1):
+            text = segment.raw(field_no)
+            for name in names:
+                if len(text) > len(name) and text.endswith(name) and field_no < segment.field_count:
+                    return segment, field_no, name
+    return None
 
 
 def _out_of_place_error(grammar: Grammar, segments: list[Segment], names: list[str],

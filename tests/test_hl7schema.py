@@ -419,3 +419,10 @@ def test_an_msh_9_3_the_version_does_not_define_is_a_note_outside_strict_mode():
     assert any("'ADT_A08' is not a structure of HL7 2.5.1" in n for n in message.notes)
     err = error_of(check_structure, parse_message(msg(PID, msh9="ADT^A08^ADT_A08")))
     assert (err.code, err.location) == ("103", "MSH^1^9^1^3")
+
+
+def test_a_segment_fused_into_the_field_before_is_named_there():
+    raw = msg(PID, "PV1||O||||||||VORC|NW|A1^PLC", OBR, version="2.3")
+    err = error_of(check_structure, parse_message(raw))
+    assert (err.code, err.location) == ("100", "PV1^1^10")
+    assert "ORC seems fused into PV1-10" in err.text

@@ -50,7 +50,7 @@ EXPECTED: dict[str, Item | Refusal | str] = {
     "02": Refusal("AE", "101", "OBR^1^24"),  # no modality anywhere (only ^^^^ECHO in OBR-21)
     "03": Item("202303295", "1714293", "DX", "20250130"),  # no OBR-19/20, start in OBR-36
     "04": Item("0195313690", "", "CR", "20080221"),  # as sent
-    "05": Refusal("AE", "100", "OBR^1"),  # ORC fused into PV1: an OBR without its ORC
+    "05": Refusal("AE", "100", "PV1^1^51"),  # ORC fused into PV1 (its field 51 ends in VORC)
     "06": Item("1234567", "269539", "CT", "20170914"),  # Latin-1, empty MSH-18, long address
     "07": Item("201102956", "123456", "CT", "20170608"),  # Latin-1, empty MSH-18
     "08": Refusal("AE", "101", "OBR^1^24"),  # no modality (OBR-24 empty)
