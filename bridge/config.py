@@ -166,6 +166,26 @@ class Settings:
         "reject (AE 102) or truncate (and log) values longer than their DICOM VR allows",
         default="reject",
     )
+    strict: bool = _opt(
+        "check messages to the letter of HL7: refuse what is otherwise accepted with a note "
+        "(docs/hl7.md lists each check)",
+        default=False,
+    )
+    default_charset: str = _opt(
+        "charset of a message with an empty MSH-18 whose bytes are not UTF-8 "
+        "(an MSH-18 label; ascii refuses 8-bit bytes, as HL7 says)",
+        default="8859/1",
+    )
+    charset_fallback: dict[str, str] = _opt(
+        "per MSH-18 label, the charset for bytes that label cannot decode, e.g. "
+        '"8859/1" = "windows-1252" (config file only)',
+        cli=False,
+        default_factory=dict,
+    )
+    pid2_as_patient_id: bool = _opt(
+        "use PID-2 (patient ID, kept for backward compatibility) when PID-3 is empty, with a note",
+        default=True,
+    )
     protocol_code_source: str = _opt(
         "OBR-4 components feeding the protocol code: alternate-first, primary or alternate",
         default="alternate-first",
@@ -634,6 +654,12 @@ def validate(settings: Settings) -> None:
                     )
     if settings.housekeeping_interval <= 0:
         fail("housekeeping_interval", "must be above 0 seconds")
+    from bridge.hl7message import check_charset_settings
+
+    try:
+        check_charset_settings(settings.default_charset, settings.charset_fallback)
+    except ValueError as exc:
+        raise ConfigError(f"{_origin(settings, 'default_charset')}: {exc}") from None
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     try:

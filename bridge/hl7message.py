@@ -8,9 +8,12 @@ fields, data types) comes from hl7apy's definitions in `hl7schema`.
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
 
 from bridge.errors import (
     DATA_TYPE_ERROR,
@@ -19,6 +22,9 @@ from bridge.errors import (
     TABLE_VALUE_NOT_FOUND,
     HL7Error,
 )
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 # MSH-18 value -> (Python codec, DICOM SpecificCharacterSet or "" for the default repertoire)
 CHARSETS: dict[str, tuple[str, str]] = {
@@ -39,6 +45,33 @@ CHARSETS: dict[str, tuple[str, str]] = {
     "UTF-8": ("utf-8", "ISO_IR 192"),
 }
 UTF8 = ("utf-8", "ISO_IR 192")
+HL7_LABELS = frozenset(CHARSETS)  # HL7 table 0211's names: all that strict mode accepts
+# What senders write in MSH-18 besides HL7's table 0211: DICOM's names of the same character sets
+# (`ISO_IR 100`), and common spellings of the IANA names.
+CHARSETS.update(
+    {
+        "ISO_IR 6": ("ascii", ""),
+        "ISO 2022 IR 6": ("ascii", ""),
+        "US-ASCII": ("ascii", ""),
+        "ISO_IR 192": UTF8,
+        "UTF8": UTF8,
+        "GB18030": ("gb18030", "GB18030"),
+        "GB 18030-2000": ("gb18030", "GB18030"),
+        "GBK": ("gbk", "GBK"),
+        "BIG-5": ("big5", "ISO_IR 192"),
+        "KS X 1001": ("euc_kr", "ISO_IR 192"),
+    }
+)
+for _label, (_codec, _dicom) in list(CHARSETS.items()):
+    if _label.startswith("8859/"):
+        part = _label[5:]
+        CHARSETS.setdefault(_dicom, (_codec, _dicom))  # ISO_IR 100
+        CHARSETS.setdefault(_dicom.replace("ISO_IR", "ISO 2022 IR"), (_codec, _dicom))
+        CHARSETS.setdefault(f"ISO-8859-{part}", (_codec, _dicom))
+        CHARSETS.setdefault(f"ISO8859-{part}", (_codec, _dicom))
+        CHARSETS.setdefault(f"8859-{part}", (_codec, _dicom))
+CHARSETS.setdefault("LATIN1", CHARSETS["8859/1"])
+CHARSETS.setdefault("LATIN-1", CHARSETS["8859/1"])
 
 _SEGMENT_END = re.compile(r"\r\n|\r|\n")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
@@ -213,6 +246,31 @@ def _hex_bytes(body: str) -> bytes | None:
         return None
 
 
+_ISO_DATE_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?"
+    r"(Z|[+-]\d\d:?\d\d)?"
+)
+_LONG_FRACTION = re.compile(r"(\d{14})\.(\d{4})\d+([+-]\d{4})?")
+
+
+def loose_dtm(text: str) -> str | None:
+    """What some senders write for an HL7 DTM, as one: ISO 8601 (`2017-04-25 07:31:13.123456`,
+    `2021-06-21T08:15:00+02:00`) or more than 4 digits of fraction. None when it is neither."""
+    text = text.strip()
+    if m := _LONG_FRACTION.fullmatch(text):
+        return f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}"
+    m = _ISO_DATE_TIME.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    dtm = year + month + day + (hour or "") + (minute or "") + (second or "")
+    if fraction:
+        dtm += "." + fraction[:4]
+    if zone:
+        dtm += "+0000" if zone == "Z" else zone.replace(":", "")
+    return dtm
+
+
 @dataclass
 class MessageHeader:
     """What an ACK needs from MSH, read even from a message that cannot be parsed further."""
@@ -251,6 +309,8 @@ class HL7Message:
         self.codec = codec  # the Python codec the bytes were decoded with
         self.dicom_charset = dicom_charset  # SpecificCharacterSet for what this message carries
         self.notes: list[str] = []  # things worth a line in the translation log
+        # the version whose rules apply (MSH-12 as read by hl7schema: "2.5.0" -> 2.5), once known
+        self.rules_version: str = ""
         self._by_name: dict[str, list[Segment]] | None = None
 
     @property
@@ -267,7 +327,8 @@ class HL7Message:
 
     @property
     def version(self) -> str:
-        return self.header.version
+        """The HL7 version whose rules apply; MSH-12 as received is `header.version`."""
+        return self.rules_version or self.header.version
 
     @property
     def message_type(self) -> str:
@@ -327,6 +388,46 @@ def header_codec(charset: str) -> str:
     return CHARSETS.get(charset.strip().upper(), ("latin-1", ""))[0]
 
 
+def _codec_of(name: str) -> tuple[str, str] | None:
+    """(codec, DICOM charset) for an MSH-18 label or a Python codec name (`windows-1252`);
+    text that is not in a DICOM charset is stored as UTF-8."""
+    return CHARSETS.get(name.strip().upper()) or _loose_label(name)
+
+
+def _squeezed(label: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", label.upper())
+
+
+_SQUEEZED = {_squeezed(label): entry for label, entry in CHARSETS.items() if label}
+
+
+def _loose_label(label: str) -> tuple[str, str] | None:
+    """A label written another way (`ISO IR100`, `iso8859_1`, `UTF 8`), or the name of a text
+    codec Python knows (`windows-1252`): (codec, DICOM charset), else None."""
+    entry = _SQUEEZED.get(_squeezed(label))
+    if entry is not None or not label.strip():
+        return entry
+    try:
+        info = codecs.lookup(label.strip())
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        return None
+    if not getattr(info, "_is_text_encoding", True):
+        return None  # base64, zlib, rot13: codecs, not character sets
+    return info.name, "ISO_IR 192"
+
+
+def check_charset_settings(default_charset: str, fallback: dict[str, str]) -> None:
+    """ValueError naming the setting when a charset setting names no known charset."""
+    if _codec_of(default_charset) is None:
+        raise ValueError(
+            f"default_charset {default_charset!r} names no known charset "
+            "(an MSH-18 label such as 8859/1 or ascii, or a charset such as windows-1252)"
+        )
+    for label, codec in fallback.items():
+        if _codec_of(codec) is None:
+            raise ValueError(f"charset_fallback: {label!r} = {codec!r} names no known charset")
+
+
 def read_header(raw: bytes) -> MessageHeader | None:
     """MSH fields for an ACK, from bytes that may not parse; None when there is no usable MSH."""
     try:
@@ -369,12 +470,33 @@ def read_header(raw: bytes) -> MessageHeader | None:
     )
 
 
-def _decode(raw: bytes, header: MessageHeader) -> tuple[str, str, str, str | None]:
-    """Decode the bytes with the declared charset: (text, codec, dicom charset, note)."""
-    label = header.charset or "ASCII"
-    declared = header.charset.upper()
-    if declared not in CHARSETS:
-        raise HL7Error(TABLE_VALUE_NOT_FOUND, "MSH^1^18", f"unsupported character set {label!r}")
+def _decode(
+    raw: bytes, header: MessageHeader, settings: Settings
+) -> tuple[str, str, str, list[str]]:
+    """Decode the bytes with the declared charset: (text, codec, dicom charset, notes).
+
+    Outside strict mode what senders really do is read rather than refused, with a note: an
+    empty MSH-18 over valid UTF-8 (read as UTF-8) or other 8-bit bytes (`default_charset`), a
+    label we do not know over pure ASCII, and C1 or undecodable bytes that the label's
+    `charset_fallback` reads."""
+    strict = settings.strict
+    label = header.charset
+    shown = label or "ASCII"
+    notes: list[str] = []
+    entry = CHARSETS.get(label.upper()) if not strict or label.upper() in HL7_LABELS else None
+    if entry is None and not strict and (entry := _loose_label(label)) is not None:
+        notes.append(f"MSH-18 {label!r} is not an HL7 character set; read as {entry[0]}")
+    if entry is None:
+        if not strict and raw.isascii():
+            notes.append(f"MSH-18 {label!r} is not a known character set; the bytes are ASCII")
+            entry = CHARSETS[""]
+        elif not strict and _is_utf8(raw):
+            notes.append(f"MSH-18 {label!r} is not a known character set; the bytes are UTF-8")
+            entry = UTF8
+        else:
+            raise HL7Error(
+                TABLE_VALUE_NOT_FOUND, "MSH^1^18", f"unsupported character set {shown!r}"
+            )
     if len(header.charsets) > 1 and b"\x1b" in raw:
         # MSH-18 repetitions name ISO 2022 code extensions, switched by ESC sequences.
         raise HL7Error(
@@ -382,23 +504,40 @@ def _decode(raw: bytes, header: MessageHeader) -> tuple[str, str, str, str | Non
             "MSH^1^18^2",
             f"character set switching ({'~'.join(header.charsets)}) is not supported",
         )
-    codec, dicom = CHARSETS[declared]
+    if not label and not strict and not raw.isascii():
+        # HL7 says ASCII, but senders leave MSH-18 empty over their own charset.
+        if _is_utf8(raw):
+            return raw.decode("utf-8"), *UTF8, ["MSH-18 is empty; the bytes are UTF-8"]
+        default = _codec_of(settings.default_charset) or CHARSETS[""]
+        if default[0] != "ascii":
+            shown = settings.default_charset
+            entry = default
+            notes.append(f"MSH-18 is empty; read as {shown} (default-charset)")
+    codec, dicom = entry
     eight_bit = codec.startswith(("latin", "iso8859")) and not raw.isascii()
     if eight_bit:
         # UTF-8 under an 8859 label is common (the public dcm4che samples do it), and text that
         # is really 8859 and non-ASCII is almost never valid UTF-8: trust the bytes.
-        try:
-            return raw.decode("utf-8"), *UTF8, f"MSH-18 says {label} but the bytes are UTF-8"
-        except UnicodeDecodeError:
-            pass
+        if _is_utf8(raw):
+            return raw.decode("utf-8"), *UTF8, [f"MSH-18 says {shown} but the bytes are UTF-8"]
+    fallback = _fallback_of(settings, label or settings.default_charset)
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError as exc:
-        raise _charset_error(raw, exc.start, header, label) from None
-    if eight_bit and (c1 := _C1_CONTROLS.search(text)):
+        if fallback is None:
+            raise _charset_error(raw, exc.start, header, shown) from None
+        text, codec, dicom = _decode_fallback(raw, fallback, header, shown, exc.start)
+        notes.append(f"bytes that {shown} cannot decode read as {fallback} (charset-fallback)")
+        c1 = None
+    else:
+        c1 = _C1_CONTROLS.search(text) if eight_bit else None
+    if c1:
         # C1 bytes are never text in ISO 8859: guessing (Windows-1252?) would store garbage as
-        # if it were the patient's data, so the sender hears about it instead.
-        raise _charset_error(raw, c1.start(), header, label)
+        # if it were the patient's data, unless the site says which charset its sender mixes in.
+        if fallback is None:
+            raise _charset_error(raw, c1.start(), header, shown)
+        text, codec, dicom = _decode_fallback(raw, fallback, header, shown, c1.start())
+        notes.append(f"bytes 0x80-0x9F under {shown} read as {fallback} (charset-fallback)")
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise HL7Error(
@@ -406,7 +545,36 @@ def _decode(raw: bytes, header: MessageHeader) -> tuple[str, str, str, str | Non
             _location_of_offset(raw, nul, header.delimiters),
             "the message contains a NUL byte",
         )
-    return text, codec, dicom, None
+    return text, codec, dicom, notes
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _fallback_of(settings: Settings, label: str) -> str | None:
+    wanted = label.strip().upper()
+    for key, value in settings.charset_fallback.items():
+        if key.strip().upper() == wanted:
+            return value
+    return None
+
+
+def _decode_fallback(
+    raw: bytes, fallback: str, header: MessageHeader, shown: str, offset: int
+) -> tuple[str, str, str]:
+    codec, _ = _codec_of(fallback) or ("latin-1", "")
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError:
+        raise _charset_error(raw, offset, header, shown) from None
+    # what the fallback reads (the euro sign, curly quotes) may be outside the label's DICOM
+    # charset: the item is written in UTF-8 when it needs to be
+    return text, codec, "ISO_IR 192"
 
 
 def _charset_error(raw: bytes, offset: int, header: MessageHeader, label: str) -> HL7Error:
@@ -428,14 +596,24 @@ def _location_of_offset(raw: bytes, offset: int, delims: Delimiters) -> str:
     return f"{name}^{occurrence}^{field}"
 
 
-def parse_message(raw: bytes) -> HL7Message:
-    """Tokenize one message. Raises HL7Error (and nothing else) for what makes it unreadable."""
+@cache
+def _default_settings() -> Settings:
+    from bridge.config import Settings
+
+    return Settings()
+
+
+def parse_message(raw: bytes, settings: Settings | None = None) -> HL7Message:
+    """Tokenize one message. Raises HL7Error (and nothing else) for what makes it unreadable.
+    `settings` decides how lenient the charset reading is (default settings when None)."""
+    if settings is None:
+        settings = _default_settings()
     raw = _trim(raw)
     header = read_header(raw)
     if header is None:
         _split_header_bytes(raw)  # raises the precise reason
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "MSH^1", "unreadable MSH segment", "AR")
-    text, codec, dicom_charset, note = _decode(raw, header)
+    text, codec, dicom_charset, notes = _decode(raw, header, settings)
     delims = header.delimiters
     segments: list[Segment] = []
     seen: dict[str, int] = {}
@@ -445,16 +623,23 @@ def parse_message(raw: bytes) -> HL7Message:
         fields = line.split(delims.field)
         name = fields[0]
         if not _SEGMENT_NAME.match(name):
+            location, hint = "", ""
+            if segments:
+                # Most often a bare CR or LF inside a field (a name on two lines): the field
+                # where the previous segment ended is the one to fix.
+                before = segments[-1]
+                last = before.field_count
+                location = f"{before.name}^{before.occurrence}^{last}"
+                hint = f" (a line break inside {before.name}-{last}?)"
             raise HL7Error(
                 SEGMENT_SEQUENCE_ERROR,
-                "",
-                f"segment {len(segments) + 1} has an invalid name {name[:10]!r}",
+                location,
+                f"segment {len(segments) + 1} has an invalid name {name[:10]!r}{hint}",
             )
         seen[name] = seen.get(name, 0) + 1
         segments.append(Segment(name, len(segments) + 1, fields, delims, codec, seen[name]))
-    if not header.control_id:
+    if not header.control_id and settings.strict:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty")
     message = HL7Message(raw, text, segments, header, codec, dicom_charset)
-    if note:
-        message.notes.append(note)
+    message.notes.extend(notes)
     return message

@@ -8,7 +8,9 @@ and the tokenized message is checked against those.
 Rules (see docs/hl7.md for the reasons):
 - Header: the original-mode acceptance edits of HL7 v2.5.1 2.9.2 in the standard's order, message
   type (presence only: its support is the order module's), version, processing ID, all AR;
-  then MSH-7 (when the version requires it) and MSH-10, AE.
+  then MSH-7 and MSH-10, AE. Outside strict mode, what the worklist does not use is a note (an
+  empty MSH-10 or MSH-11, an MSH-7 that is not a DTM) and a version is read with the nearest
+  rules we have (`rules_version`).
 - Structure: the place and cardinality of the segments the bridge reads (`READ_SEGMENTS`) are
   checked against the version's structure; other segments (NTE, OBX, EVN...) are passed over, as
   are Z-segments anywhere after MSH, except that a ZDS must follow the OBR of its order.
@@ -36,7 +38,7 @@ from bridge.errors import (
     UNSUPPORTED_VERSION_ID,
     HL7Error,
 )
-from bridge.hl7message import HL7Message, Segment
+from bridge.hl7message import HL7Message, Segment, loose_dtm
 
 # Segments whose content the worklist mapping reads: their place in the message decides which
 # order, patient or visit a value belongs to.
@@ -83,18 +85,29 @@ MAX_CONTROL_ID = 199
 
 
 def validate_header(message: HL7Message, settings: Settings) -> None:
-    """MSH checks; raises the first failure as HL7Error."""
+    """MSH checks; raises the first failure as HL7Error. Outside strict mode, header fields the
+    worklist does not use (an empty MSH-10 or MSH-11, an MSH-7 that is not a DTM) are notes, and
+    the version is read as the nearest one we have rules for (`rules_version`)."""
     h = message.header
+    strict = settings.strict
     # HL7 v2.5.1 2.9.2: message type, version and processing ID are the acceptance edits: a
     # failure is a reject (AR). Whether the type is supported is the order module's call.
     if not h.message_type:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^9", "MSH-9 (message type) is empty", "AR")
     if not h.version:
         raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^12", "MSH-12 (version ID) is empty", "AR")
-    _require_supported_version(h.version)
+    version, note = rules_version(h.version, strict)
+    _require_supported_version(version)
+    message.rules_version = version
+    if note:
+        message.notes.append(note)
     if not h.processing_id:
-        raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^11", "MSH-11 (processing ID) is empty", "AR")
-    if h.processing_id not in settings.processing_ids:
+        if strict:
+            raise HL7Error(
+                REQUIRED_FIELD_MISSING, "MSH^1^11", "MSH-11 (processing ID) is empty", "AR"
+            )
+        message.notes.append("MSH-11 (processing ID) is empty; read as production")
+    elif h.processing_id not in settings.processing_ids:
         raise HL7Error(
             UNSUPPORTED_PROCESSING_ID,
             "MSH^1^11",
@@ -106,12 +119,19 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
     if not msh7:
         # Required from 2.4 on, but the worklist does not use it: refusing orders over it would
         # only hurt the patient (real feeds omit it). Say so in the log instead.
-        if _msh7_required(h.version):
-            message.notes.append(f"MSH-7 is empty (required in HL7 {h.version}); not used")
+        if _msh7_required(version):
+            message.notes.append(f"MSH-7 is empty (required in HL7 {version}); not used")
     elif problem := dtm_problem(msh7):
-        raise HL7Error(DATA_TYPE_ERROR, "MSH^1^7^1^1", f"MSH-7 {msh7!r}: {problem}")
+        if strict:
+            raise HL7Error(DATA_TYPE_ERROR, "MSH^1^7^1^1", f"MSH-7 {msh7!r}: {problem}")
+        message.notes.append(f"MSH-7 {msh7[:40]!r} is not an HL7 date/time; not used")
     if not h.control_id:
-        raise HL7Error(REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty")
+        if strict:
+            raise HL7Error(
+                REQUIRED_FIELD_MISSING, "MSH^1^10", "MSH-10 (message control ID) is empty"
+            )
+        # The ACK's MSA-2 is then empty too; a retry is recognised by the message's digest.
+        message.notes.append("MSH-10 (message control ID) is empty")
     if len(h.control_id) > MAX_CONTROL_ID:
         raise HL7Error(
             DATA_TYPE_ERROR,
@@ -121,13 +141,38 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
         )
 
 
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def rules_version(declared: str, strict: bool = False) -> tuple[str, str]:
+    """(version whose rules apply, note) for MSH-12. HL7 v2 is backward compatible, so outside
+    strict mode `2.5.0` is 2.5, 2.6 and later get the newest rules we have (2.5.1), and 2.1/2.2
+    get 2.3's; anything else is returned as is (and refused as unsupported)."""
+    if declared in SUPPORTED_VERSIONS or strict:
+        return declared, ""
+    match = _VERSION.fullmatch(declared.strip())
+    if match is None or match.group(1) != "2":
+        return declared, ""
+    minor, patch = int(match.group(2)), int(match.group(3) or 0)
+    if patch == 0 and f"2.{minor}" in SUPPORTED_VERSIONS:
+        version = f"2.{minor}"
+    elif (minor, patch) > (5, 1):
+        version = SUPPORTED_VERSIONS[-1]
+    elif minor < 3:
+        version = SUPPORTED_VERSIONS[0]
+    else:  # 2.3.2, 2.4.1: the release it amends
+        version = f"2.{minor}"
+    return version, f"HL7 {declared} read with the rules of {version}"
+
+
 def _require_supported_version(version: str) -> None:
     if version not in SUPPORTED_VERSIONS:
         raise HL7Error(
             UNSUPPORTED_VERSION_ID,
             "MSH^1^12",
             f"HL7 version {version!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_VERSIONS)})",
+            f"(supported: {', '.join(SUPPORTED_VERSIONS)}, and outside strict mode 2.1, 2.2 "
+            "and 2.6 or later)",
             "AR",
         )
 
@@ -165,11 +210,17 @@ class Grammar:
         return "ORC" in self.segments and "OBR" in self.segments
 
 
-def structure_of(message: HL7Message) -> str | None:
-    """The message structure: MSH-9.3 when given, else the type^trigger's (None if unknown)."""
+def structure_of(message: HL7Message, lenient: bool = False) -> str | None:
+    """The message structure: MSH-9.3 when given, else the type^trigger's (None if unknown).
+    `lenient`: an MSH-9.3 the version does not define (`ADT_A08`) is a note, and the event's
+    structure is used."""
     h = message.header
-    version = h.version
-    if h.structure:
+    version = message.version
+    if h.structure and lenient and h.structure not in _structures(version):
+        message.notes.append(
+            f"MSH-9.3 {h.structure[:20]!r} is not a structure of HL7 {version}; the event's used"
+        )
+    elif h.structure:
         if h.structure not in _structures(version):
             raise HL7Error(
                 TABLE_VALUE_NOT_FOUND,
@@ -185,11 +236,13 @@ def structure_of(message: HL7Message) -> str | None:
     return own if own in known else None
 
 
-def check_structure(message: HL7Message, strict: bool = False) -> None:
+def check_structure(message: HL7Message, strict: bool = False, lenient: bool = False) -> None:
     """The segment sequence against the version's structure; AE 100 at the first segment out of
-    place. A message whose structure is unknown is not checked (the order module refuses it)."""
+    place. A message whose structure is unknown is not checked (the order module refuses it).
+    `strict` checks every segment; `lenient` (the setting `strict = false`) reads an unknown
+    MSH-9.3 as the event's structure."""
     _require_supported_version(message.version)
-    structure = structure_of(message)
+    structure = structure_of(message, lenient)
     if structure is None:
         return
     grammar = compile_structure(structure, message.version, strict)
@@ -262,12 +315,30 @@ def _missing_error(grammar: Grammar, segments: list[Segment], missing: _Missing)
         anchor = segments[missing.group_start] if missing.group is not grammar.root else segments[0]
         location = f"{anchor.name}^{anchor.occurrence}"
         found_text = "the end of the message"
+    hint = ""
+    if fused := _fused_segment(segments[: missing.pos], missing.child.first):
+        # `...|VORC|NW|...`: the segment separator before the missing segment was lost
+        segment, field_no, name = fused
+        location = f"{segment.name}^{segment.occurrence}^{field_no}"
+        hint = f"; {name} seems fused into {segment.name}-{field_no} (a lost segment separator?)"
     return HL7Error(
         SEGMENT_SEQUENCE_ERROR,
         location,
         f"{grammar.structure} ({grammar.version}): {expected} required in {where}, "
-        f"found {found_text}",
+        f"found {found_text}{hint}",
     )
+
+
+def _fused_segment(before: list[Segment], names: frozenset[str]) -> tuple[Segment, int, str] | None:
+    """(segment, field, missing segment ID) of a field that ends with a missing segment's ID and
+    is followed by more fields (`PV1-51 = VORC`, then `NW`, `363463^EPC`...), or None."""
+    for segment in reversed(before):
+        for field_no in range(1, segment.field_count + 1):
+            text = segment.raw(field_no)
+            for name in names:
+                if len(text) > len(name) and text.endswith(name) and field_no < segment.field_count:
+                    return segment, field_no, name
+    return None
 
 
 def _out_of_place_error(grammar: Grammar, segments: list[Segment], names: list[str],
@@ -365,8 +436,21 @@ def _first(children: tuple[_Node, ...], choice: bool) -> frozenset[str]:
 # Fields
 
 
-def check_fields(message: HL7Message) -> None:
-    """Required fields the bridge reads (AE 101) and the date/times it reads (AE 102)."""
+# Required by hl7apy's tables but not by what the bridge does with them: ORC-7 and OBR-27 are
+# (1,1) in hl7apy's 2.3 only (2.3.1 makes them optional; a cancel needs no timing, and an item
+# needs its start, which the order module demands where it does), and OBR-4, whose absence the
+# order module notes (or refuses, in strict mode); and IPC-1..4, which an order module reads as
+# OBR-18..20 and ZDS-1: an empty accession number is allowed, the IDs defaulted, the UID derived.
+LENIENT_FIELDS = frozenset(
+    {("ORC", 7), ("OBR", 27), ("OBR", 4), ("IPC", 1), ("IPC", 2), ("IPC", 3), ("IPC", 4)}
+)
+
+
+def check_fields(
+    message: HL7Message, strict: bool = False, pid2_as_patient_id: bool = False
+) -> None:
+    """Required fields the bridge reads (AE 101) and the date/times it reads (AE 102). With
+    `pid2_as_patient_id` (and not strict), an empty PID-3 is allowed when PID-2 has the ID."""
     version = message.version
     _require_supported_version(version)
     rules = _field_rules(version)
@@ -376,8 +460,13 @@ def check_fields(message: HL7Message) -> None:
             continue
         required, dates = rule
         for field, component in required:
+            if not strict and (seg.name, field) in LENIENT_FIELDS:
+                continue
             if (seg.name, field) == ("OBR", 4) and _procedure_given_elsewhere(message, seg):
                 continue
+            if (seg.name, field) == ("PID", 3) and pid2_as_patient_id and not strict:
+                if _filled(seg, 2, 1):
+                    continue
             if not _filled(seg, field, component):
                 raise HL7Error(
                     REQUIRED_FIELD_MISSING,
@@ -387,6 +476,8 @@ def check_fields(message: HL7Message) -> None:
                 )
         for field, component, subcomponent in dates:
             value = seg.value(field, component, subcomponent)
+            if value and not strict and (fixed := loose_dtm(value)) and not dtm_problem(fixed):
+                continue  # ISO 8601 or a long fraction: the order module reads it, with a note
             if value and (problem := dtm_problem(value)):
                 raise HL7Error(
                     DATA_TYPE_ERROR,
@@ -494,5 +585,5 @@ def dtm_problem(value: str) -> str | None:
 def check_message(message: HL7Message, settings: Settings) -> None:
     """Header, structure and fields, in that order."""
     validate_header(message, settings)
-    check_structure(message)
-    check_fields(message)
+    check_structure(message, lenient=not settings.strict)
+    check_fields(message, settings.strict, settings.pid2_as_patient_id)

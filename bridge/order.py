@@ -32,7 +32,7 @@ from bridge.errors import (
     UNSUPPORTED_VERSION_ID,
     HL7Error,
 )
-from bridge.hl7message import HL7Message, Segment
+from bridge.hl7message import HL7Message, Segment, loose_dtm
 from bridge.mapping import Row, default_rows, effective_rows, translate
 
 
@@ -72,6 +72,9 @@ class ProcedureStep:
     # DICOM keyword -> HL7 location (ERR-2) the value came from, for error reports
     locations: dict[str, str] = field(default_factory=dict)
     study_uid_derived: bool = False  # no ZDS-1 / IPC-3: an existing item's UID must be kept
+    # no OBR-19/OBR-20 (IPC-2/IPC-4): the IDs were made up, so a cancel or change finds its
+    # item by the order's other identifiers
+    ids_defaulted: bool = False
 
 
 @dataclass
@@ -122,12 +125,40 @@ _ORDER_CONTROL: dict[tuple[str, str], tuple[Action, str]] = {
 _KNOWN_CONTROLS = frozenset(c for row in ORDER_CONTROL_TABLE for c in row[0])
 
 
-def order_control(control: str, status: str, orc: Segment | None = None) -> tuple[Action, str]:
-    """(action, SPS status) for ORC-1 and ORC-5; HL7Error 103 for a combination not in the table."""
+# Outside strict mode, order controls that read as one of the table's: XR ("changed as
+# requested", the filler's confirmation of a change) as XO, SN ("send order number", an order
+# the filler created) as NW.
+ORDER_CONTROL_ALIASES = {"XR": "XO", "SN": "NW"}
+
+
+def order_control(
+    control: str,
+    status: str,
+    orc: Segment | None = None,
+    strict: bool = True,
+    notes: list[str] | None = None,
+) -> tuple[Action, str]:
+    """(action, SPS status) for ORC-1 and ORC-5; HL7Error 103 for a combination not in the table.
+    With `strict` off, combinations whose meaning is clear are read too, each with a note: an
+    alias (ORDER_CONTROL_ALIASES), NW whatever ORC-5 says, SC with ORC-5 SC as an update."""
     found = _ORDER_CONTROL.get((control, status))
     if found is not None:
         return found
     seq = orc.occurrence if orc is not None else 1
+    if not strict:
+        notes = notes if notes is not None else []
+        read_as = ORDER_CONTROL_ALIASES.get(control, control)
+        if read_as != control:
+            notes.append(f"ORC^{seq}^1: order control {control} read as {read_as}")
+            found = _ORDER_CONTROL.get((read_as, status))
+            if found is not None:
+                return found
+        if read_as == "NW":
+            notes.append(f"ORC^{seq}^5: order status {status!r} ignored for a new order")
+            return Action.SCHEDULE, "SCHEDULED"
+        if (read_as, status) == ("SC", "SC"):
+            notes.append(f"ORC^{seq}^5: SC with order status SC read as an update")
+            return Action.SCHEDULE, "SCHEDULED"
     if control not in _KNOWN_CONTROLS:
         raise HL7Error(
             TABLE_VALUE_NOT_FOUND, f"ORC^{seq}^1", f"order control {control!r} is not supported"
@@ -168,7 +199,9 @@ ORDER_FIELDS: tuple[tuple[str, str, str, str], ...] = (
     ("RequestedProcedurePriority",             "TQ1-9 ORC-7.6 OBR-27.6", "=",    "priority"),
     # the start (also sets ...StartTime and TimezoneOffsetFromUTC); OBR-36 (scheduled date/time)
     # and ORC-15 (order effective date/time), with a note, for senders that put it nowhere else
-    ("ScheduledProcedureStepStartDate", "TQ1-7 ORC-7.4 OBR-27.4 OBR-36 ORC-15", "=", "dtm"),
+    # and OBR-6 (requested) or OBR-7 (observation date/time) last, also with a note
+    ("ScheduledProcedureStepStartDate", "TQ1-7 ORC-7.4 OBR-27.4 OBR-36 ORC-15 OBR-6 OBR-7", "=",
+     "dtm"),
     # code sequences also set their description (RequestedProcedureDescription, ...Description)
     ("RequestedProcedureCodeSequence",         "OBR-44 OBR-4",  "=",             "procedure"),
     ("ScheduledProtocolCodeSequence",          "OBR-4",         "IPC-6 OBR-4",   "protocol"),
@@ -446,9 +479,14 @@ class _StepReader:
             text = segment.value(field_no, component).strip() if segment is not None else ""
             if not text:
                 continue
+            if index >= 5 and self.settings.strict:
+                break  # OBR-6 / OBR-7: what was requested or observed, not a schedule
             location = err_location(segment, field_no, component)
+            if not self.settings.strict and (fixed := loose_dtm(text)):
+                self.message.notes.append(f"{location}: {text!r} read as the DTM {fixed}")
+                text = fixed
             date, time, offset = parse_dtm(text, location)
-            if index >= 3:  # OBR-36 or ORC-15: not where the standard puts the start
+            if index >= 3:  # OBR-36, ORC-15, OBR-6, OBR-7: not where the standard puts it
                 self.message.notes.append(f"scheduled start taken from {location}")
             self.set(keyword, date, location)
             self.set("ScheduledProcedureStepStartTime", time, location)
@@ -477,6 +515,13 @@ class _StepReader:
         self._set_code(keyword, code, meaning, scheme, location)
 
     def _set_code(self, keyword: str, code: str, meaning: str, scheme: str, location: str) -> None:
+        if len(code) > _SH_MAX and not self.settings.strict:
+            # Longer than a DICOM code value (SH) can be: free text where the code goes (some
+            # senders write only the procedure's name in OBR-4.1). It describes; it codes nothing.
+            note = f"{location}: {code[:40]!r} is too long for a code; used as the description"
+            if note not in self.message.notes:  # OBR-4 feeds the procedure and the protocol
+                self.message.notes.append(note)
+            code, meaning = "", meaning or code
         items = [_code_item(code, meaning, scheme)] if code else []
         self.set(keyword, items, location)
         self.set(DESCRIPTION_OF[keyword], meaning or code, location)
@@ -529,7 +574,7 @@ def _apply_station_rules(reader: _StepReader, settings: Settings) -> None:
         )
 
 
-def _order_key(values: dict, orc: Segment) -> str:
+def _order_key(values: dict, orc: Segment, obr: Segment | None = None) -> str:
     """The order's stable key: accession number, else placer, else filler order number."""
     if values.get("AccessionNumber"):
         return "acc:" + values["AccessionNumber"]
@@ -538,7 +583,87 @@ def _order_key(values: dict, orc: Segment) -> str:
         number = orc.value(field_no, 1)
         if number:
             return f"{label}:{number}^{orc.value(field_no, 2)}"
+    if obr is not None:  # ORC-2 and ORC-3 empty: OBR-2 / OBR-3 carry the same numbers
+        for field_no, label in ((2, "placer"), (3, "filler")):
+            number = obr.value(field_no, 1)
+            if number:
+                return f"{label}:{number}^{obr.value(field_no, 2)}"
     return ""
+
+
+_SH_MAX = 16  # RequestedProcedureID and ScheduledProcedureStepID are SH
+_PLAUSIBLE_UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def _implausible_uid(value: str) -> bool:
+    """Digits that pass for a UID's syntax but cannot be an OID (`987861`: an accession number
+    in ZDS-1). What breaks the syntax (`1.2.03.x`) stays an error (AE 102)."""
+    return bool(re.fullmatch(r"[0-9.]+", value)) and not _PLAUSIBLE_UID.fullmatch(value)
+
+
+def _default_ids(reader: _StepReader, rp_location: str, sps_location: str) -> bool:
+    """Fill an empty Requested Procedure ID (from the accession number, else the filler, else
+    the placer order number: the first that fits SH) and Scheduled Procedure Step ID (the RP
+    ID, or `1`), each with a note. Real ORM feeds often fill only OBR-18 or ORC-2/ORC-3; the
+    same order always gets the same IDs. True when either was made up."""
+    values, notes = reader.values, reader.message.notes
+    defaulted = False
+    if not values.get("RequestedProcedureID"):
+        sources = (
+            ("AccessionNumber", "the accession number"),
+            ("FillerOrderNumberImagingServiceRequest", "the filler order number"),
+            ("PlacerOrderNumberImagingServiceRequest", "the placer order number"),
+        )
+        candidate, label = next(
+            (
+                (values[keyword], label)
+                for keyword, label in sources
+                if values.get(keyword) and len(values[keyword]) <= _SH_MAX
+            ),
+            ("1", "none of the order numbers fits 16 characters"),
+        )
+        reader.set("RequestedProcedureID", candidate, rp_location)
+        notes.append(f"{rp_location} empty: requested procedure ID {candidate!r} ({label})")
+        defaulted = True
+    if not values.get("ScheduledProcedureStepID"):
+        rp_id = values["RequestedProcedureID"]
+        sps_id = rp_id if len(rp_id) <= _SH_MAX else "1"
+        reader.set("ScheduledProcedureStepID", sps_id, sps_location)
+        notes.append(f"{sps_location} empty: scheduled procedure step ID {sps_id!r}")
+        defaulted = True
+    return defaulted
+
+
+# PS3.3 C.7.3.1.1.1: the defined terms of Modality (current ones, and retired ones still sent)
+DICOM_MODALITIES = frozenset(
+    "ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID "
+    "GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF "
+    "OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD "
+    "RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL "
+    "XC AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS ST VF".split()
+)
+
+
+def _check_modality(reader: _StepReader, obr: Segment) -> None:
+    """A Modality that is not a DICOM defined term is named in the log (a modality filtering
+    on its own term will not see the item). Some senders put the term in OBR-21 (filler field
+    1) and a department in OBR-24: a defined term there is used instead, with a note."""
+    values, notes = reader.values, reader.message.notes
+    modality = values.get("Modality", "")
+    if modality in DICOM_MODALITIES:
+        return
+    other = obr.value(21, 1).strip().upper()
+    if other in DICOM_MODALITIES:
+        where = f"OBR^{obr.occurrence}^21"
+        shown = (
+            f"{modality!r} in {reader.locations.get('Modality', 'OBR-24')}" if modality else "none"
+        )
+        notes.append(f"modality {other} taken from {where} (OBR-24: {shown})")
+        reader.set("Modality", other, where)
+        return
+    if modality:
+        location = reader.locations.get("Modality", "")
+        notes.append(f"{location}: modality {modality!r} is not a DICOM defined term")
 
 
 def derive_study_uid(order_key: str, requested_procedure_id: str) -> str:
@@ -558,7 +683,7 @@ def _read_step(
     orc = group.orc
     control = orc.value(1).strip().upper()
     status = orc.value(5).strip().upper()
-    action, sps_status = order_control(control, status, orc)
+    action, sps_status = order_control(control, status, orc, settings.strict, message.notes)
     if group.obr is None:
         raise HL7Error(
             SEGMENT_SEQUENCE_ERROR,
@@ -578,9 +703,12 @@ def _read_step(
     def where(orm_field: int, omi_field: int) -> str:
         return f"{place.name}^{place.occurrence}^{omi_field if omi else orm_field}"
 
+    ids_defaulted = False
+    if not settings.strict:
+        ids_defaulted = _default_ids(reader, where(19, 2), where(20, 4))
     _require(reader, "RequestedProcedureID", where(19, 2), "the requested procedure ID")
     _require(reader, "ScheduledProcedureStepID", where(20, 4), "the scheduled procedure step ID")
-    order_key = _order_key(values, orc)
+    order_key = _order_key(values, orc, group.obr)
     if not order_key:
         raise HL7Error(
             REQUIRED_FIELD_MISSING,
@@ -592,6 +720,15 @@ def _read_step(
     )
 
     derived = False
+    given_uid = values.get("StudyInstanceUID", "")
+    if given_uid and not settings.strict and _implausible_uid(given_uid):
+        # An accession number or a local study number where the UID goes: images filed under
+        # it would match no other system's study. A UID derived from the order is kept instead.
+        message.notes.append(
+            f"{reader.locations.get('StudyInstanceUID', 'ZDS-1')}: {given_uid[:64]!r} is not "
+            "a UID (an OID starts with 0, 1 or 2 and has two arcs or more); UID derived"
+        )
+        values["StudyInstanceUID"] = ""
     if not values.get("StudyInstanceUID"):
         if omi:
             study_location = f"IPC^{ipc.occurrence}^3"
@@ -606,6 +743,8 @@ def _read_step(
         derived = True
 
     _apply_station_rules(reader, settings)
+    if not settings.strict:
+        _check_modality(reader, obr)
     if action is not Action.REMOVE:
         # Type 1 return keys: an item without them is dropped by modalities and by wlmscpfs
         _require(reader, "Modality", where(24, 5), "the modality")
@@ -618,8 +757,15 @@ def _read_step(
         if not values.get("RequestedProcedureDescription") and not values.get(
             "ScheduledProcedureStepDescription"
         ):
-            raise HL7Error(
-                REQUIRED_FIELD_MISSING, f"OBR^{obr.occurrence}^4", "the procedure (OBR-4) is empty"
+            if settings.strict:
+                raise HL7Error(
+                    REQUIRED_FIELD_MISSING,
+                    f"OBR^{obr.occurrence}^4",
+                    "the procedure (OBR-4) is empty",
+                )
+            # patient, modality and start are there: the modality can do the exam
+            message.notes.append(
+                f"OBR^{obr.occurrence}^4: no procedure; the item has no description"
             )
     values["ScheduledProcedureStepStatus"] = sps_status
     _read_measures(message, group, values, reader.locations)
@@ -633,6 +779,7 @@ def _read_step(
         values=values,
         locations=reader.locations,
         study_uid_derived=derived,
+        ids_defaulted=ids_defaulted,
     )
 
 
@@ -777,6 +924,13 @@ def read_patient(
 ) -> Patient:
     """The patient of PID (and the visit's admission ID from PV1-19, else PID-18)."""
     rep, patient_id, issuer = _choose_id(pid, 3, settings.primary_issuer)
+    id_field = 3
+    if not patient_id and settings.pid2_as_patient_id and not settings.strict:
+        # PID-2 is kept "for backward compatibility" since 2.3.1; some senders still use it
+        _, patient_id, issuer = _choose_id(pid, 2, "")
+        if patient_id:
+            id_field = 2
+            message.notes.append(f"PID^{pid.occurrence}^3 empty: patient ID taken from PID-2")
     if required and not patient_id:
         raise HL7Error(
             REQUIRED_FIELD_MISSING, f"PID^{pid.occurrence}^3", "PID-3 (patient ID) is empty"
@@ -799,7 +953,11 @@ def read_patient(
         raise HL7Error(
             REQUIRED_FIELD_MISSING, f"PID^{pid.occurrence}^5", "PID-5 (patient name) is empty"
         )
-    birth = pid.value(7).strip()[:8]
+    birth = pid.value(7).strip()
+    if not settings.strict and (fixed := loose_dtm(birth)):
+        message.notes.append(f"PID^{pid.occurrence}^7: {birth!r} read as {fixed[:8]}")
+        birth = fixed
+    birth = birth[:8]
     if birth and not (len(birth) == 8 and birth.isdigit()):
         raise HL7Error(
             DATA_TYPE_ERROR, f"PID^{pid.occurrence}^7", f"birth date {birth!r} is not YYYYMMDD"
@@ -815,8 +973,8 @@ def read_patient(
         admission, admission_location = pid.value(18).strip(), f"PID^{pid.occurrence}^18"
     p = pid.occurrence
     locations = {
-        "PatientID": f"PID^{p}^3" + (f"^{rep}^1" if rep > 1 else ""),
-        "IssuerOfPatientID": f"PID^{p}^3^{rep}^4",
+        "PatientID": f"PID^{p}^{id_field}" + (f"^{rep}^1" if rep > 1 else ""),
+        "IssuerOfPatientID": f"PID^{p}^{id_field}^{rep}^4",
         "OtherPatientIDsSequence": f"PID^{p}^3",
         "PatientName": f"PID^{p}^5",
         "PatientBirthDate": f"PID^{p}^7",

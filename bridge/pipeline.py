@@ -57,8 +57,8 @@ def interpret(message: HL7Message, settings: Settings) -> OrderMessage | Patient
     # The order HL7 v2.5.1 2.9.2 gives: acceptance (header, supported type), then content.
     hl7schema.validate_header(message, settings)
     order.check_supported(message)
-    hl7schema.check_structure(message)
-    hl7schema.check_fields(message)
+    hl7schema.check_structure(message, lenient=not settings.strict)
+    hl7schema.check_fields(message, settings.strict, settings.pid2_as_patient_id)
     return order.read_message(message, settings)
 
 
@@ -91,7 +91,7 @@ class Bridge:
         started = time.perf_counter()
         header = read_header(raw.strip(b"\r\n\t "))
         digest = hashlib.sha256(raw).hexdigest()
-        key = self._retry_key(header)
+        key = self._retry_key(header, digest)
         if key is not None and key in self._recent and self._recent[key][0] == digest:
             # An engine re-sending after a lost ACK: applied once, answered the same way.
             ack = self._recent[key][1]
@@ -108,7 +108,7 @@ class Bridge:
         message: HL7Message | None = None
         result = Outcome()
         try:
-            message = parse_message(raw)
+            message = parse_message(raw, self.settings)
             intent = interpret(message, self.settings)
             if isinstance(intent, OrderMessage):
                 result.steps = intent.steps
@@ -264,7 +264,15 @@ class Bridge:
         path = self.store.path_for(step.identity)
         if step.order_control == "NW" or path.exists():
             return path  # a new order, or a known one under its own name
-        found = self.index.paths_of_order(step.values)
+        values = step.values
+        if step.ids_defaulted:
+            # No OBR-19/OBR-20: the made-up IDs may not be the item's, so any step ID matches
+            # (`*`) and the order's placer, filler or accession number decides.
+            values = {k: v for k, v in values.items() if k != "RequestedProcedureID"}
+            values["ScheduledProcedureStepID"] = "*"
+            if step.study_uid_derived:
+                values.pop("StudyInstanceUID", None)  # derived from the made-up ID
+        found = self.index.paths_of_order(values)
         return found[0] if len(found) == 1 else path
 
     def _keep_study_uid(self, path: Path, item: worklist_item.Item) -> None:
@@ -339,10 +347,13 @@ class Bridge:
         return self.settings.finished_retention * 3600
 
     # Retries, rejected messages, the log
-    def _retry_key(self, header: MessageHeader | None) -> str | None:
-        """A fixed-size key for a sender's control ID: what a retry repeats."""
-        if header is None or not header.control_id:
+    def _retry_key(self, header: MessageHeader | None, digest: str = "") -> str | None:
+        """A fixed-size key for a sender's control ID: what a retry repeats. Without MSH-10
+        (some senders never set it), the message's own digest is the key."""
+        if header is None:
             return None
+        if not header.control_id:
+            return f"digest:{digest}" if digest else None
         sender = "\x00".join(
             (header.sending_application, header.sending_facility, header.control_id)
         )

@@ -2,7 +2,9 @@
 
 The item carries every Type 1 and Type 2 return key of PS3.4 Table K.6-1 (Type 2 empty when the
 message has no value): modalities and dcmtk's wlmscpfs silently drop items that lack one. Values
-longer than their VR allows are refused (AE 102 at the HL7 field) or cut, by configuration.
+longer than their VR allows: descriptive ones are cut with a note, identifiers and UIDs refused
+(AE 102 at the HL7 field: cut, they would name another order), by configuration (`strict`,
+`overlong-values`).
 The dataset has no file meta information; the store adds it.
 """
 
@@ -58,6 +60,25 @@ _SPS_KEYS = frozenset(SPS_REQUIRED_KEYS) | frozenset(SPS_OPTIONAL)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Values that identify (and are matched on): too long, they are refused unless
+# `overlong_values = truncate`; every other text value is cut to its VR with a note.
+IDENTIFIERS = frozenset(
+    {
+        "PatientID",
+        "IssuerOfPatientID",
+        "AccessionNumber",
+        "RequestedProcedureID",
+        "ScheduledProcedureStepID",
+        "StudyInstanceUID",
+        "PlacerOrderNumberImagingServiceRequest",
+        "FillerOrderNumberImagingServiceRequest",
+        "AdmissionID",
+        "ScheduledStationAETitle",
+        "Modality",
+        "CodeValue",
+        "CodingSchemeDesignator",
+    }
+)
 
 
 def _fit(value: str, keyword: str, location: str, message: HL7Message, settings: Settings) -> str:
@@ -81,7 +102,12 @@ def _fit(value: str, keyword: str, location: str, message: HL7Message, settings:
     limit = MAX_LENGTH.get(vr)
     if limit is None or len(value) <= limit:
         return value
-    if settings.overlong_values == "truncate" and vr != "UI":  # a cut UID is another UID
+    # A cut description or address still says what it said; a cut identifier names another
+    # order or patient (nothing would match it), and a cut UID is another UID.
+    descriptive = keyword not in IDENTIFIERS and vr != "UI"
+    if (settings.overlong_values == "truncate" and vr != "UI") or (
+        descriptive and not settings.strict
+    ):
         message.notes.append(
             f"{location or keyword}: {keyword} cut from {len(value)} to {limit} characters ({vr})"
         )

@@ -109,7 +109,7 @@ def replay(port: int, *files: Path) -> subprocess.CompletedProcess:
 def test_rejected_message_is_kept_then_replayed_once_the_cause_is_fixed(tmp_path):
     too_long = order("RP1").replace(b"DOE^JANE^Q", b"DOE^" + b"J" * 70)  # PN allows 64
     still_bad = order("RP2").replace(b"202612011030", b"tomorrow")
-    running = start_bridge(tmp_path)
+    running = start_bridge(tmp_path, "--strict")  # strict: an overlong name is refused
     with MLLPClient("127.0.0.1", running.mllp_port) as client:
         assert ack_summary(client.send(too_long))[:2] == ("AE", "RP1")
         assert ack_summary(client.send(still_bad))[:2] == ("AE", "RP2")
@@ -120,7 +120,7 @@ def test_rejected_message_is_kept_then_replayed_once_the_cause_is_fixed(tmp_path
     assert "102" in reason and "PatientName" in reason
     assert running.stop() == 0
 
-    running = start_bridge(tmp_path, "--overlong-values", "truncate")
+    running = start_bridge(tmp_path, "--strict", "--overlong-values", "truncate")
     result = replay(running.mllp_port, kept["RP1"], kept["RP2"])
     assert result.returncode == 1, result.stdout + result.stderr  # RP2 is still refused
     assert f"{kept['RP1'].name}: AA RP1" in result.stdout

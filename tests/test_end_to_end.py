@@ -168,7 +168,7 @@ def test_xo_changes_the_item_in_place_and_ca_removes_it(bridge):
 
 
 def test_bad_orders_get_ae_or_ar_with_err_and_the_server_goes_on(bridge):
-    bad_timing = orm(control_id="BAD1", start="2026-12-01")
+    bad_timing = orm(control_id="BAD1", start="20261301")  # month 13
     ack = raw_send(bridge.mllp_port, bad_timing)
     assert msa(ack) == ("AE", "BAD1")
     assert b"\rERR|" in ack

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.config import Settings, load_settings
 from bridge.errors import HL7Error
 from bridge.hl7message import Delimiters, parse_message, read_header, unescape
 from tests.peers import require_public_samples
@@ -21,9 +22,12 @@ def build(*segments: str, charset: str = "", sep: str = "\r") -> str:
     return sep.join([msh, *segments])
 
 
-def error_of(raw: bytes) -> HL7Error:
+STRICT = Settings(strict=True)
+
+
+def error_of(raw: bytes, config: Settings | None = None) -> HL7Error:
     with pytest.raises(HL7Error) as info:
-        parse_message(raw)
+        parse_message(raw, config)
     return info.value
 
 
@@ -93,7 +97,6 @@ def test_framing_leftovers_around_the_message(junk_before, junk_after):
         (b"MSHA^~\\&|x", "102", "MSH^1^1"),
         (b"MSH|^~|x|y", "102", "MSH^1^2"),
         (b"MSH|^^\\&|x|y", "102", "MSH^1^2"),
-        (b"MSH|^~\\&|a|b|c|d|||ORM^O01||P|2.5.1", "101", "MSH^1^10"),
     ],
 )
 def test_unreadable_messages(raw, code, location):
@@ -174,10 +177,85 @@ def test_utf8_declared_with_invalid_bytes_is_102_at_its_field():
     assert (err.code, err.ack_code, err.location) == ("102", "AE", "PV1^1^8")
 
 
-def test_ascii_declared_with_8bit_bytes_is_102():
-    err = error_of(build("PID|||1||M\xfcller").encode("latin-1"))
+def test_empty_msh10_is_a_note_and_101_in_strict_mode():
+    raw = b"MSH|^~\\&|a|b|c|d|||ORM^O01||P|2.5.1"
+    assert parse_message(raw).control_id == ""
+    err = error_of(raw, STRICT)
+    assert (err.code, err.location) == ("101", "MSH^1^10")
+
+
+def test_ascii_declared_with_8bit_bytes_is_102_in_strict_mode_and_for_ascii_default():
+    raw = build("PID|||1||M\xfcller").encode("latin-1")
+    for config in (STRICT, Settings(default_charset="ascii")):
+        err = error_of(raw, config)
+        assert (err.code, err.location) == ("102", "PID^1^5")
+        assert "ASCII" in err.text
+
+
+def test_empty_msh18_with_8bit_bytes_is_read_as_the_default_charset():
+    raw = build("PID|||1||M\xfcller^Ren\xe9").encode("latin-1")
+    m = parse_message(raw)
+    assert m.first("PID").value(5) == "Müller" and m.dicom_charset == "ISO_IR 100"
+    assert m.notes == ["MSH-18 is empty; read as 8859/1 (default-charset)"]
+    m = parse_message(raw, Settings(default_charset="8859/2"))
+    assert m.first("PID").value(5, 2) == "René" and m.codec == "iso8859-2"
+
+
+@pytest.mark.parametrize("default", ["8859/1", "ascii", "8859/15"])
+def test_empty_msh18_with_valid_utf8_is_utf8_whatever_the_default(default):
+    m = parse_message(build("PID|||1||Müller^Zoë").encode(), Settings(default_charset=default))
+    assert m.first("PID").value(5) == "Müller" and m.dicom_charset == "ISO_IR 192"
+    assert m.notes == ["MSH-18 is empty; the bytes are UTF-8"]
+    # the standard to the letter: ASCII
+    err = error_of(build("PID|||1||Müller").encode(), STRICT)
     assert (err.code, err.location) == ("102", "PID^1^5")
-    assert "ASCII" in err.text
+
+
+@pytest.mark.parametrize(
+    ("label", "dicom"),
+    [("ISO_IR 100", "ISO_IR 100"), ("ISO_IR 192", "ISO_IR 192"), ("ISO 2022 IR 100", "ISO_IR 100"),
+     ("ISO-8859-1", "ISO_IR 100"), ("ISO_IR 148", "ISO_IR 148"), ("ISO_IR 6", "")],
+)  # fmt: skip
+def test_dicom_and_iana_names_of_charsets_are_accepted(label, dicom):
+    text = "Müller" if dicom != "" else "Muller"
+    codec = "utf-8" if dicom == "ISO_IR 192" else "latin-1"
+    m = parse_message(build(f"PID|||1||{text}", charset=label).encode(codec))
+    assert m.first("PID").value(5) == text and m.dicom_charset == dicom and m.notes == []
+
+
+def test_unknown_label_on_ascii_is_a_note():
+    m = parse_message(build("PID|||1||DOE", charset="encoding").encode())
+    assert m.first("PID").value(5) == "DOE"
+    assert m.notes == ["MSH-18 'encoding' is not a known character set; the bytes are ASCII"]
+    m = parse_message(build("PID|||1||Müller", charset="encoding").encode())
+    assert m.first("PID").value(5) == "Müller" and m.dicom_charset == "ISO_IR 192"
+
+
+def test_charset_fallback_reads_c1_bytes():
+    raw = build("PID|||1||M\xfcller \x80", charset="8859/1").encode("latin-1")
+    assert error_of(raw).code == "102"  # C1 controls are never 8859 text
+    m = parse_message(raw, Settings(charset_fallback={"8859/1": "windows-1252"}))
+    assert m.first("PID").value(5) == "Müller €" and m.dicom_charset == "ISO_IR 192"
+    assert "charset-fallback" in m.notes[0]
+    # an empty MSH-18 falls back by the default charset's label
+    raw = build("PID|||1||M\xfcller \x93x\x94").encode("latin-1")
+    m = parse_message(raw, Settings(charset_fallback={"8859/1": "cp1252"}))
+    assert m.first("PID").value(5) == "Müller “x”"
+
+
+def test_charset_settings_are_checked_when_loaded(tmp_path):
+    config = tmp_path / "wlbridge.toml"
+    config.write_text('default-charset = "klingon"\n')
+    with pytest.raises(ValueError, match="default_charset 'klingon'"):
+        load_settings(config)
+    config.write_text('[charset-fallback]\n"8859/1" = "nonsense-42"\n')
+    with pytest.raises(ValueError, match="charset_fallback"):
+        load_settings(config)
+    config.write_text('charset-fallback = "windows-1252"\n')
+    with pytest.raises(ValueError, match=r"\[charset-fallback\] must be a table"):
+        load_settings(config)
+    config.write_text('[charset-fallback]\n"8859/1" = "windows-1252"\n')
+    assert load_settings(config).charset_fallback == {"8859/1": "windows-1252"}
 
 
 def test_latin1_declared_and_latin1_bytes():
@@ -201,7 +279,10 @@ def test_c1_bytes_that_are_not_utf8_do_not_fit_an_8859_label(charset):
 
 
 def test_unknown_charset_is_103():
-    err = error_of(build("PID|||1", charset="EBCDIC").encode())
+    err = error_of(build("PID|||1", charset="EBCDIC").encode(), STRICT)
+    assert (err.code, err.location) == ("103", "MSH^1^18")
+    # nor ASCII nor UTF-8: nothing says how to read the bytes
+    err = error_of(build("PID|||1||M\xfcller", charset="EBCDIC").encode("latin-1"))
     assert (err.code, err.location) == ("103", "MSH^1^18")
 
 
@@ -299,3 +380,24 @@ def test_explicit_null_reads_as_empty():
     assert pid.components(5) == ["", "JANE"]
     assert pid.value(7) == ""
     assert pid.components(11) == ["", "", "SPRINGFIELD"]
+
+
+def test_a_line_break_inside_a_field_is_refused_at_that_field():
+    raw = build("PID|1|604|||Tierschutzverein Bernburg und \rUmgebung E.V.^Tyson||20200101|M")
+    err = error_of(raw.encode())
+    assert (err.code, err.location) == ("100", "PID^1^5")
+    assert "line break inside PID-5" in err.text
+
+
+@pytest.mark.parametrize(
+    ("label", "codec"),
+    [("ISO IR100", "latin-1"), ("iso8859_1", "latin-1"), ("windows-1252", "cp1252"),
+     ("UTF 8", "utf-8")],
+)  # fmt: skip
+def test_charset_labels_written_another_way_are_read_with_a_note(label, codec):
+    m = parse_message(build("PID|||1||Müller€", charset=label).encode("cp1252")
+                      if codec == "cp1252" else
+                      build("PID|||1||Müller", charset=label).encode(codec))  # fmt: skip
+    assert m.first("PID").value(5).startswith("Müller") and m.codec == codec
+    assert any("is not an HL7 character set" in n for n in m.notes)
+    assert error_of(build("PID|||1", charset=label).encode(), STRICT).code == "103"

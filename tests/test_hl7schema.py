@@ -14,6 +14,7 @@ from bridge.hl7schema import (
     check_structure,
     compile_structure,
     dtm_problem,
+    rules_version,
     structure_of,
     validate_header,
 )
@@ -58,8 +59,55 @@ def test_header_accepts_a_good_message():
     ],
 )
 def test_header_failures(raw, ack, code, location):
+    # the standard to the letter
+    err = error_of(validate_header, parse_message(raw), Settings(strict=True))
+    assert (err.ack_code, err.code, err.location) == (ack, code, location)
+
+
+@pytest.mark.parametrize(
+    ("raw", "ack", "code", "location"),
+    [
+        (msg(PID, msh9=""), "AR", "101", "MSH^1^9"),
+        (msg(PID, version=""), "AR", "101", "MSH^1^12"),
+        (msg(PID, version="3.0"), "AR", "203", "MSH^1^12"),
+        (msg(PID, version="two"), "AR", "203", "MSH^1^12"),
+        (msg(PID, msh11="X"), "AR", "202", "MSH^1^11"),
+        (msg(PID, msh11="1"), "AR", "202", "MSH^1^11"),
+    ],
+)
+def test_header_failures_outside_strict_mode(raw, ack, code, location):
     err = error_of(validate_header, parse_message(raw), Settings())
     assert (err.ack_code, err.code, err.location) == (ack, code, location)
+
+
+@pytest.mark.parametrize(
+    ("raw", "note"),
+    [
+        (msg(PID, msh11=""), "MSH-11 (processing ID) is empty"),
+        (msg(PID, msh7="2017-04-25 07:31:13.123456"), "is not an HL7 date/time; not used"),
+        (msg(PID).replace(b"CTRL1", b""), "MSH-10 (message control ID) is empty"),
+    ],
+)
+def test_header_fields_the_worklist_does_not_use_are_notes(raw, note):
+    message = parse_message(raw)
+    validate_header(message, Settings())
+    assert any(note in n for n in message.notes), message.notes
+
+
+@pytest.mark.parametrize(
+    ("declared", "rules"),
+    [("2.5.0", "2.5"), ("2.3.0", "2.3"), ("2.6", "2.5.1"), ("2.7.1", "2.5.1"), ("2.8", "2.5.1"),
+     ("2.9", "2.5.1"), ("2.1", "2.3"), ("2.2", "2.3"), ("2.4.1", "2.4"), ("2.5.1", "2.5.1")],
+)  # fmt: skip
+def test_versions_are_read_with_the_nearest_rules(declared, rules):
+    message = parse_message(msg(PID, ORC, OBR, version=declared))
+    validate_header(message, Settings())
+    assert (message.version, message.header.version) == (rules, declared)
+    if declared != rules:
+        assert f"HL7 {declared} read with the rules of {rules}" in message.notes
+    check_structure(message)
+    check_fields(message)
+    assert rules_version(declared, strict=True) == (declared, "")
 
 
 def test_control_ids_longer_than_199_characters_are_refused():
@@ -231,8 +279,26 @@ def test_compiled_grammar_matches_hl7apy_reference():
     ],
 )
 def test_required_fields_that_the_worklist_reads(segments, location):
-    err = error_of(check_fields, parse_message(msg(*segments)))
+    err = error_of(check_fields, parse_message(msg(*segments)), True)
     assert (err.code, err.location, err.ack_code) == ("101", location, "AE")
+    if location != "OBR^2^4":  # OBR-4: the order module notes its absence
+        err = error_of(check_fields, parse_message(msg(*segments)))
+        assert (err.code, err.location, err.ack_code) == ("101", location, "AE")
+
+
+def test_orc_7_and_obr_27_are_demanded_in_strict_mode_only():
+    # hl7apy's 2.3 tables make them (1,1); 2.3.1 and the 2.3-era chapter 4 do not
+    raw = msg(PID, "ORC|CA|A1^PLC|B1^FIL||CA", "OBR|1|A1|B1|P1^Proc", version="2.3")
+    check_fields(parse_message(raw))
+    err = error_of(check_fields, parse_message(raw), True)
+    assert (err.code, err.location) == ("101", "ORC^1^7")
+
+
+def test_pid_2_stands_in_for_an_empty_pid_3_when_allowed():
+    raw = msg("PID||999888|||DOE^JOHN", ORC, OBR)
+    check_fields(parse_message(raw), False, True)
+    assert error_of(check_fields, parse_message(raw), False, False).location == "PID^1^3"
+    assert error_of(check_fields, parse_message(raw), True, True).location == "PID^1^3"
 
 
 def test_obr_4_may_be_empty_when_ipc_or_obr_44_names_the_procedure():
@@ -240,14 +306,15 @@ def test_obr_4_may_be_empty_when_ipc_or_obr_44_names_the_procedure():
     check_fields(parse_message(omi))
     with_obr44 = "OBR|1|A1|B1" + "|" * 41 + "P1^Procedure 1^ERL"  # OBR-44
     check_fields(parse_message(msg(PID, ORC, with_obr44)))
-    err = error_of(check_fields, parse_message(msg(PID, ORC, "OBR|1|A1|B1")))
+    err = error_of(check_fields, parse_message(msg(PID, ORC, "OBR|1|A1|B1")), True)
     assert err.location == "OBR^1^4"
 
 
 def test_ipc_1_to_4_are_required_in_omi():
     raw = msg(PID, ORC, OBR, "IPC|ACC|RP||SPS", msh9="OMI^O23")
-    err = error_of(check_fields, parse_message(raw))
+    err = error_of(check_fields, parse_message(raw), True)
     assert err.location == "IPC^1^3"
+    check_fields(parse_message(raw))  # derived, as in ORM without ZDS
 
 
 def test_required_fields_not_read_are_not_demanded():
@@ -271,8 +338,11 @@ def test_orc1_is_optional_in_231_per_hl7apy():
 def test_bad_dates_that_the_worklist_reads(segment, location):
     segs = [s for s in (PID, ORC, OBR) if s[:3] != segment[:3]] + [segment]
     segs.sort(key=lambda s: ["PID", "ORC", "TQ1", "OBR"].index(s[:3]))
-    err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")))
+    err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")), True)
     assert (err.code, err.location) == ("102", location)
+    if "2000-07-01" not in segment:  # ISO 8601 is read (with a note) outside strict mode
+        err = error_of(check_fields, parse_message(msg(*segs, msh9="OMI^O23")))
+        assert (err.code, err.location) == ("102", location)
 
 
 def test_bad_dates_in_fields_not_read_pass():
@@ -334,3 +404,25 @@ def test_public_samples_header_and_fields(name):
     check_message(message, Settings())
     if name in SAMPLES_WITHOUT_MSH7:
         assert any("MSH-7" in note for note in message.notes)
+
+
+def test_an_iso_date_time_is_left_to_the_order_module_outside_strict_mode():
+    raw = msg(PID, ORC, "TQ1|1||||||2025-06-12 10:15:00", OBR)
+    check_fields(parse_message(raw))
+    err = error_of(check_fields, parse_message(raw), True)
+    assert (err.code, err.location) == ("102", "TQ1^1^7^1^1")
+
+
+def test_an_msh_9_3_the_version_does_not_define_is_a_note_outside_strict_mode():
+    message = parse_message(msg(PID, msh9="ADT^A08^ADT_A08"))
+    check_structure(message, lenient=True)
+    assert any("'ADT_A08' is not a structure of HL7 2.5.1" in n for n in message.notes)
+    err = error_of(check_structure, parse_message(msg(PID, msh9="ADT^A08^ADT_A08")))
+    assert (err.code, err.location) == ("103", "MSH^1^9^1^3")
+
+
+def test_a_segment_fused_into_the_field_before_is_named_there():
+    raw = msg(PID, "PV1||O||||||||VORC|NW|A1^PLC", OBR, version="2.3")
+    err = error_of(check_structure, parse_message(raw))
+    assert (err.code, err.location) == ("100", "PV1^1^10")
+    assert "ORC seems fused into PV1-10" in err.text

@@ -68,7 +68,7 @@ def test_a_message_refused_for_its_content_keeps_its_identifiers(tmp_path):
 
 def test_a_message_refused_before_reading_keeps_its_identifiers(tmp_path):
     h = Harness(tmp_path)
-    code, _, _ = h.send(orm(control_id="L6", version="2.7", order_control="XO"))
+    code, _, _ = h.send(orm(control_id="L6", version="3.0", order_control="XO"))
     assert code == "AR"
     [record] = h.records()
     assert record["order_control"] == "XO" and record["accession"] == "ACC0001"
@@ -88,9 +88,9 @@ def test_a_message_that_does_not_parse_keeps_what_the_raw_segments_show(tmp_path
 
 def test_raw_reading_uses_the_separators_msh_declares(tmp_path):
     h = Harness(tmp_path)
-    # an unknown MSH-18 stops parsing; the field separator is '#'
-    text = orm(control_id="L7", charset="NO-SUCH-CHARSET").replace("|", "#")
-    h.bridge.handle(text.encode(), "127.0.0.1:1")
+    # an unknown MSH-18 over 8-bit bytes stops parsing; the field separator is '#'
+    text = orm(control_id="L7", charset="NO-SUCH-CHARSET", patient_name="DO\xe9^JANE")
+    h.bridge.handle(text.replace("|", "#").encode("latin-1"), "127.0.0.1:1")
     [record] = h.records()
     assert record["outcome"] == "rejected" and "MSH^1^18" in record["reason"]
     assert record["patient_id"] == "PAT001" and record["accession"] == "ACC0001"

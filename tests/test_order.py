@@ -168,8 +168,29 @@ def test_every_order_control_row(control, status):
      ("SC", "", 5), ("CA", "IP", 5), ("DC", "A", 5)],
 )  # fmt: skip
 def test_unknown_combinations_are_refused_with_103(control, status, field_no):
-    error = refused(build(base_orm(), {"ORC": {1: control, 5: status}}))
+    error = refused(build(base_orm(), {"ORC": {1: control, 5: status}}), strict=True)
     assert (error.ack_code, error.code, error.location) == ("AE", "103", f"ORC^1^{field_no}")
+    if (control, status) not in (("NW", "CM"), ("SC", "SC")):
+        error = refused(build(base_orm(), {"ORC": {1: control, 5: status}}))
+        assert (error.code, error.location) == ("103", f"ORC^1^{field_no}")
+
+
+@pytest.mark.parametrize(
+    ("control", "status", "expected", "note"),
+    [("NW", "FINAL", (Action.SCHEDULE, "SCHEDULED"), "ORC^1^5: order status 'FINAL' ignored"),
+     ("NW", "CM", (Action.SCHEDULE, "SCHEDULED"), "ORC^1^5: order status 'CM' ignored"),
+     ("SC", "SC", (Action.SCHEDULE, "SCHEDULED"), "SC with order status SC read as an update"),
+     ("XR", "", (Action.SCHEDULE, "SCHEDULED"), "order control XR read as XO"),
+     ("XR", "CM", (Action.REMOVE, "COMPLETED"), "order control XR read as XO"),
+     ("SN", "", (Action.SCHEDULE, "SCHEDULED"), "order control SN read as NW")],
+)  # fmt: skip
+def test_order_controls_whose_meaning_is_clear_are_read_with_a_note(control, status, expected,
+                                                                     note):  # fmt: skip
+    message = build(base_orm(), {"ORC": {1: control, 5: status}})
+    step = read(message).steps[0]
+    assert (step.action, step.status) == expected
+    assert (step.order_control, step.order_status) == (control, status)
+    assert any(note in n for n in message.notes), message.notes
 
 
 def test_lower_case_order_control_is_accepted():
@@ -230,8 +251,110 @@ def test_missing_study_uid_rejected_by_setting():
      ({"PID": {3: ""}}, "PID^1^3"), ({"PID": {5: ""}}, "PID^1^5")],
 )  # fmt: skip
 def test_missing_type1_sources_are_refused_with_101(changes, location):
-    error = refused(build(base_orm(), changes))
+    error = refused(build(base_orm(), changes), strict=True)
     assert (error.code, error.location) == ("101", location)
+    if location not in ("OBR^1^19", "OBR^1^20", "OBR^1^4"):  # defaulted or noted otherwise
+        error = refused(build(base_orm(), changes))
+        assert (error.code, error.location) == ("101", location)
+
+
+@pytest.mark.parametrize(
+    ("changes", "rp_id", "sps_id"),
+    [({"OBR": {19: ""}}, "ACC100", "SPS100"),
+     ({"OBR": {20: ""}}, "RP100", "RP100"),
+     ({"OBR": {18: "", 19: "", 20: ""}}, "FIL100", "FIL100"),
+     ({"OBR": {3: "", 18: "", 19: "", 20: ""}, "ORC": {3: ""}}, "PLC100", "PLC100"),
+     ({"OBR": {18: "A" * 17, 19: "", 20: ""}}, "FIL100", "FIL100"),
+     ({"OBR": {2: "P" * 20, 3: "", 18: "", 19: "", 20: ""}, "ORC": {2: "P" * 20, 3: ""}},
+      "1", "1")],
+)  # fmt: skip
+def test_empty_procedure_ids_are_defaulted_with_a_note(changes, rp_id, sps_id):
+    message = build(base_orm(), changes)
+    step = read(message).steps[0]
+    assert (step.values["RequestedProcedureID"], step.values["ScheduledProcedureStepID"]) == (
+        rp_id, sps_id)  # fmt: skip
+    assert step.ids_defaulted
+    assert any("empty: requested procedure ID" in n or "empty: scheduled procedure step ID" in n
+               for n in message.notes)  # fmt: skip
+    # the same order always gets the same IDs: a later change or cancel finds the item
+    assert read(build(base_orm(), changes)).steps[0].identity == step.identity
+
+
+def test_ids_of_an_omi_are_defaulted_at_ipc():
+    message = build(base_omi(), {"IPC": {2: "", 4: ""}})
+    step = read(message).steps[0]
+    assert (step.values["RequestedProcedureID"], step.values["ScheduledProcedureStepID"]) == (
+        "ACC200", "ACC200")  # fmt: skip
+    assert step.locations["RequestedProcedureID"] == "IPC^1^2"
+
+
+def test_an_order_numbered_in_obr_only_has_an_identity():
+    step = order({"ORC": {2: "", 3: ""}, "OBR": {2: "", 18: ""}}).steps[0]
+    assert step.identity.startswith("filler:FIL100^PACS|")
+
+
+def test_no_procedure_is_a_note_outside_strict_mode():
+    message = build(base_orm(), {"OBR": {4: ""}})
+    step = read(message).steps[0]
+    assert not step.values["RequestedProcedureDescription"]
+    assert any("no procedure" in n for n in message.notes)
+
+
+def test_a_code_too_long_for_a_code_is_the_description():
+    message = build(base_orm(), {"OBR": {4: "my-description-of-the-exam"}})
+    step = read(message).steps[0]
+    assert step.values["RequestedProcedureCodeSequence"] == []
+    assert step.values["RequestedProcedureDescription"] == "my-description-of-the-exam"
+    assert any("too long for a code" in n for n in message.notes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "modality", "note"),
+    [({"OBR": {24: "A999"}}, "A999", "modality 'A999' is not a DICOM defined term"),
+     ({"OBR": {24: "NMR"}}, "NMR", "modality 'NMR' is not a DICOM defined term"),
+     ({"OBR": {21: "DX", 24: "ZUG"}}, "DX", "modality DX taken from OBR^1^21"),
+     ({"OBR": {21: "^^^^ECHO", 24: "CT"}}, "CT", None)],
+)  # fmt: skip
+def test_modality_not_a_dicom_term_is_named(changes, modality, note):
+    message = build(base_orm(), changes)
+    step = read(message).steps[0]
+    assert step.values["Modality"] == modality
+    if note:
+        assert any(note in n for n in message.notes), message.notes
+    else:
+        assert not any("modality" in n for n in message.notes)
+
+
+def test_no_modality_anywhere_is_still_refused():
+    error = refused(build(base_orm(), {"OBR": {21: "^^^^ECHO", 24: ""}}))
+    assert (error.code, error.location) == ("101", "OBR^1^24")
+
+
+def test_pid_2_is_the_patient_id_when_pid_3_is_empty():
+    message = build(base_orm(), {"PID": {2: "999888777", 3: ""}})
+    result = read(message)
+    assert result.patient.patient_id == "999888777"
+    assert result.patient.locations["PatientID"] == "PID^1^2"
+    assert any("patient ID taken from PID-2" in n for n in message.notes)
+    for kwargs in ({"pid2_as_patient_id": False}, {"strict": True}):
+        error = refused(build(base_orm(), {"PID": {2: "999888777", 3: ""}}), **kwargs)
+        assert (error.code, error.location) == ("101", "PID^1^3")
+
+
+@pytest.mark.parametrize(
+    ("changes", "date", "location"),
+    [({"OBR": {6: "20250613080000"}}, "20250613", "OBR^1^6"),
+     ({"OBR": {7: "20250614080000"}}, "20250614", "OBR^1^7"),
+     ({"OBR": {6: "20250613080000", 7: "20250614080000"}}, "20250613", "OBR^1^6")],
+)  # fmt: skip
+def test_start_falls_back_to_obr_6_and_obr_7(changes, date, location):
+    message = build(base_orm(), changes, drop=("TQ1",))
+    step = read(message).steps[0]
+    assert step.values["ScheduledProcedureStepStartDate"] == date
+    assert step.locations["ScheduledProcedureStepStartDate"] == location
+    assert f"scheduled start taken from {location}" in message.notes
+    error = refused(build(base_orm(), changes, drop=("TQ1",)), strict=True)
+    assert (error.code, error.location) == ("101", "ORC^1^7")
 
 
 def test_a_cancel_needs_no_modality_or_time():
@@ -410,10 +533,11 @@ def test_dtm_precisions_and_offsets(dtm, expected):
 @pytest.mark.parametrize("dtm", ["2025-06-12", "20251312", "20250231", "202506121075",
                                  "tomorrow", "20250612+2500", "2025061210153"])  # fmt: skip
 def test_bad_timing_is_102_naming_the_field(dtm):
-    error = refused(build(base_orm(), {"TQ1": {7: dtm}}))
+    strict = {"strict": True} if "-" in dtm else {}  # ISO 8601 is read outside strict mode
+    error = refused(build(base_orm(), {"TQ1": {7: dtm}}), **strict)
     assert (error.code, error.location) == ("102", "TQ1^1^7")
     assert dtm in error.text
-    error = refused(build(base_orm(), {"ORC": {7: f"^^^{dtm}"}}, drop=("TQ1",)))
+    error = refused(build(base_orm(), {"ORC": {7: f"^^^{dtm}"}}, drop=("TQ1",)), **strict)
     assert (error.code, error.location) == ("102", "ORC^1^7^1^4")
 
 
@@ -686,8 +810,12 @@ def test_other_adt_events_are_ignored(event):
 
 def test_adt_names_too_long_follow_the_policy():
     long_name = "A" * 70 + "^B"
-    error = refused(adt("A08", pid={5: long_name}))
+    error = refused(adt("A08", pid={5: long_name}), strict=True)
     assert (error.code, error.location) == ("102", "PID^1^5")
+    message = adt("A08", pid={5: long_name})  # a name describes: cut, with a note
+    assert len(read_message(message, settings()).patient.name) == 64 and message.notes
+    error = refused(adt("A08", pid={3: "P" * 65}))  # an identifier cut is another patient's
+    assert (error.code, error.location) == ("102", "PID^1^3")
     message = adt("A08", pid={5: long_name})
     result = read_message(message, settings(overlong_values="truncate"))
     assert len(result.patient.name) == 64 and message.notes
@@ -784,3 +912,35 @@ def test_public_adt(name, event, patient_id, previous):
 def test_public_siu_is_unsupported():
     error = refused(public("SIU_S12-NewAppointmentBooking.hl7"))
     assert (error.ack_code, error.code) == ("AR", "200")
+
+
+def test_a_number_that_cannot_be_a_uid_in_zds_1_gives_way_to_a_derived_uid():
+    message = build(base_orm(), {"ZDS": {1: "987861"}})
+    step = read(message).steps[0]
+    assert step.values["StudyInstanceUID"].startswith("2.25.") and step.study_uid_derived
+    assert any("'987861' is not a UID" in n for n in message.notes)
+    strict = read(build(base_orm(), {"ZDS": {1: "987861"}}), strict=True).steps[0]
+    assert strict.values["StudyInstanceUID"] == "987861"
+
+
+@pytest.mark.parametrize(
+    ("written", "date", "time", "offset"),
+    [("2025-06-12 10:15:00", "20250612", "101500", ""),
+     ("2025-06-12T10:15:00+02:00", "20250612", "101500", "+0200"),
+     ("20250612101500.123456", "20250612", "101500.1234", "")],
+)  # fmt: skip
+def test_iso_and_long_fraction_start_times_are_read_with_a_note(written, date, time, offset):
+    message = build(base_orm(), {"TQ1": {7: written}})
+    step = read(message).steps[0]
+    values = step.values
+    assert (values["ScheduledProcedureStepStartDate"], values["ScheduledProcedureStepStartTime"],
+            values["TimezoneOffsetFromUTC"]) == (date, time, offset)  # fmt: skip
+    assert any("read as the DTM" in n for n in message.notes)
+    error = refused(build(base_orm(), {"TQ1": {7: written}}), strict=True)
+    assert (error.code, error.location) == ("102", "TQ1^1^7")
+
+
+def test_an_iso_birth_date_is_read_with_a_note():
+    message = build(base_orm(), {"PID": {7: "1952-11-03"}})
+    assert read(message).patient.birth_date == "19521103"
+    assert any("read as 19521103" in n for n in message.notes)

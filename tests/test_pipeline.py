@@ -302,12 +302,12 @@ def test_allow_patient_change_by_order_relaxes_it_and_says_so(tmp_path):
 
 
 def test_retries_of_one_rejected_message_keep_one_file(h):
-    message = orm(control_id="R50", version="2.7")  # AR: evaluated afresh on each retry
+    message = orm(control_id="R50", version="3.0")  # AR: evaluated afresh on each retry
     for _ in range(50):
         assert h.send(message)[0] == "AR"
     kept = sorted(p.name for p in h.settings.rejected_dir.iterdir())
     assert len(kept) == 2 and kept[0].endswith(".hl7") and kept[1].endswith(".reason")
     assert {r["kept_as"] for r in h.records()} == {str(h.settings.rejected_dir / kept[0])}
     assert len(h.records()) == 50  # each retry still logged
-    h.send(orm(control_id="R51", version="2.7"))  # other bytes: kept apart
+    h.send(orm(control_id="R51", version="3.0"))  # other bytes: kept apart
     assert len(list(h.settings.rejected_dir.glob("*.hl7"))) == 2

@@ -238,6 +238,23 @@ def test_overlong_values_truncated_with_a_note():
     assert any("OBR^1^13" in n for n in message.notes)
 
 
+def test_descriptive_values_are_cut_and_identifiers_refused_by_default():
+    address = "RUE MARIE CURIE^BRUXELLES^^74850^99100" + "x" * 60  # 94+ characters
+    message = build(base_orm(), {"PID": {11: address}, "OBR": {13: "M" * 70}})
+    s = settings()
+    result = read_message(message, s)
+    ds = build_item(message, result, result.steps[0], s)
+    assert len(ds.PatientAddress) == 64 and ds.MedicalAlerts == "M" * 64
+    assert any("PatientAddress cut from" in n for n in message.notes)
+    for changes, location in (({"OBR": {18: "A" * 17}}, "OBR^1^18"),
+                              ({"OBR": {20: "S" * 24}}, "OBR^1^20")):  # fmt: skip
+        with pytest.raises(HL7Error) as info:
+            item_of(changes)
+        assert info.value.location == location
+    with pytest.raises(HL7Error):  # strict: descriptions too
+        item_of({"PID": {11: address}}, strict=True)
+
+
 def test_a_bad_study_uid_is_refused_even_when_truncating():
     with pytest.raises(HL7Error) as info:
         item_of({"ZDS": {1: "1.2.03.x"}}, overlong_values="truncate")
@@ -351,12 +368,13 @@ def test_our_samples_build_complete_items(tmp_path, name):
 def test_public_placeholder_sample_under_both_length_policies():
     message = parse_message((require_public_samples() / "OMI_O23.hl7").read_bytes())
     with pytest.raises(HL7Error) as info:
-        items(message)  # "ScheduledStationName" is 20 characters, SH allows 16
+        items(message, strict=True)  # "ScheduledStationName" is 20 characters, SH allows 16
     assert (info.value.code, info.value.location) == ("102", "IPC^1^7")
     assert "ScheduledStationName" in info.value.text
-    ds = items(message, overlong_values="truncate")[0]
-    assert ds.ScheduledProcedureStepSequence[0].ScheduledStationName == "ScheduledStation"
-    assert_complete(ds)
+    for kwargs in ({"overlong_values": "truncate", "strict": True}, {}):  # a name: cut
+        ds = items(message, **kwargs)[0]
+        assert ds.ScheduledProcedureStepSequence[0].ScheduledStationName == "ScheduledStation"
+        assert_complete(ds)
 
 
 def test_vrs_of_written_keys_match_the_dictionary():
