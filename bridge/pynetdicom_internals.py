@@ -148,7 +148,7 @@ class _BoundedDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         state = self.state_machine.current_state
-        before = state in ("Sta2", "Sta3")  # the association request is not yet answered
+        before = state in ("Sta1", "Sta2", "Sta3")  # the association is not yet established
         timeout = limits.acse_timeout if before else limits.network_timeout
         deadline = time.monotonic() + timeout
         header = _read_exactly(raw, 6, deadline, limits.network_timeout)
@@ -218,16 +218,21 @@ class _BoundedDUL(DULServiceProvider):
 
     def _lost(self, state: str, why: str) -> None:
         raw = getattr(self.socket, "socket", None)
-        if state != "Sta2":  # a peer that connects and closes is not worth a line
+        if state not in _BEFORE_REQUEST:  # a peer that connects and closes: not worth a line
             LOG.warning("DICOM peer %s dropped: %s", _peer(raw), why)
         self._close_now(state)
 
     def _close_now(self, state: str) -> None:
         self.socket.close()  # puts Evt17 (transport closed) on the state machine's queue
-        if state == "Sta2":
+        if state in _BEFORE_REQUEST:
             # The association thread waits (up to the ACSE timeout) for the request that will
             # never come; None is what its wait returns on a timeout: it frees the slot now.
             self.to_user_queue.put(None)
+
+
+# States of an acceptor whose association thread still waits for the A-ASSOCIATE-RQ: Sta1 when
+# the peer's data (or its close) is read before the connection event is processed.
+_BEFORE_REQUEST = ("Sta1", "Sta2")
 
 
 def _read_exactly(raw: Any, count: int, deadline: float, then: float) -> bytes | None:
