@@ -10,6 +10,7 @@ may send, and the speed-ups of the answer path) is in bridge.pynetdicom_internal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import time
@@ -80,7 +81,7 @@ class WorklistSCP:
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
         self.tuning = Tuning(settings.dicom_speedups)
         self.limits = Limits(
-            max_pdu=16382,  # pynetdicom's AE.maximum_pdu_size default, which we advertise
+            max_pdu=16382,  # what we advertise: the AE's maximum_pdu_size (pynetdicom's default)
             max_associate_request=settings.max_associate_request_size,
             max_message=settings.max_identifier_size,
             acse_timeout=settings.acse_timeout,
@@ -258,6 +259,7 @@ def start_dicom_server(
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
     ae = make_dicom_ae(settings, index)
     scp = WorklistSCP(settings, index)
+    scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())
     if not scp.tuning.bounds:
         LOG.warning("DICOM: PDU lengths are not bounded with this pynetdicom version")
