@@ -276,7 +276,7 @@ def _peer(raw: Any) -> str:
 # socket for up to _IDLE_WAIT instead (data from the peer wakes it at once).
 _BRISK_DELAY = 0.0002  # s between polls while busy
 _BRISK_FOR = 0.5  # s of brisk polling after the last activity seen (request, answer, echo)
-_IDLE_WAIT = 0.02  # s an idle DUL or association thread waits per turn
+_IDLE_WAIT = 0.1  # s an idle DUL or association thread waits per turn
 
 
 class _BriskDUL(_BoundedDUL):
