@@ -99,6 +99,34 @@ def upstream_source_hash(qualified_name: str) -> str:
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
+def missing_private_attributes() -> list[str]:
+    """The PRIVATE_ATTRIBUTES the installed pynetdicom lacks (or holds in another form)."""
+    from pynetdicom import _config, _handlers
+
+    ae = AE()
+    assoc = Association(ae, "acceptor")
+    owners = {
+        "DULServiceProvider instance": assoc.dul,
+        "Association instance": assoc,
+        "ApplicationEntity instance": ae,
+        "pynetdicom._config": _config,
+        "pynetdicom._handlers": _handlers,
+    }
+    missing = [
+        f"{owner}: {name}"
+        for owner, names in PRIVATE_ATTRIBUTES.items()
+        for name in names
+        if not hasattr(owners[owner], name)
+    ]
+    if type(assoc.dul) is not DULServiceProvider:
+        missing.append("Association.dul is not a DULServiceProvider")
+    if not isinstance(vars(assoc.dul).get("_run_loop_delay"), float):
+        missing.append("DULServiceProvider: _run_loop_delay is not a float attribute")
+    if not isinstance(getattr(ae, "_servers", None), list):
+        missing.append("ApplicationEntity: _servers is not a list")
+    return missing
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one peer may send (bytes, seconds); see bridge.config's C-FIND settings."""
