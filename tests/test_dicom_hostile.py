@@ -136,7 +136,8 @@ def under_attack(bridge: RunningBridge, attack: Callable[[threading.Event], None
     print(f"RSS {measured.rss_start_mb:.0f} -> peak {measured.rss_peak_mb:.0f} MB; "
           f"ACK worst {measured.worst_ack * 1000:.0f} ms, median "
           f"{sorted(measured.ack_latencies)[len(measured.ack_latencies) // 2] * 1000:.0f} ms "
-          f"({len(measured.ack_latencies)} orders); C-ECHO after {echo:.2f} s")  # fmt: skip
+          f"({len(measured.ack_latencies)} orders); C-ECHO after {echo:.2f} s; slowest ACKs "
+          f"{[round(x * 1000) for x in sorted(measured.ack_latencies)[-3:]]} ms")  # fmt: skip
     assert measured.rss_peak_mb - measured.rss_start_mb < RSS_MARGIN_MB
     assert measured.worst_ack < ACK_BOUND_S
     return measured
@@ -188,6 +189,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed")
         data += chunk
     return data
+
+
+def test_baseline_without_an_attack(hostile):
+    """The same measurements with no attack: what the figures below compare with."""
+    under_attack(hostile, lambda stop: stop.wait(10), 3)
 
 
 def test_a_4_gib_associate_request_is_aborted_not_buffered(hostile):
