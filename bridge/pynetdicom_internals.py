@@ -81,7 +81,9 @@ UPSTREAM_SOURCES: dict[str, str] = {
 # Private attributes of pynetdicom objects used here (checked by the contract tests).
 PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "DULServiceProvider instance": ("_run_loop_delay", "_recv_pdu", "_decode_pdu", "_idle_timer"),
-    "Association instance": ("_reactor_checkpoint", "_serve_request", "_is_paused", "_kill"),
+    "Association instance": (
+        "_reactor_checkpoint", "_serve_request", "_is_paused", "_kill", "_server",
+    ),
     "ApplicationEntity instance": ("_servers",),
     "pynetdicom._config": ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS"),
     "pynetdicom._handlers": (
@@ -180,8 +182,11 @@ class _BoundedDUL(DULServiceProvider):
         timeout = limits.acse_timeout if before else limits.network_timeout
         deadline = time.monotonic() + timeout
         header = _read_exactly(raw, 6, deadline, limits.network_timeout)
-        if header is None:
-            self._lost(state, "closed or silent in a PDU header")
+        if not header:  # closed between two PDUs: as pynetdicom, without a word
+            self._close_now(state)
+            return
+        if len(header) < 6:
+            self._lost(state, f"closed, silent or too slow in a PDU header ({timeout:g} s)")
             return
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
@@ -197,7 +202,7 @@ class _BoundedDUL(DULServiceProvider):
             self._refuse(f"a PDU of type {pdu_type} claims {length} bytes (at most {allowed})")
             return
         body = _read_exactly(raw, length, deadline, limits.network_timeout)
-        if body is None:
+        if len(body) < length:
             self._lost(state, f"closed or too slow within a PDU ({timeout:g} s)")
             return
         if pdu_type == 0x04:
@@ -236,6 +241,7 @@ class _BoundedDUL(DULServiceProvider):
         """A-ABORT and close, without reading what the peer claims it will send."""
         raw = getattr(self.socket, "socket", None)
         LOG.warning("DICOM peer %s refused with A-ABORT: %s", _peer(raw), why)
+        self._penalise(raw)
         if raw is not None:
             try:
                 raw.settimeout(1.0)
@@ -246,13 +252,18 @@ class _BoundedDUL(DULServiceProvider):
 
     def _lost(self, state: str, why: str) -> None:
         raw = getattr(self.socket, "socket", None)
-        if state not in _BEFORE_REQUEST:  # a peer that connects and closes: not worth a line
-            LOG.warning("DICOM peer %s dropped: %s", _peer(raw), why)
+        LOG.warning("DICOM peer %s dropped: %s", _peer(raw), why)
+        self._penalise(raw)
         self._close_now(state)
+
+    def _penalise(self, raw: Any) -> None:
+        penalties = getattr(getattr(self.assoc, "_server", None), "penalties", None)
+        if isinstance(penalties, Penalties):
+            penalties.note(_peer(raw).rpartition(":")[0])
 
     def _close_now(self, state: str) -> None:
         self.socket.close()  # puts Evt17 (transport closed) on the state machine's queue
-        if state in _BEFORE_REQUEST:
+        if state in _BEFORE_REQUEST and self.assoc.requestor.primitive is None:
             # The association thread waits (up to the ACSE timeout) for the request that will
             # never come; None is what its wait returns on a timeout: it frees the slot now.
             self.to_user_queue.put(None)
@@ -263,24 +274,56 @@ class _BoundedDUL(DULServiceProvider):
 _BEFORE_REQUEST = ("Sta1", "Sta2")
 
 
-def _read_exactly(raw: Any, count: int, deadline: float, then: float) -> bytes | None:
-    """`count` bytes before `deadline`, or None (closed, silent, too slow, or an error). The
-    socket's timeout is `then` afterwards (what sends to the peer wait at most)."""
+class Penalties:
+    """Recent refusals (A-ABORT for a bound, or a drop for a deadline) by source address. A
+    source refused `limit` times within `window` seconds has its next connections closed as
+    they are accepted, before any association work, for the rest of that window: a peer
+    reconnecting in a loop then costs the process little."""
+
+    def __init__(self, limit: int = 20, window: float = 2.0, most_sources: int = 4096) -> None:
+        self.limit = limit
+        self.window = window
+        self.most_sources = most_sources
+        self.refusals: dict[str, collections.deque] = {}
+        self.lock = threading.Lock()
+
+    def note(self, host: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            times = self.refusals.get(host)
+            if times is None:
+                if len(self.refusals) >= self.most_sources:
+                    self.refusals.clear()  # never grows without bound
+                times = self.refusals[host] = collections.deque(maxlen=self.limit)
+            times.append(now)
+
+    def penalised(self, host: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            times = self.refusals.get(host)
+            if times is None or len(times) < self.limit:
+                return False
+            return now - times[0] <= self.window
+
+
+def _read_exactly(raw: Any, count: int, deadline: float, then: float) -> bytes:
+    """`count` bytes read before `deadline`, or fewer (closed, silent, too slow, or an error).
+    The socket's timeout is `then` afterwards (what sends to the peer wait at most)."""
     chunks = []
     got = 0
     try:
         while got < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return None
+                break
             raw.settimeout(remaining)
             chunk = raw.recv(min(count - got, 65536))
             if not chunk:
-                return None
+                break
             chunks.append(chunk)
             got += len(chunk)
     except (OSError, ValueError):  # TimeoutError is an OSError
-        return None
+        pass
     finally:
         try:
             raw.settimeout(then)
@@ -715,9 +758,22 @@ class Server(ThreadedAssociationServer):
     collect_every = 60
     connections_since_collect = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.penalties = Penalties()
+        self.penalty_logged: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Without TLS, nothing here can block (the association gets its own thread when
         created), so skip the extra thread per connection that only starts that thread."""
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        if self.tuning.bounds and self.penalties.penalised(host):
+            if time.monotonic() - self.penalty_logged.get(host, -1e9) > self.penalties.window:
+                self.penalty_logged[host] = time.monotonic()
+                LOG.warning("DICOM peer %s: new connections closed at once (%d refused in %g s)",
+                            host, self.penalties.limit, self.penalties.window)  # fmt: skip
+            self.shutdown_request(request)
+            return
         if self.tls_context is None:
             self.process_request_thread(request, client_address)
         else:
