@@ -232,6 +232,11 @@ def validate(settings: Settings) -> None:
         raise ValueError("ae_title must be 1 to 16 characters")
     if settings.max_frame_size < 1024:
         raise ValueError("max_frame_size must be at least 1024 bytes")
+    for name in ("max_associate_request_size", "max_identifier_size"):
+        if getattr(settings, name) < 1024:
+            raise ValueError(f"{name} must be at least 1024 bytes")
+    if settings.max_search_time <= 0:
+        raise ValueError("max_search_time must be more than 0 seconds")
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     check_station_rules(settings.station_rules)
