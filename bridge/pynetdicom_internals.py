@@ -280,7 +280,9 @@ class Penalties:
     they are accepted, before any association work, for the rest of that window: a peer
     reconnecting in a loop then costs the process little."""
 
-    def __init__(self, limit: int = 8, window: float = 2.0, most_sources: int = 4096) -> None:
+    def __init__(self, limit: int = 8, window: float = 2.0, most_sources: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.clock = clock
         self.limit = limit
         self.window = window
         self.most_sources = most_sources
@@ -288,7 +290,7 @@ class Penalties:
         self.lock = threading.Lock()
 
     def note(self, host: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             times = self.refusals.get(host)
             if times is None:
@@ -298,7 +300,7 @@ class Penalties:
             times.append(now)
 
     def penalised(self, host: str) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             times = self.refusals.get(host)
             if times is None or len(times) < self.limit:

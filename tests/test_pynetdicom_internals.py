@@ -82,3 +82,19 @@ def test_without_speedups_associations_keep_pynetdicoms_classes_but_get_the_boun
 
 def test_settings_default_to_the_speedups_on():
     assert Settings().dicom_speedups is True
+
+
+def test_a_source_refused_again_and_again_is_closed_at_once_for_a_while():
+    now = [100.0]
+    penalties = internals.Penalties(limit=3, window=2.0, most_sources=2, clock=lambda: now[0])
+    for _ in range(2):
+        penalties.note("10.0.0.9")
+    assert not penalties.penalised("10.0.0.9")
+    penalties.note("10.0.0.9")
+    assert penalties.penalised("10.0.0.9")
+    assert not penalties.penalised("10.0.0.10")  # other sources are not affected
+    now[0] += 2.5
+    assert not penalties.penalised("10.0.0.9")  # the window passed
+    for host in ("a", "b", "c"):  # the table never holds more than most_sources
+        penalties.note(host)
+    assert len(penalties.refusals) <= 2
