@@ -561,12 +561,13 @@ def _standard_log_handlers() -> tuple[tuple[Any, Any], ...]:
 
 
 _STANDARD_LOG_HANDLERS = _standard_log_handlers()
+HANDLERS_LOGGER = "pynetdicom._handlers"  # the logger those handlers write to
 
 
 def _quiet_logging(assoc: Any) -> None:
     """Unbind pynetdicom's standard log handlers from `assoc` while its handler logger would not
     log a line (the bridge sets pynetdicom's loggers to WARNING unless configured otherwise)."""
-    if logging.getLogger("pynetdicom._handlers").isEnabledFor(logging.INFO):
+    if logging.getLogger(HANDLERS_LOGGER).isEnabledFor(logging.INFO):
         return
     for event, handler in _STANDARD_LOG_HANDLERS:
         try:

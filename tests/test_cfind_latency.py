@@ -66,7 +66,7 @@ def test_without_speedups_pynetdicom_keeps_its_own_reactor(tmp_path, seen) -> No
 
 def test_log_handlers_stay_while_pynetdicom_logs(tmp_path, seen) -> None:
     generate(tmp_path, 3)
-    logger = logging.getLogger("pynetdicom._handlers")
+    logger = logging.getLogger(internals.HANDLERS_LOGGER)
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
