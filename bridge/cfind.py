@@ -253,7 +253,10 @@ def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:
 
 
 def start_dicom_server(
-    settings: Settings, index: WorklistIndex, ssl_context: ssl.SSLContext | None = None
+    settings: Settings,
+    index: WorklistIndex,
+    ssl_context: ssl.SSLContext | None = None,
+    extra_handlers: list | None = None,  # other services' handlers on the same AE
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
@@ -266,7 +269,7 @@ def start_dicom_server(
     return start_server(
         ae,
         (settings.host, settings.dicom_port),
-        scp.handlers(),
+        scp.handlers() + (extra_handlers or []),
         scp.tuning,
         network_timeout=settings.network_timeout,
         handshake_timeout=settings.acse_timeout,
