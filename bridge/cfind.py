@@ -2,57 +2,55 @@
 
 pynetdicom runs the server in its own threads: an accept thread, and threads per association.
 Handlers here run in the association's thread and only read the index (bridge.index), whose
-lock is held for dictionary look-ups only.
+lock is held for dictionary look-ups only; matching runs there too, never on the reactor.
 
-Answering is where the time goes, so two things bypass pynetdicom's per-answer path, each with a
-fallback to plain pynetdicom if its internals are not what we expect (see _FastSender and
-_poll_briskly): answers are encoded straight from the compact records and handed to the upper
-layer as one P-DATA-TF PDU each, and the upper layer polls briskly while an association is busy.
-Per association, the association thread waits for requests instead of sleeping 1 ms a turn
-(_react_briskly), and pynetdicom's logging handlers are left out while they would log nothing
-(_quiet_logging).
+This module uses pynetdicom's public API only. What reaches below it (the bounds on what a peer
+may send, and the speed-ups of the answer path) is in bridge.pynetdicom_internals.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import io
+import dataclasses
 import logging
-import queue
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pynetdicom
 from pydicom import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge.config import Settings
 from bridge.index import WorklistIndex
-from bridge.matching import AnswerEncoder, Query, QueryError, Record, compile_query
+from bridge.matching import AnswerEncoder, QueryError, SearchStopped, compile_query
 from bridge.mpps_store import MPPS_SOP_CLASS
+from bridge.pynetdicom_internals import (
+    FastSender,
+    Limits,
+    Server,
+    Tuning,
+    hang_up,
+    prepare_association,
+    skip_identifier_logging,
+    start_server,
+    stay_brisk,
+    wait_for_peer,
+)
 
 LOG = logging.getLogger("bridge.cfind")
 
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01  # a requested optional key is not supported for matching
 CANCEL = 0xFE00
-OUT_OF_RESOURCES = 0xA700  # max_answers exceeded
+OUT_OF_RESOURCES = 0xA700  # max_answers exceeded, or the search ran out of time
 IDENTIFIER_ERROR = 0xA900  # identifier does not match the SOP class (bad key values)
 UNABLE_TO_PROCESS = 0xC312  # an answer could not be encoded (as pynetdicom reports it)
 
-# A-ASSOCIATE-RJ: rejected permanent (1), by the service user (1), with a reason.
-_REJECT_CALLING = (0x01, 0x01, 0x03)  # calling AE title not recognised
-_REJECT_CALLED = (0x01, 0x01, 0x07)  # called AE title not recognised
+# A-ASSOCIATE-RJ: result, source, reason.
+_REJECT_CALLING = (0x01, 0x01, 0x03)  # permanent, service user: calling AE title not recognised
+_REJECT_CALLED = (0x01, 0x01, 0x07)  # permanent, service user: called AE title not recognised
+_REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation): local limit
 
 
 def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
@@ -60,7 +58,7 @@ def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
     pynetdicom_log = logging.getLogger("pynetdicom")
     if pynetdicom_log.level == logging.NOTSET:
         pynetdicom_log.setLevel(logging.WARNING)  # it logs identifiers (patient data) at DEBUG
-    _skip_identifier_logging()
+    skip_identifier_logging(Tuning(settings.dicom_speedups))
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(ModalityWorklistInformationFind)
     ae.add_supported_context(Verification)
@@ -83,8 +81,17 @@ class WorklistSCP:
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
+        self.tuning = Tuning(settings.dicom_speedups)
+        self.limits = Limits(
+            max_pdu=16382,  # what we advertise: the AE's maximum_pdu_size (pynetdicom's default)
+            max_associate_request=settings.max_associate_request_size,
+            max_message=settings.max_identifier_size,
+            acse_timeout=settings.acse_timeout,
+            network_timeout=settings.network_timeout,
+        )
 
     def handlers(self) -> list[tuple[Any, Any]]:
+        """(event, handler) pairs for the AE's server; add other services' handlers here."""
         return [
             (evt.EVT_CONN_OPEN, self.on_open),
             (evt.EVT_REQUESTED, self.on_requested),
@@ -93,18 +100,16 @@ class WorklistSCP:
         ]
 
     def on_open(self, event: Any) -> None:
-        assoc = event.assoc
-        _poll_briskly(getattr(assoc, "dul", None))
-        _react_briskly(assoc)
-        _quiet_logging(assoc)
+        prepare_association(event.assoc, self.tuning, self.limits)
 
     def on_requested(self, event: Any) -> None:
-        """Refuse unknown calling AE titles and (per-ae) unknown called AE titles.
+        """Refuse unknown calling AE titles, (per-ae) unknown called AE titles, and requests
+        past `max-associations`.
 
         A called AE title is only ever compared with the names of the sub-folders that
         exist, never joined into a path."""
         assoc = event.assoc
-        _stay_brisk(getattr(assoc, "dul", None))
+        stay_brisk(assoc)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -121,9 +126,15 @@ class WorklistSCP:
                 assoc.kill()
                 return
             assoc.acceptor.ae_title = called  # answer as the AE title that was called
+        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
+        if active > self.settings.max_associations:
+            LOG.warning("association from %s refused: %d associations open (max-associations)",
+                        calling, active - 1)  # fmt: skip
+            assoc.acse.send_reject(*_REJECT_BUSY)
+            assoc.kill()
 
     def on_echo(self, event: Any) -> int:
-        _stay_brisk(getattr(event.assoc, "dul", None))
+        stay_brisk(event.assoc)
         return 0x0000
 
     def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
@@ -152,21 +163,41 @@ class WorklistSCP:
                 yield _failure(IDENTIFIER_ERROR, "cannot decode the identifier"), None
                 return
             keys = " ".join(query.given) or "(universal)"
-            records = self.index.search(query, called if self.per_ae else None)
+            budget = self.settings.max_search_time
+            query.guard = _search_guard(event, time.monotonic() + budget)
+            try:
+                records = self.index.search(query, called if self.per_ae else None)
+            except SearchStopped as stop:
+                outcome = f"search stopped: {stop}"
+                if stop.reason == "cancelled":
+                    yield CANCEL, None
+                elif stop.reason == "budget":
+                    comment = f"search longer than {budget:g} s: narrow the query"
+                    yield _failure(OUT_OF_RESOURCES, comment), None
+                return
+            finally:
+                query.guard = None
             total = len(records)
             status = PENDING_WARNING if query.unsupported else PENDING
             if query.unsupported:
                 outcome = "success; not matched on " + ",".join(query.unsupported)
             limit = self.settings.max_answers
-            dul = getattr(assoc, "dul", None)
-            send = _FastSender.create(event, query, status) if records else None
+            send = None
+            if records:
+                send = FastSender.create(
+                    event,
+                    self.tuning,
+                    lambda implicit: AnswerEncoder(query, implicit=implicit).encode,
+                    query.answer,
+                    status,
+                )
             stalled = 0  # seconds the peer has not been reading our answers
             for record in records:
-                stalled = stalled + 1 if _drain(dul, assoc) else 0
+                stalled = stalled + 1 if wait_for_peer(assoc) else 0
                 if stalled >= max(self.settings.dimse_timeout, 1):
                     # Answers would pile up in memory for a peer that stopped reading.
                     outcome = "aborted: the peer stopped reading the answers"
-                    _hang_up(dul)
+                    hang_up(assoc)
                     return
                 if not assoc.is_established:
                     outcome = "association ended"
@@ -186,9 +217,11 @@ class WorklistSCP:
                     outcome = "failed: an answer could not be encoded"
                     yield _failure(UNABLE_TO_PROCESS, "cannot encode an answer"), None
                     return
+                else:
+                    stay_brisk(assoc)
                 sent += 1
         finally:
-            _stay_brisk(getattr(assoc, "dul", None))  # the release follows
+            stay_brisk(assoc)  # the release follows
             LOG.info(
                 "C-FIND %s->%s keys: %s; %d answers (%d matched), %s, %.1f ms",
                 calling, called, keys, sent, total, outcome,
@@ -196,358 +229,20 @@ class WorklistSCP:
             )  # fmt: skip
 
 
-class _FastSender:
-    """Sends one C-FIND's pending responses without pynetdicom's per-response work.
+def _search_guard(event: Any, deadline: float) -> Callable[[], None]:
+    """The check a query runs every few records while searching: raises SearchStopped when
+    the search ran past `deadline`, the peer sent C-CANCEL, or the association ended."""
+    assoc = event.assoc
 
-    pynetdicom turns each yielded (status, Dataset) into a DIMSE message: it encodes the Dataset
-    and a fresh command set with pydicom, and queues a P-DATA for each (two PDUs an answer). Here
-    the command set is encoded once per query by pynetdicom itself (all pending responses of a
-    query share it), each answer is encoded from its record (bridge.matching.AnswerEncoder), and
-    both go to the upper layer (DUL) as one P-DATA primitive: one PDU per answer, sent by the
-    DUL thread like any other, so the socket is still used by that thread only. Only one message
-    per PDU: pynetdicom's own receiver drops whatever follows a complete message in a PDU.
+    def guard() -> None:
+        if event.is_cancelled:
+            raise SearchStopped("cancelled")
+        if not assoc.is_established:
+            raise SearchStopped("association ended")
+        if time.monotonic() > deadline:
+            raise SearchStopped("budget")
 
-    Relies on pynetdicom internals (C_FIND_RSP.primitive_to_message/encode_msg, P_DATA,
-    dul.send_pdu, dimse.maximum_pdu_size), checked in `create`: when anything is not as
-    expected, `create` returns None and answers are yielded to pynetdicom as before."""
-
-    def __init__(self, dul: Any, context_id: int, command: bytes, max_pdu: int,
-                 to_bytes: Callable[[Record], bytes | None], p_data: Any) -> None:  # fmt: skip
-        self.dul = dul
-        self.context_id = context_id
-        self.command = command  # the command PDV: control header byte + command set
-        self.max_pdu = max_pdu  # the peer's maximum PDU length, 0 for no limit
-        self.to_bytes = to_bytes
-        self.p_data = p_data
-
-    @classmethod
-    def create(cls, event: Any, query: Query, status: int) -> _FastSender | None:
-        try:
-            from pynetdicom.dsutils import encode
-            from pynetdicom.pdu_primitives import P_DATA
-
-            assoc = event.assoc
-            dul = assoc.dul
-            context = event.context
-            context_id = int(context.context_id)
-            max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
-            request = event.request
-            command = _command_pdv(
-                context_id, int(request.MessageID), str(request.AffectedSOPClassUID), status
-            )
-            if command[:1] != b"\x03" or (max_pdu and len(command) + 6 + 8 > max_pdu):
-                return None
-            if not callable(dul.send_pdu):
-                return None
-            ts = UID(context.transfer_syntax)
-            fast = None
-            if ts == ImplicitVRLittleEndian or ts == ExplicitVRLittleEndian:
-                fast = AnswerEncoder(query, implicit=ts == ImplicitVRLittleEndian)
-            implicit, little, deflated = ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
-
-            def to_bytes(record: Record) -> bytes | None:
-                data = fast.encode(record) if fast is not None else None
-                if data is None:  # what pynetdicom would have sent
-                    data = encode(query.answer(record), implicit, little, deflated)
-                return data or None
-
-            return cls(dul, context_id, command, max_pdu, to_bytes, P_DATA)
-        except Exception as exc:  # a pynetdicom that differs from 3.0: answer the slow way
-            LOG.debug("fast C-FIND responses unavailable: %r", exc)
-            return None
-
-    def __call__(self, record: Record) -> bool:
-        """Queue the pending response for `record`; False if it cannot be encoded."""
-        data = self.to_bytes(record)
-        if data is None:
-            return False
-        cx, command, room = self.context_id, self.command, self.max_pdu
-        if not room or (4 + 1 + len(command)) + (4 + 1 + 1 + len(data)) <= room:
-            self._queue([[cx, command], [cx, b"\x02" + data]])
-        else:  # fragments, as pynetdicom cuts them: PDVs of at most max_pdu - 6 bytes of data
-            self._queue([[cx, command]])
-            step = room - 6
-            for start in range(0, len(data), step):
-                last = start + step >= len(data)
-                self._queue([[cx, (b"\x02" if last else b"\x00") + data[start : start + step]]])
-        _stay_brisk(self.dul)
-        return True
-
-    def _queue(self, pdvs: list) -> None:
-        primitive = self.p_data()
-        primitive.presentation_data_value_list = pdvs
-        self.dul.send_pdu(primitive)
-
-
-@functools.lru_cache(maxsize=256)
-def _command_pdv(context_id: int, message_id: int, sop_class: str, status: int) -> bytes:
-    """The command PDV (control header byte + command set) of a C-FIND pending response with a
-    data set, as pynetdicom encodes it."""
-    from pynetdicom.dimse_messages import C_FIND_RSP
-    from pynetdicom.dimse_primitives import C_FIND
-
-    rsp = C_FIND()
-    rsp.MessageIDBeingRespondedTo = message_id
-    rsp.AffectedSOPClassUID = sop_class
-    rsp.Status = status
-    rsp.Identifier = io.BytesIO(b"\0\0")  # any data set: "a data set follows"
-    message = C_FIND_RSP()
-    message.primitive_to_message(rsp)
-    pdata = next(iter(message.encode_msg(context_id, 0)))  # 0: no PDU limit, one PDV
-    ((_cx, command),) = pdata.presentation_data_value_list
-    return bytes(command)
-
-
-# pynetdicom's upper layer (DUL) thread loops over its outgoing queue and the socket and sleeps
-# `_run_loop_delay` (1 ms) whenever both are idle, so every hand-over between it and the
-# association's thread (association request, C-FIND request, answers, release) waits up to 1 ms.
-# While an association is busy, and for a moment after, it polls every 0.2 ms instead; an idle
-# association goes back to 1 ms so that it does not spin.
-_BRISK_DELAY = 0.0002  # s between polls while busy
-_BRISK_FOR = 0.5  # s of brisk polling after the last activity seen (request, answer, echo)
-
-
-class _BriskDUL(DULServiceProvider):
-    """pynetdicom's DUL with `_run_loop_delay` (read before each sleep) made a property."""
-
-    @property
-    def _run_loop_delay(self) -> float:
-        if time.monotonic() < self.__dict__.get("_brisk_until", 0.0):
-            return _BRISK_DELAY
-        return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
-
-    @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:
-        self.__dict__["_run_loop_delay"] = value
-
-    def _is_transport_event(self) -> bool:
-        _ack_promptly(self.__dict__.get("socket"))
-        return super()._is_transport_event()
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
-
-
-def _ack_promptly(association_socket: Any) -> None:
-    """Acknowledge what the peer sent at once. A client that keeps Nagle's algorithm on (as
-    pynetdicom's does) holds each small write until the previous one is acknowledged, and a
-    delayed ACK makes that ~40 ms a message: most of such a client's query time. Quick-ack mode
-    is not permanent (the kernel leaves it by itself), so the DUL re-arms it on every turn;
-    setting it also sends an ACK that is being held."""
-    raw = getattr(association_socket, "socket", None)
-    if _TCP_QUICKACK is None or raw is None:
-        return
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-    except (OSError, ValueError):
-        pass  # closed, or not TCP
-
-
-def _poll_briskly(dul: Any) -> None:
-    """Let `dul` poll briskly when _stay_brisk asks, by swapping its class for _BriskDUL (same
-    layout). Anything but pynetdicom's own DUL, as we know it, is left as it is."""
-    if type(dul) is DULServiceProvider and isinstance(vars(dul).get("_run_loop_delay"), float):
-        dul.__class__ = _BriskDUL
-        _stay_brisk(dul)
-
-
-def _is_brisk(dul: Any) -> bool:
-    return time.monotonic() < getattr(dul, "__dict__", {}).get("_brisk_until", 0.0)
-
-
-def _stay_brisk(dul: Any) -> None:
-    if type(dul) is _BriskDUL:
-        dul.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
-
-
-class _BriskAssociation(Association):
-    """pynetdicom's Association with a reactor that reacts to requests without delay."""
-
-    def _run_reactor(self) -> None:
-        """pynetdicom 3.0's Association._run_reactor, statement for statement, except for its
-        first: instead of sleeping 1 ms a turn (up to 1 ms between a request's arrival and its
-        handling, and again for the release), wait on the DIMSE message queue for as long, or
-        for _BRISK_DELAY while the DUL polls briskly (the release request comes through the
-        DUL's own queue, which cannot be waited on at the same time)."""
-        self._is_paused = False
-        incoming = self.dimse.msg_queue
-        while not self._kill:
-            _wait_for_message(incoming, _BRISK_DELAY if _is_brisk(self.dul) else 0.001)
-
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, context_id)
-
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                _PYNETDICOM_ASSOC_LOG.info("Association Released")
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-
-            if self.acse.is_aborted():
-                log_msg = "Association Aborted"
-                if self.acse.is_aborted("a-p-abort"):
-                    log_msg += " (A-P-ABORT)"
-                _PYNETDICOM_ASSOC_LOG.info(log_msg)
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-
-            if not self.dul.is_alive():
-                self.kill()
-                return
-
-            if self.dul.idle_timer_expired():
-                _PYNETDICOM_ASSOC_LOG.error("Network timeout reached")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-
-                self.kill()
-                return
-
-
-_PYNETDICOM_ASSOC_LOG = logging.getLogger("pynetdicom.association")
-# The reactor above is a copy of pynetdicom 3.0's: any other version keeps its own.
-_REACTOR_KNOWN = pynetdicom.__version__.split(".")[:2] == ["3", "0"] and all(
-    callable(getattr(Association, name, None))
-    for name in ("_run_reactor", "_serve_request", "kill", "release", "abort")
-)
-
-
-def _wait_for_message(incoming: queue.Queue, timeout: float) -> None:
-    """Wait until `incoming` holds something or `timeout` passed, taking nothing from it (the
-    reactor takes the message after its pause checkpoint, as pynetdicom does)."""
-    with incoming.not_empty:
-        if not incoming.queue:
-            incoming.not_empty.wait(timeout)
-
-
-def _react_briskly(assoc: Any) -> None:
-    """Give `assoc` the _BriskAssociation reactor (same layout), if it is pynetdicom 3.0's
-    Association as we know it and not yet running; anything else is left as it is."""
-    try:
-        dimse, acse, dul = assoc.dimse, assoc.acse, assoc.dul
-        known = (
-            _REACTOR_KNOWN
-            and type(assoc) is Association
-            and not assoc.is_alive()
-            and type(dimse.msg_queue) is queue.Queue
-            and isinstance(dimse.msg_queue.queue, collections.deque)
-            and isinstance(assoc._reactor_checkpoint, threading.Event)
-            and all(
-                callable(f)
-                for f in (
-                    dimse.get_msg,
-                    acse.is_release_requested,
-                    acse.is_aborted,
-                    acse.send_release,
-                    dul.receive_pdu,
-                    dul.idle_timer_expired,
-                    dul.is_alive,
-                )
-            )
-            and isinstance(assoc.network_timeout_response, str)
-        )
-    except Exception:  # not the pynetdicom we know
-        return
-    if known:
-        assoc.__class__ = _BriskAssociation
-
-
-# pynetdicom binds handlers to every association that format log lines for each PDU and DIMSE
-# message (the whole A-ASSOCIATE-RQ, for one) and log them at DEBUG/INFO, whether or not those
-# levels are enabled.
-def _standard_log_handlers() -> tuple[tuple[Any, Any], ...]:
-    try:
-        from pynetdicom import _handlers as h
-
-        return (
-            (evt.EVT_PDU_RECV, h.standard_pdu_recv_handler),
-            (evt.EVT_PDU_SENT, h.standard_pdu_sent_handler),
-            (evt.EVT_DIMSE_RECV, h.standard_dimse_recv_handler),
-            (evt.EVT_DIMSE_SENT, h.standard_dimse_sent_handler),
-        )
-    except Exception:  # named otherwise in another pynetdicom: they stay bound
-        return ()
-
-
-_STANDARD_LOG_HANDLERS = _standard_log_handlers()
-
-
-def _quiet_logging(assoc: Any) -> None:
-    """Unbind pynetdicom's standard log handlers from `assoc` while its handler logger would not
-    log a line (the bridge sets pynetdicom's loggers to WARNING unless configured otherwise)."""
-    if logging.getLogger("pynetdicom._handlers").isEnabledFor(logging.INFO):
-        return
-    for event, handler in _STANDARD_LOG_HANDLERS:
-        try:
-            if any(bound is handler for bound, _args in assoc.get_handlers(event)):
-                assoc.unbind(event, handler)
-        except Exception as exc:  # not the pynetdicom we know: logging stays as it is
-            LOG.debug("pynetdicom log handlers stay bound: %r", exc)
-            return
-
-
-def _skip_identifier_logging() -> None:
-    """pynetdicom decodes every C-FIND request's identifier with pydicom and pretty-prints it
-    for an INFO log line (~0.5 ms a query), and would print each answer for DEBUG lines: turned
-    off (process-wide; never turned on) when pynetdicom would not log them."""
-    try:
-        from pynetdicom import _config
-
-        if not logging.getLogger("pynetdicom.service_class").isEnabledFor(logging.INFO):
-            _config.LOG_REQUEST_IDENTIFIERS = False
-        if not logging.getLogger("pynetdicom.service_class").isEnabledFor(logging.DEBUG):
-            _config.LOG_RESPONSE_IDENTIFIERS = False
-    except Exception as exc:  # another pynetdicom: it logs as it does
-        LOG.debug("pynetdicom identifier logging unchanged: %r", exc)
-
-
-_MAX_QUEUED = 16  # outgoing PDUs (one an answer)
-
-
-def _drain(dul: Any, assoc: Any) -> bool:
-    """Pause while pynetdicom's upper layer has much to send, or has data from the peer to
-    read. Its thread reads from the network only when it has nothing left to send: without
-    this pause a long answer is queued whole (in memory) before a C-CANCEL can even be read.
-    Returns True when, after a second, there is still too much to send: the peer is not
-    reading."""
-    outgoing = getattr(dul, "to_provider_queue", None)
-    sock = getattr(dul, "socket", None)
-    if outgoing is None:
-        return False
-    deadline = time.monotonic() + 1.0  # never stall an answer on pynetdicom's internals
-    while assoc.is_established and time.monotonic() < deadline:
-        if outgoing.qsize() > _MAX_QUEUED or (sock is not None and sock.ready):
-            time.sleep(0.0002)
-            continue
-        return False
-    return outgoing.qsize() > _MAX_QUEUED
-
-
-def _hang_up(dul: Any) -> None:
-    """Close the connection under pynetdicom: its upper layer is blocked sending to a peer that
-    does not read, so an A-ABORT could never be sent (and `abort()` would wait for it)."""
-    raw = getattr(getattr(dul, "socket", None), "socket", None)
-    try:
-        raw.shutdown(socket.SHUT_RDWR)
-    except (OSError, AttributeError):
-        pass
+    return guard
 
 
 def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:
@@ -559,71 +254,26 @@ def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:
     return status
 
 
-class _Server(ThreadedAssociationServer):
-    """Does the TLS handshake in a thread of its own, with a timeout: pynetdicom does it in the
-    accept thread, where one silent client blocks every new association. Turns Nagle's
-    algorithm off: pynetdicom writes each response in several small sends, and Nagle plus
-    delayed ACKs added ~90 ms to every C-FIND."""
-
-    tls_context: ssl.SSLContext | None = None
-    handshake_timeout: float = 30.0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Without TLS, nothing here can block (the association gets its own thread when
-        created), so skip the extra thread per connection that only starts that thread."""
-        if self.tls_context is None:
-            self.process_request_thread(request, client_address)
-        else:
-            super().process_request(request, client_address)
-
-    def service_actions(self) -> None:
-        """pynetdicom runs a full gc.collect() after every 60th connection, in this thread, just
-        as that connection's association starts (~65 ms with 10,000 items in memory): put it
-        off until no association is active. Python's own collector still runs as usual."""
-        counter = getattr(self, "_gc", None)
-        try:
-            due = isinstance(counter, list) and counter[0] >= counter[1]
-            if due and self.active_associations:
-                return
-        except Exception:  # another pynetdicom: as it does it
-            pass
-        super().service_actions()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not a TCP socket
-        if self.tls_context is not None:
-            try:
-                request.settimeout(self.handshake_timeout)
-                request = self.tls_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (OSError, ssl.SSLError) as exc:
-                LOG.warning("TLS handshake with %s failed: %s", client_address, exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
-
-
 def start_dicom_server(
     settings: Settings,
     index: WorklistIndex,
     ssl_context: ssl.SSLContext | None = None,
-    extra_handlers: list | None = None,  # other services' handlers on the same AE (MPPS)
-) -> ThreadedAssociationServer:
+    extra_handlers: list | None = None,  # other services' handlers on the same AE
+) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
     ae = make_dicom_ae(settings, index)
     scp = WorklistSCP(settings, index)
-    server = ae.make_server(
+    scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
+    LOG.info("DICOM: %s", scp.tuning.describe())
+    if not scp.tuning.bounds:
+        LOG.warning("DICOM: PDU lengths are not bounded with this pynetdicom version")
+    return start_server(
+        ae,
         (settings.host, settings.dicom_port),
-        evt_handlers=scp.handlers() + (extra_handlers or []),
-        server_class=_Server,
+        scp.handlers() + (extra_handlers or []),
+        scp.tuning,
+        network_timeout=settings.network_timeout,
+        handshake_timeout=settings.acse_timeout,
+        ssl_context=ssl_context,
     )
-    server.tls_context = ssl_context
-    server.handshake_timeout = settings.acse_timeout
-    thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # as AE.start_server does, so that ae.shutdown() stops it
-    return server

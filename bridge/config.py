@@ -243,6 +243,19 @@ class Settings:
     acse_timeout: float = _opt("DICOM ACSE timeout, seconds", default=30.0)
     dimse_timeout: float = _opt("DICOM DIMSE timeout, seconds", default=30.0)
     network_timeout: float = _opt("DICOM network timeout, seconds", default=60.0)
+    max_associate_request_size: int = _opt(
+        "largest A-ASSOCIATE-RQ PDU accepted, in bytes (longer: A-ABORT)", default=32 * 1024
+    )
+    max_identifier_size: int = _opt(
+        "largest C-FIND identifier accepted, in bytes (longer: A-ABORT)", default=256 * 1024
+    )
+    max_search_time: float = _opt(
+        "seconds one C-FIND may spend matching before it is answered A700", default=10.0
+    )
+    dicom_speedups: bool = _opt(
+        "use the bridge's tuning of pynetdicom internals (fast answers, brisk polling)",
+        default=True,
+    )
     index_poll_interval: float = _opt(
         "seconds between scans of the worklist folder for changes made by other programs",
         default=1.0,
@@ -660,6 +673,11 @@ def validate(settings: Settings) -> None:
         check_charset_settings(settings.default_charset, settings.charset_fallback)
     except ValueError as exc:
         raise ConfigError(f"{_origin(settings, 'default_charset')}: {exc}") from None
+    for name in ("max_associate_request_size", "max_identifier_size"):
+        if getattr(settings, name) < 1024:
+            fail(name, f"{getattr(settings, name)} is too small: it must be at least 1024 bytes")
+    if settings.max_search_time <= 0:
+        fail("max_search_time", "must be more than 0 seconds")
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     try:

@@ -37,6 +37,7 @@ SPS_START_TIME = 0x00400003
 SPS_ID = 0x00400009
 SPS_STATUS = 0x00400020
 REQUESTED_PROCEDURE_ID = 0x00401001
+DEFAULT_CHARSET = "ISO_IR 6"  # what an item without Specific Character Set is written in
 
 # Leading and trailing spaces are insignificant for these VRs; for PN, LT, ST, UT only trailing.
 _STRIP_BOTH = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", "UC"})
@@ -58,6 +59,17 @@ REQUIRED_SPS: dict[int, int] = {
 }  # fmt: skip
 ONE_OF_TOP = ((0x00321060, 0x00321064),)  # Requested Procedure Description / Code Sequence
 ONE_OF_SPS = ((0x00400007, 0x00400008),)  # SPS Description / Scheduled Protocol Code Sequence
+
+
+GUARD_EVERY = 64
+
+
+class SearchStopped(Exception):
+    """Raised by a query's guard to end a search early; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class QueryError(ValueError):
@@ -324,9 +336,69 @@ def _range_test(vr: str, text: str, tag: int) -> Callable[[str], bool]:
 # Text matching
 
 
-def _wildcard_regex(pattern: str) -> re.Pattern:
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.DOTALL)
+def wildcard_matcher(pattern: str) -> Callable[[str], bool]:
+    """A test of whole values against `pattern` (`*` any run of characters, `?` one), in time
+    linear in the value for each piece of the pattern: no backtracking regular expression.
+
+    The pattern is cut at its `*`s into pieces. The first piece must start the value and the
+    last end it; each piece between is taken at its leftmost place after the one before (the
+    leftmost place leaves the most room for the rest, so no other place needs trying)."""
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        if "?" not in pattern:
+            return lambda s: s == pattern
+        return lambda s: len(s) == len(pattern) and _piece_at(pattern, s, 0)
+    head, *middle, tail = pieces
+    middle = [p for p in middle if p]
+    least = len(head) + len(tail) + sum(len(p) for p in middle)
+    plain = "?" not in pattern
+
+    def test(s: str) -> bool:
+        if len(s) < least:
+            return False
+        if plain:
+            if not (s.startswith(head) and s.endswith(tail)):
+                return False
+        elif not (_piece_at(head, s, 0) and _piece_at(tail, s, len(s) - len(tail))):
+            return False
+        start, end = len(head), len(s) - len(tail)
+        for piece in middle:
+            found = s.find(piece, start, end) if plain else _find_piece(piece, s, start, end)
+            if found < 0:
+                return False
+            start = found + len(piece)
+        return True
+
+    return test
+
+
+def _piece_at(piece: str, s: str, at: int) -> bool:
+    """`piece` (with `?` for any one character) is in `s` at `at`."""
+    if at < 0 or at + len(piece) > len(s):
+        return False
+    for i, c in enumerate(piece):
+        if c != "?" and s[at + i] != c:
+            return False
+    return True
+
+
+def _find_piece(piece: str, s: str, start: int, end: int) -> int:
+    """The leftmost place of `piece` (with `?`s) in s[start:end], or -1. Looks for its longest
+    run without `?` with str.find, then checks the rest there."""
+    runs = [r for r in piece.split("?") if r]
+    if not runs:
+        return start if start + len(piece) <= end else -1
+    anchor = max(runs, key=len)
+    offset = piece.index(anchor)
+    at = s.find(anchor, start + offset, end)
+    while at >= 0:
+        place = at - offset
+        if place + len(piece) > end:
+            return -1
+        if _piece_at(piece, s, place):
+            return place
+        at = s.find(anchor, at + 1, end)
+    return -1
 
 
 def _text_test(text: str, fold: bool) -> Callable[[str], bool]:
@@ -334,10 +406,10 @@ def _text_test(text: str, fold: bool) -> Callable[[str], bool]:
     if fold:
         text = text.casefold()
     if "*" in text or "?" in text:
-        rx = _wildcard_regex(text)
+        test = wildcard_matcher(text)
         if fold:
-            return lambda s: rx.fullmatch(s.casefold()) is not None
-        return lambda s: rx.fullmatch(s) is not None
+            return lambda s: test(s.casefold())
+        return test
     if fold:
         return lambda s: s.casefold() == text
     return lambda s: s == text
@@ -429,8 +501,16 @@ class Query:
     unsupported: tuple[str, ...] = ()  # keys ignored for matching: answer with FF01
     wants_charset: bool = False
     given: tuple[str, ...] = ()  # "Keyword=value" of every key with a value, for the log
+    # Run every GUARD_EVERY records by `matches` (a search's budget and C-CANCEL check); it
+    # stops the search by raising SearchStopped.
+    guard: Callable[[], None] | None = None
+    matched: int = 0
 
     def matches(self, rec: Record) -> bool:
+        if self.guard is not None:
+            self.matched += 1
+            if not self.matched % GUARD_EVERY:
+                self.guard()
         for test in self.tests:
             if not test(rec):
                 return False
@@ -442,8 +522,8 @@ class Query:
         charset = rec.get(SPECIFIC_CHARACTER_SET)
         if charset:
             ds.add_new(SPECIFIC_CHARACTER_SET, "CS", _answer_value(charset))
-        elif self.wants_charset:
-            ds.add_new(SPECIFIC_CHARACTER_SET, "CS", None)
+        elif self.wants_charset:  # PS3.4 C.2.2.2: never zero length when asked for
+            ds.add_new(SPECIFIC_CHARACTER_SET, "CS", DEFAULT_CHARSET)
         _fill(ds, rec, self.returns)
         return ds
 
@@ -454,17 +534,34 @@ def _answer_value(stored: Any) -> Any:
     return list(stored) if isinstance(stored, tuple) else stored
 
 
-def _fill(ds: Dataset, rec: Record | None, returns: Iterable[ReturnKey]) -> None:
+def _sub_level(required: Any, tag: int) -> Any:
+    """The Table K.6-1 types of the attributes inside sequence `tag` (REQUIRED_SPS inside the
+    steps), or None."""
+    return REQUIRED_SPS if required is REQUIRED_TOP and tag == SPS_SEQUENCE else None
+
+
+def _leave_out(rk: ReturnKey, stored: Any, required: Any) -> bool:
+    """A requested sequence that the item lacks is returned empty when Table K.6-1 makes it a
+    Type 1 or 2 return key (PS3.4 K.2.2.1.2: return keys as their Data Element Type), and left
+    out otherwise (Type 3 or not in the table), as dcmtk's wlmscpfs and Orthanc do."""
+    return stored is None and not (required is not None and rk.tag in required)
+
+
+def _fill(
+    ds: Dataset, rec: Record | None, returns: Iterable[ReturnKey], required: Any = REQUIRED_TOP
+) -> None:
     for rk in returns:
         stored = rec.get(rk.tag) if rec is not None else None
         if rk.vr == "SQ":
+            if _leave_out(rk, stored, required):
+                continue
             seq = []
             for item in _selected(rk, stored):
                 sub = Dataset()
                 if rk.sub is None:
                     _fill_all(sub, item)
                 else:
-                    _fill(sub, item, rk.sub)
+                    _fill(sub, item, rk.sub, _sub_level(required, rk.tag))
                 seq.append(sub)
             ds.add_new(rk.tag, "SQ", seq)
         else:
@@ -552,7 +649,9 @@ class AnswerEncoder:
             charset = rec.get(SPECIFIC_CHARACTER_SET)
             codec = _codec(charset if charset else "")
             parts = []
-            if charset or self.query.wants_charset:
+            if not charset and self.query.wants_charset:
+                charset = DEFAULT_CHARSET
+            if charset:
                 parts.append(
                     (SPECIFIC_CHARACTER_SET, self._element(SPECIFIC_CHARACTER_SET, "CS", charset,
                                                            codec))
@@ -573,19 +672,29 @@ class AnswerEncoder:
         return _tag_bytes(tag) + vr.encode() + struct.pack("<H", length)
 
     def _fill(
-        self, out: list, rec: Record | None, returns: Iterable[ReturnKey], codec: str
+        self,
+        out: list,
+        rec: Record | None,
+        returns: Iterable[ReturnKey],
+        codec: str,
+        required: Any = REQUIRED_TOP,
     ) -> None:
         for rk in returns:
             stored = rec.get(rk.tag) if rec is not None else None
             if rk.vr == "SQ":
+                if _leave_out(rk, stored, required):
+                    continue
                 items = _selected(rk, stored)
-                body = b"".join(self._item(item, rk.sub, codec) for item in items)
+                level = _sub_level(required, rk.tag)
+                body = b"".join(self._item(item, rk.sub, codec, level) for item in items)
                 out.append((rk.tag, self._header(rk.tag, "SQ", len(body)) + body))
             else:
                 vr = (rec.vr(rk.tag) if rec is not None else None) or rk.vr
                 out.append((rk.tag, self._element(rk.tag, vr, stored, codec)))
 
-    def _item(self, item: Any, sub: tuple[ReturnKey, ...] | None, codec: str) -> bytes:
+    def _item(
+        self, item: Any, sub: tuple[ReturnKey, ...] | None, codec: str, required: Any = None
+    ) -> bytes:
         if not isinstance(item, Record) or SPECIFIC_CHARACTER_SET in item:
             raise _Unencodable("sequence item")
         parts: list = []
@@ -599,7 +708,7 @@ class AnswerEncoder:
                 else:
                     parts.append((tag, self._element(tag, vr, value, codec)))
         else:
-            self._fill(parts, item, sub, codec)
+            self._fill(parts, item, sub, codec, required)
         parts.sort(key=_first_of_pair)
         body = b"".join(p for _tag, p in parts)
         return _ITEM + struct.pack("<I", len(body)) + body
@@ -668,10 +777,9 @@ class _Compiler:
         self.given.append(f"{path}{_keyword(tag)}={shown}")
         if texts == ['""']:  # Empty Value Matching: the stored attribute is empty or absent
             return lambda stored: not _values(stored)
-        if vr in NUMERIC_BINARY_VRS:
-            wanted = set(values)
-            return lambda stored: any(v in wanted for v in _values(stored))
         if vr not in TEXT_VRS:
+            # Binary and numeric binary keys (e.g. PregnancyStatus, US, which Table K.6-1 makes
+            # a return key only): returned, not matched on, answered FF01.
             self.unsupported.append(path + _keyword(tag))
             return None
         if vr == "UI":
@@ -734,9 +842,10 @@ class _Compiler:
                 returns.append(self.sequence(tag, elem, path, tests))
                 continue
             returns.append(ReturnKey(tag, vr))
+            values = _query_values(vr, elem.value)
+            _check_length(tag, vr, values)
             if tag in skip:
                 continue
-            values = _query_values(vr, elem.value)
             test = self.value_test(tag, vr, values, path)
             if test is None:
                 continue
@@ -801,6 +910,34 @@ class _Compiler:
             return (not lo or s >= lo) and (not hi or s <= hi)
 
         return test
+
+
+# Maximum value lengths (characters) of PS3.5 Table 6.2-1; PN: of each component group. A range
+# (DA, TM, DT) holds two values and a dash. UC, UR, UT and binary VRs are bounded by the
+# identifier's size only.
+MAX_VALUE_LENGTH = {
+    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64, "LT": 10240,
+    "PN": 64, "SH": 16, "ST": 1024, "TM": 16, "UI": 64,
+}  # fmt: skip
+
+
+def _check_length(tag: int, vr: str, values: tuple) -> None:
+    """Refuse (A900) a query value longer than its VR allows: no item can hold it, and its
+    length would only cost matching time."""
+    most = MAX_VALUE_LENGTH.get(vr)
+    if most is None:
+        return
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        if vr == "PN":
+            longest = max((len(group) for group in value.split("=")), default=0)
+        elif vr in ("DA", "TM", "DT") and "-" in value:
+            longest = max(len(part) for part in value.split("-"))
+        else:
+            longest = len(value)
+        if longest > most:
+            raise QueryError(f"{_keyword(tag)} longer than {vr} allows ({most})", tag)
 
 
 def _date_bounds(text: str) -> tuple[str, str] | None:
@@ -879,10 +1016,20 @@ def _sps_extras(
     if hidden and (not status_q or status_q == ("*",)):
         extras.append(lambda rec: _first(rec.get(SPS_STATUS)).upper() not in hidden)
     aet_q = given.get(STATION_AET, ())
-    scoped = station_aet is not None and (not aet_q or aet_q == ("*",))
+    scoped = station_aet is not None and not _names_one_station(aet_q)
     if scoped:
         extras.append(lambda rec: station_aet in _values(rec.get(STATION_AET)))
     return extras, scoped
+
+
+def _names_one_station(values: tuple) -> bool:
+    """The station AE title key names exactly one station: one value, no wildcard. Only such a
+    key widens own-items-only scoping; any other (absent, empty, `*`, `**`, `?*`, `*1`,
+    `CT01\\MR01`, `""`) is matched within the calling AE title's own steps."""
+    if len(values) != 1 or not isinstance(values[0], str):
+        return False
+    value = values[0]
+    return bool(value) and value != '""' and "*" not in value and "?" not in value
 
 
 def _any_step(select: RecordTest) -> RecordTest:

@@ -20,6 +20,7 @@ from bench.worklist_items import query as q
 from bridge.cfind import start_dicom_server
 from bridge.config import Settings
 from bridge.index import WorklistIndex
+from bridge.matching import REQUIRED_TOP
 from tests import peers
 
 DCMTK_EXAMPLES = Path("/usr/share/doc/dcmtk/examples")  # Debian's dcmtk package
@@ -112,8 +113,9 @@ def test_c_echo(folder):
         assoc.release()
 
 
-def test_findscu_selective_queries(folder, tmp_path):
-    with bridge(folder) as port:
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_findscu_selective_queries(folder, tmp_path, speedups):
+    with bridge(folder, dicom_speedups=speedups) as port:
         cases = [
             (["PatientID=P0000003", "AccessionNumber"], ["A0000006", "A0000007"]),
             (["(0040,0100)[0].ScheduledStationAETitle=MR1",
@@ -189,7 +191,11 @@ def test_dcmtk_example_queries(offis, tmp_path, number):
     assert len(answers) == EXAMPLE_ANSWERS[number]
     requested = {e.keyword for e in query if e.tag.group != 0x0002}
     for answer in answers:
-        assert {e.keyword for e in answer} - {"SpecificCharacterSet"} == requested
+        got = {e.keyword for e in answer} - {"SpecificCharacterSet"}
+        assert got <= requested
+        # Requested sequences the item lacks are left out unless Table K.6-1 makes them Type 2
+        for keyword in requested - got:
+            assert query[keyword].VR == "SQ" and int(query[keyword].tag) not in REQUIRED_TOP
         assert answer.SpecificCharacterSet == "ISO_IR 100"
     if number == 5:
         times = sorted(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime
@@ -264,9 +270,10 @@ def _serving_many(folder: Path, count: int, **settings):
     return s, start_dicom_server(s, index)
 
 
-def test_c_cancel_stops_the_answers(tmp_path):
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_c_cancel_stops_the_answers(tmp_path, speedups):
     # Enough matches that the answers are still streaming when the C-CANCEL arrives.
-    s, server = _serving_many(tmp_path, 5000)
+    s, server = _serving_many(tmp_path, 5000, dicom_speedups=speedups)
     try:
         # pynetdicom as the client: cancel after the third answer.
         status, answers, _ = find(s.dicom_port, q(AccessionNumber="", PatientName=""),
@@ -284,8 +291,9 @@ def test_c_cancel_stops_the_answers(tmp_path):
     assert answers_sent < 500
 
 
-def test_own_items_only(folder):
-    with bridge(folder, own_items_only=True) as port:
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_own_items_only(folder, speedups):
+    with bridge(folder, own_items_only=True, dicom_speedups=speedups) as port:
         status, answers, _ = find(port, q(AccessionNumber="", sps={"Modality": ""}),
                                   calling="US9")  # fmt: skip
         assert status == 0 and accessions(answers) == ["TWO"]
@@ -295,6 +303,15 @@ def test_own_items_only(folder):
         mr1 = q(AccessionNumber="", sps={"ScheduledStationAETitle": "MR1"})
         status, answers, _ = find(port, mr1, calling="US9")
         assert len(answers) == 5
+        # Wildcards and lists do not name a station: they are matched within one's own steps.
+        for station in ("*", "**", "?*", "*1", "*9", "US?", "MR1\\US9", "US9\\MR1"):
+            wild = q(AccessionNumber="", sps={"ScheduledStationAETitle": station})
+            status, answers, _ = find(port, wild, calling="US9")
+            assert status == 0 and accessions(answers) == ["TWO"], station
+        for station in ("*8", "MR1\\CT1", "CT?"):
+            wild = q(AccessionNumber="", sps={"ScheduledStationAETitle": station})
+            status, answers, _ = find(port, wild, calling="US9")
+            assert status == 0 and answers == [], station
     with bridge(folder) as port:  # off: everyone's items
         status, answers, _ = find(port, q(AccessionNumber=""), calling="US9")
         assert len(answers) == 43  # 44 items, one completed
@@ -325,8 +342,9 @@ def test_per_ae_layout_and_called_ae_titles(tmp_path):
         assert result.returncode != 0
 
 
-def test_max_answers(folder):
-    with bridge(folder, max_answers=3) as port:
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_max_answers(folder, speedups):
+    with bridge(folder, max_answers=3, dicom_speedups=speedups) as port:
         status, answers, final = find(port, q(AccessionNumber="",
                                               sps={"ScheduledStationAETitle": "CT1"}))  # fmt: skip
         assert status == 0xA700
@@ -353,8 +371,9 @@ def test_bad_query_values_fail_with_a900(folder):
         assert "wildcards" in final.ErrorComment
 
 
-def test_unsupported_matching_key_gives_ff01(folder):
-    with bridge(folder) as port:
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_unsupported_matching_key_gives_ff01(folder, speedups):
+    with bridge(folder, dicom_speedups=speedups) as port:
         query = q(PatientID="P0000003")
         query.add_new(0x00091010, "OB", b"\x01\x02")
         ae = AE()
@@ -365,10 +384,39 @@ def test_unsupported_matching_key_gives_ff01(folder):
         assert statuses == [0xFF01, 0xFF01, 0x0000]
 
 
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
+def test_dcmjs_dimse_pregnancy_status_zero_is_a_return_key(folder, speedups):
+    """dcmjs-dimse's stock worklist query: PregnancyStatus = 0 and SpecificCharacterSet asked
+    for. Every item comes back, with FF01, its PregnancyStatus, and a character set."""
+    with bridge(folder, dicom_speedups=speedups) as port:
+        query = q(PatientID="P0000003", PatientName="", PregnancyStatus=0)
+        query.SpecificCharacterSet = ""
+        ae = AE()
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        assoc = ae.associate("127.0.0.1", port)
+        results = list(assoc.send_c_find(query, ModalityWorklistInformationFind))
+        assoc.release()
+    assert [s.Status for s, _ in results] == [0xFF01, 0xFF01, 0x0000]
+    for _status, answer in results[:2]:
+        assert answer.PregnancyStatus == 4
+        assert answer.SpecificCharacterSet  # never zero length
+
+
+def test_a_search_past_its_time_budget_is_answered_a700(tmp_path):
+    s, server = _serving_many(tmp_path, 3000, max_search_time=0.0)
+    try:
+        status, answers, final = find(s.dicom_port, q(AccessionNumber="", PatientName="*?*"))
+    finally:
+        server.ae.shutdown()
+    assert status == 0xA700 and answers == []
+    assert "search longer than" in final.ErrorComment
+
+
 def test_each_query_is_logged(folder, caplog):
     with caplog.at_level(logging.INFO, logger="bridge.cfind"), bridge(folder) as port:
         find(port, q(PatientID="P0000003", PatientName=""), calling="CT1")
-    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.cfind"]
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "bridge.cfind" and r.getMessage().startswith("C-FIND")]  # fmt: skip
     assert len(lines) == 1
     assert "CT1->WLBRIDGE" in lines[0] and "PatientID=P0000003" in lines[0]
     assert "2 answers" in lines[0] and " ms" in lines[0]
@@ -384,10 +432,10 @@ def test_pynetdicom_does_not_log_identifiers(folder, caplog):
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
 def test_fast_answers_equal_pynetdicom_answers(folder, monkeypatch, syntax):
     """Answers sent by the bridge's own sender are those pynetdicom sends from Query.answer."""
-    import bridge.cfind as cfind
+    from bridge.pynetdicom_internals import FastSender
 
     created = []
-    original = cfind._FastSender.create
+    original = FastSender.create
 
     def counting(*args):
         sender = original(*args)
@@ -408,9 +456,9 @@ def test_fast_answers_equal_pynetdicom_answers(folder, monkeypatch, syntax):
         return got
 
     with bridge(folder) as port:
-        monkeypatch.setattr(cfind._FastSender, "create", counting)
+        monkeypatch.setattr(FastSender, "create", counting)
         fast = run()
-        monkeypatch.setattr(cfind._FastSender, "create", lambda *args: None)
+        monkeypatch.setattr(FastSender, "create", lambda *args: None)
         slow = run()
     assert created == [True]
     assert len(fast) == 44 and fast[-1] == (0x0000, None)  # 43 answers (one completed) + final
@@ -453,3 +501,14 @@ def test_a_peer_that_stops_reading_is_aborted_after_the_dimse_timeout(tmp_path):
     finally:
         log.removeHandler(watch)
         server.ae.shutdown()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("max_associate_request_size", 100), ("max_identifier_size", 0), ("max_search_time", 0.0)],
+)
+def test_dicom_limits_out_of_range_are_refused_naming_the_setting(name, value):
+    from bridge.config import load_settings
+
+    with pytest.raises(ValueError, match=name.replace("_", "-")):
+        load_settings(overrides={name: value})

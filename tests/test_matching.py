@@ -11,11 +11,14 @@ from pydicom import Dataset
 
 from bench.worklist_items import make_item, query, write_item
 from bridge.matching import (
+    GUARD_EVERY,
     AnswerEncoder,
     QueryError,
+    SearchStopped,
     compile_query,
     missing_required,
     record_from_dataset,
+    wildcard_matcher,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
@@ -323,10 +326,134 @@ def test_keys_we_cannot_match_on_are_reported():
     assert compile_query(query(PatientID="PID1")).unsupported == ()
 
 
-def test_numeric_binary_keys_match_by_value():
+def test_keys_not_matched_on_are_return_keys_answered_ff01():
+    """dcmjs-dimse's stock worklist query sends PregnancyStatus = 0: Table K.6-1 makes it a
+    return key only. It must not empty the worklist: returned, not matched on, FF01."""
     rec = stored(make_item("X"))  # PregnancyStatus 4
-    assert matches(query(PregnancyStatus=4), rec)
-    assert not matches(query(PregnancyStatus=1), rec)
+    for value in (0, 1, 4):
+        cq = compile_query(query(PregnancyStatus=value, PatientID=""))
+        assert cq.matches(rec)
+        assert cq.unsupported == ("PregnancyStatus",)
+        assert cq.answer(rec).PregnancyStatus == 4
+
+
+def test_specific_character_set_is_never_answered_empty():
+    rec = stored(make_item("N", charset=None))
+    asked = query(PatientID="")
+    asked.SpecificCharacterSet = ""
+    cq = compile_query(asked)
+    assert cq.answer(rec).SpecificCharacterSet == "ISO_IR 6"
+    for implicit in (True, False):
+        data = AnswerEncoder(cq, implicit).encode(rec)
+        assert data == _pydicom_bytes(cq.answer(rec), implicit)
+    with_charset = stored(make_item("L", charset="ISO_IR 100"))
+    assert cq.answer(with_charset).SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_requested_sequences_the_item_lacks():
+    """Type 2 sequences of Table K.6-1 come back empty (PS3.4 K.2.2.1.2); others are left out,
+    as wlmscpfs and Orthanc do."""
+    ds = make_item("S")
+    for keyword in ("ReferencedStudySequence", "RequestedProcedureCodeSequence"):
+        if keyword in ds:
+            del ds[keyword]
+    del ds.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence
+    rec = stored(ds)
+    q = query(PatientID="", ReferencedStudySequence=[], RequestedProcedureCodeSequence=[],
+              sps={"Modality": "", "ScheduledProtocolCodeSequence": []})  # fmt: skip
+    q.add_new(0x00400275, "SQ", [])  # RequestAttributesSequence: not in Table K.6-1
+    cq = compile_query(q)
+    answer = cq.answer(rec)
+    assert "ReferencedStudySequence" in answer and len(answer.ReferencedStudySequence) == 0
+    assert "RequestedProcedureCodeSequence" not in answer
+    assert "RequestAttributesSequence" not in answer
+    step = answer.ScheduledProcedureStepSequence[0]
+    assert "ScheduledProtocolCodeSequence" not in step and step.Modality
+    for implicit in (True, False):
+        assert AnswerEncoder(cq, implicit).encode(rec) == _pydicom_bytes(answer, implicit)
+
+
+def _reference_match(pattern: str, value: str) -> bool:
+    """Wildcard matching by definition (dynamic programming), for comparison."""
+    n, m = len(value), len(pattern)
+    can = [[False] * (n + 1) for _ in range(m + 1)]
+    can[0][0] = True
+    for i in range(1, m + 1):
+        p = pattern[i - 1]
+        for j in range(n + 1):
+            if p == "*":
+                can[i][j] = can[i - 1][j] or (j > 0 and can[i][j - 1])
+            elif j > 0 and (p == "?" or p == value[j - 1]):
+                can[i][j] = can[i - 1][j - 1]
+    return can[m][n]
+
+
+def test_wildcard_matcher_agrees_with_the_definition():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(4000):
+        pattern = "".join(rng.choice("ab*?") for _ in range(rng.randint(0, 7)))
+        value = "".join(rng.choice("abc") for _ in range(rng.randint(0, 9)))
+        assert wildcard_matcher(pattern)(value) == _reference_match(pattern, value), (
+            pattern,
+            value,
+        )
+
+
+def test_catastrophic_wildcards_take_linear_time():
+    import time
+
+    rec = stored(make_item("W", RequestedProcedureDescription="a" * 64))
+    started = time.process_time()
+    for pattern in ("*?*?*?*?*?*?*?*?*?#", "*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b", "?" * 63 + "#"):
+        assert not matches(query(RequestedProcedureDescription=pattern), rec)
+        assert not wildcard_matcher(pattern)("a" * 10000)
+    assert time.process_time() - started < 1.0  # a backtracking regex takes minutes
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"PatientID": "P" * 65},
+        {"AccessionNumber": "A" * 17},
+        {"sps": {"ScheduledStationAETitle": "S" * 17}},
+        {"PatientName": "N" * 65},
+        {"RequestedProcedureDescription": "*?" * 33},
+        {"sps": {"ScheduledProcedureStepStartDate": "2024010512"}},
+    ],
+)
+@pytest.mark.filterwarnings("ignore:The value length", "ignore:The PN component length")
+def test_values_longer_than_their_vr_allows_are_refused(keys):
+    sps = keys.pop("sps", None)
+    with pytest.raises(QueryError, match="longer than"):
+        compile_query(query(sps=sps, **keys))
+
+
+def test_values_as_long_as_their_vr_allows_are_matched():
+    rec = stored(make_item("L" * 16, patient_id="P" * 64))
+    assert matches(query(PatientID="P" * 64, AccessionNumber="L" * 16), rec)
+    assert matches(query(PatientName="A" * 64 + "=" + "B" * 64), rec) is False
+    both = query(sps={"ScheduledProcedureStepStartDate": "20240101-20991231"})
+    compile_query(both)  # a range holds two values
+
+
+def test_the_guard_runs_while_matching_and_can_stop_it():
+    rec = stored(make_item("G"))
+    cq = compile_query(query(PatientID=""))
+    calls = []
+    cq.guard = lambda: calls.append(1)
+    for _ in range(GUARD_EVERY * 3):
+        cq.matches(rec)
+    assert len(calls) == 3
+
+    def stop():
+        raise SearchStopped("cancelled")
+
+    cq.guard = stop
+    with pytest.raises(SearchStopped):
+        for _ in range(GUARD_EVERY):
+            cq.matches(rec)
 
 
 def test_more_than_one_item_in_a_query_sequence_is_refused():
@@ -354,6 +481,19 @@ def test_station_scoping_applies_only_without_a_station_in_the_query(item):
     assert matches(query(sps={"ScheduledStationAETitle": "CT1"}), item, station_aet="MR1")
     cq = compile_query(query(PatientID=""), station_aet="MR1")
     assert cq.hints.station_aets == frozenset({"MR1"})
+
+
+@pytest.mark.parametrize("station", ["*", "**", "?*", "*1", "CT?", "CT1\\MR1", "MR1\\CT2", '""'])
+def test_station_scoping_is_not_widened_by_wildcards_or_lists(item, station):
+    """Only a query naming one station exactly is answered for that station; any other
+    station key is matched within the calling AE title's own steps."""
+    other = query(sps={"ScheduledStationAETitle": station})
+    assert not matches(other, item, station_aet="MR1")  # the item is CT1's and CT2's
+
+
+@pytest.mark.parametrize("station", ["*", "**", "?*", "*1", "CT?", "CT1\\MR1"])
+def test_station_wildcards_still_find_own_items(item, station):
+    assert matches(query(sps={"ScheduledStationAETitle": station}), item, station_aet="CT1")
 
 
 def test_hints_name_exact_values_only():

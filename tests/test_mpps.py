@@ -299,12 +299,20 @@ def test_what_a_peer_sends_is_bounded(bridge):
     many = in_progress(*[step(sps_id=f"S{i}") for i in range(101)])
     status, _ = n_create(bridge, many, generate_uid())
     assert status.Status == 0x0213
+    assert [r["outcome"] for r in mpps_records(bridge)] == ["refused"]
+    # A data set past max-identifier-size (256 KiB) is refused before it is assembled: the
+    # association is aborted, nothing is stored.
     huge = in_progress()
-    huge.PerformedProcedureStepDescription = "x" * 64
     huge.add_new(0x00091010, "UT", "y" * (1024 * 1024 + 10))  # a private element
-    status, _ = n_create(bridge, huge, generate_uid())
-    assert status.Status == 0x0213
-    assert [r["outcome"] for r in mpps_records(bridge)] == ["refused", "refused"]
+    uid = generate_uid()
+    assoc = associate(bridge)
+    try:
+        status, _ = assoc.send_n_create(huge, MPPS, uid)
+    finally:
+        assoc.release()
+    assert status is None or "Status" not in status
+    assert assoc.is_aborted or not assoc.is_established
+    assert uid not in {str(r.get("mpps_uid")) for r in mpps_records(bridge)}
     # The server goes on serving.
     assert n_create(bridge, in_progress(), generate_uid())[0].Status == 0
 
