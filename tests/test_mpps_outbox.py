@@ -269,6 +269,30 @@ def test_ris_down_and_kill_9_lose_nothing_and_keep_the_order(tmp_path, ris):
     assert len(ris.received) == 6  # none twice: the first run never reached the RIS
 
 
+def test_a_kill_9_between_in_progress_and_completed_still_reports_both(tmp_path, ris):
+    config = write_config(tmp_path, ris.port, "OMI^O23")
+    bridge = start(tmp_path, config)
+    uid = generate_uid()
+    try:
+        order(bridge, control_id="R1")
+        assert n_create(bridge, in_progress(), uid)[0].Status == 0x0000
+        (started,) = ris.wait_for(1, timeout=WAIT)
+    finally:
+        bridge.process.send_signal(signal.SIGKILL)
+        bridge.process.wait(timeout=WAIT)
+    bridge = start(tmp_path, config)  # the MPPS instance and the STARTED item are read back
+    try:
+        assert n_set(bridge, uid, final("COMPLETED")).Status == 0x0000
+        assert bridge.wl_files() == []
+        _, completed = ris.wait_for(2, timeout=WAIT)
+        assert summary([started, completed]) == [("ACC0001", "IP"), ("ACC0001", "CM")]
+        assert_order_identity(completed)
+        assert performed(completed) == ("20261201103500", "CT1")
+        assert completed.control_id != started.control_id
+    finally:
+        assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
 def test_an_outbox_that_cannot_be_written_fails_the_mpps_and_undoes_the_change(tmp_path, ris):
     bridge = start(tmp_path, write_config(tmp_path, ris.port, "ORM^O01"))
     folder = tmp_path / "outbox" / "ris"
