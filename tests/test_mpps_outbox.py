@@ -41,7 +41,7 @@ def ris():
 def write_config(tmp_path: Path, ris_port: int, message: str = "ORM^O01", **extra) -> Path:
     """A config with one `[[outbound]]` receiver; the rest comes from start_bridge's options."""
     receiver = {"name": "ris", "host": "127.0.0.1", "port": ris_port, "message": message,
-                "retry-initial": 0.2, "retry-max": 1.0, "ack-timeout": 5.0} | extra  # fmt: skip
+                "retry-initial": 0.2, "retry-max": 1.0, "ack-timeout": 30.0} | extra  # fmt: skip
     lines = [f"outbox-dir = {json.dumps(str(tmp_path / 'outbox'))}", "[[outbound]]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in receiver.items()]
     config = tmp_path / "wlbridge.toml"
@@ -89,8 +89,13 @@ def mpps_record(bridge, kind: str, uid: str) -> dict[str, str]:
 
 
 def pending_control_ids(outbox: Path) -> list[str]:
-    folder = OutboxFolder(outbox)
-    return [message_facts(p.read_bytes()).control_id for p in folder.pending("ris")]
+    control_ids = []
+    for path in OutboxFolder(outbox).pending("ris"):
+        try:
+            control_ids.append(message_facts(path.read_bytes()).control_id)
+        except FileNotFoundError:
+            pass  # delivered meanwhile
+    return control_ids
 
 
 def assert_order_identity(received: Received, suffix: str = "") -> None:
@@ -261,9 +266,11 @@ def test_ris_down_and_kill_9_lose_nothing_and_keep_the_order(tmp_path, ris):
                                 ("K3", "IP"), ("K2", "CM"), ("K3", "CM")]  # fmt: skip
         assert [r.control_id for r in got] == control_ids  # the same MSH-10 on re-send
         assert [r.field("ORC", 2) for r in got] == ["P0", "P1", "P0", "P2", "P1", "P2"]
-        eventually(lambda: not pending_control_ids(tmp_path / "outbox"), "an empty outbox")
+        # The log line of a delivery follows the removal of its file.
+        eventually(lambda: len(outbound_records(bridge, outcome="sent")) == 6, "six sent lines")
         sent = [r["control_id"] for r in outbound_records(bridge, outcome="sent")]
         assert sent == control_ids
+        assert not pending_control_ids(tmp_path / "outbox")
     finally:
         assert bridge.stop() == 0, "".join(bridge.stderr_lines)
     assert len(ris.received) == 6  # none twice: the first run never reached the RIS
@@ -277,6 +284,8 @@ def test_a_kill_9_between_in_progress_and_completed_still_reports_both(tmp_path,
         order(bridge, control_id="R1")
         assert n_create(bridge, in_progress(), uid)[0].Status == 0x0000
         (started,) = ris.wait_for(1, timeout=WAIT)
+        # Settled (its file removed) before the kill; else it is re-sent, same MSH-10.
+        eventually(lambda: outbound_records(bridge, outcome="sent"), "the IP sent")
     finally:
         bridge.process.send_signal(signal.SIGKILL)
         bridge.process.wait(timeout=WAIT)
