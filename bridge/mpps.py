@@ -120,7 +120,7 @@ class MPPSService:
         try:
             self._check_create(uid, attributes, result)
             if result.status == SUCCESS:
-                self.worklist.on_writer(self._create, uid, attributes, result)
+                self.worklist.on_writer(self._create, uid, attributes, calling, result)
         except Exception as exc:
             self._failed(result, exc)
         if generated and result.status == SUCCESS:
@@ -148,12 +148,12 @@ class MPPSService:
                 f"more than {MAX_SCHEDULED_STEPS} scheduled steps referenced",
             )  # fmt: skip
 
-    def _create(self, uid: str, attributes: Dataset, result: Outcome) -> None:
+    def _create(self, uid: str, attributes: Dataset, calling: str, result: Outcome) -> None:
         """On the writer thread: the duplicate check, the worklist changes, the durable store."""
         if uid in self.store:
             self._refuse(result, DUPLICATE_INSTANCE, "an MPPS instance with this UID exists")
             return
-        self._apply(uid, attributes, "STARTED", result)
+        self._apply(uid, attributes, "STARTED", calling, result)
         self.store.put(uid, attributes)
         result.outcome = "started" if result.files else "unmatched"
 
@@ -172,13 +172,13 @@ class MPPSService:
                 )  # fmt: skip
                 result.attributes = [STATUS_TAG]
             else:
-                self.worklist.on_writer(self._update, uid, modifications, result)
+                self.worklist.on_writer(self._update, uid, modifications, calling, result)
         except Exception as exc:
             self._failed(result, exc)
         self.record("MPPS^N-SET", calling, peer, uid, result, started)
         return result
 
-    def _update(self, uid: str, modifications: Dataset, result: Outcome) -> None:
+    def _update(self, uid: str, modifications: Dataset, calling: str, result: Outcome) -> None:
         stored_status = self.store.status(uid)
         if stored_status is None:
             self._refuse(result, NO_SUCH_INSTANCE, "no MPPS instance with this UID")
@@ -209,17 +209,21 @@ class MPPSService:
             self.store.put(uid, instance)
             result.outcome = "updated"
             return
-        self._apply(uid, instance, SPS_STATUS_FOR[new_status], result)
+        self._apply(uid, instance, SPS_STATUS_FOR[new_status], calling, result)
         self.store.put(uid, instance)
         result.outcome = new_status.lower() if result.files else "unmatched"
 
     # ---- matching and status changes (writer thread)
 
-    def _apply(self, uid: str, instance: Dataset, sps_status: str, result: Outcome) -> None:
+    def _apply(
+        self, uid: str, instance: Dataset, sps_status: str, calling: str, result: Outcome
+    ) -> None:
         performed_start = str(instance.get("PerformedProcedureStepStartDate", "")) + str(
             instance.get("PerformedProcedureStepStartTime", "")
         )
-        station = str(instance.get("PerformedStationAETitle", ""))
+        # The RIS hears which modality did the exam: the one the PPS names, else the one that
+        # reported it (the scheduled station may not be the one that performed it).
+        station = str(instance.get("PerformedStationAETitle", "") or "").strip() or calling
         for path in self.matching_items(instance, result):
             change = self.worklist.set_status(
                 path,

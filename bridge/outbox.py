@@ -42,6 +42,7 @@ from bridge.events import StatusChange
 from bridge.hl7message import CHARSETS, parse_message
 from bridge.mllp import END, START, frame
 from bridge.status_message import MESSAGE_SHAPES, build_status_message, order_status
+from bridge.store import StoreError
 
 log = logging.getLogger("bridge.outbox")
 
@@ -196,6 +197,12 @@ class OutboxEntry:
 
 class OutboxError(Exception):
     """An outbox operation that cannot be done (unknown id...); the text says why."""
+
+
+class OutboxWriteError(StoreError, OSError):
+    """A status message could not be made durable (folder gone, disk full, permissions): the
+    change that caused it must not be acknowledged. The text names the receiver, short enough
+    for a DICOM Error Comment."""
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -553,7 +560,13 @@ class Outbox:
                 continue
             control_id = self._next_control_id()
             data = build_status_message(change, receiver, control_id, now)
-            path = self.folder.enqueue(receiver.name, data)
+            try:
+                path = self.folder.enqueue(receiver.name, data)
+            except OSError as exc:
+                log.error("outbox %s: cannot queue a status message: %s", receiver.name, exc)
+                raise OutboxWriteError(
+                    f"outbox {receiver.name}: cannot write: {exc.strerror or exc}"
+                ) from exc
             self._log(receiver, message_facts(data), "queued", file=self.folder.entry_id(path))
         if self._running:
             self.reactor.callFromThread(self.kick)
