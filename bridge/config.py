@@ -129,6 +129,28 @@ class Settings:
     dicom_tls_key: str = _opt("DICOM TLS private key (PEM)", default="")
     dicom_tls_ca: str = _opt("CA (PEM) that DICOM client certificates must chain to", default="")
 
+    # HTTP: admin API, web view, /metrics, health checks (off unless http_port is set)
+    http_port: int = _opt("HTTP port of the admin API, web view and metrics (0: off)", default=0)
+    http_host: str = _opt("address the HTTP listener binds to", default="127.0.0.1")
+    http_token_file: str = _opt("file holding the admin bearer token (read and write)", default="")
+    http_read_token_file: str = _opt(
+        "file holding the reader bearer token (GET only; empty: no reader token)", default=""
+    )
+    http_tls_cert: str = _opt("HTTP TLS certificate (PEM); empty: plain HTTP", default="")
+    http_tls_key: str = _opt("HTTP TLS private key (PEM)", default="")
+    http_metrics_need_token: bool = _opt(
+        "require a token for /metrics too (else it is open, like /healthz and /readyz)",
+        default=False,
+    )
+    ready_min_free_mb: float = _opt(
+        "free space (MB) the worklist folder's disk needs for /readyz to answer ready",
+        default=100.0,
+    )
+    ready_outbox_max_age: float = _opt(
+        "seconds the oldest outbound message may wait before /readyz says the outbox is stuck",
+        default=900.0,
+    )
+
 
 def setting_names() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Settings)}
@@ -222,3 +244,6 @@ def validate(settings: Settings) -> None:
     from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
 
     check_station_rules(settings.station_rules)
+    from bridge.http.settings import check_http_settings
+
+    check_http_settings(settings)

@@ -20,7 +20,7 @@ from bridge.mllp import MLLPFactory
 from bridge.pipeline import Bridge
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
-from bridge.translation_log import TranslationLog
+from bridge.translation_log import TranslationLog, query_recorder
 
 log = logging.getLogger("bridge.server")
 
@@ -41,6 +41,8 @@ class BridgeServer:
         self.bridge = Bridge(settings, self.store, self.index, self.translation_log)
         self.mllp_port = None
         self.dicom_server = None
+        self.http_port = None  # the HTTP listener (admin API, web view, metrics), when on
+        self.http = None  # its bridge.http.site.HttpApp
         self._sweeper: task.LoopingCall | None = None
 
     def start(self) -> None:
@@ -63,7 +65,14 @@ class BridgeServer:
             self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
         else:
             self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
-        self.dicom_server = start_dicom_server(s, self.index, ssl_context=dicom_ssl_context(s))
+        self.dicom_server = start_dicom_server(
+            s, self.index, ssl_context=dicom_ssl_context(s),
+            on_query=query_recorder(self.translation_log),
+        )  # fmt: skip
+        if s.http_port:
+            from bridge.http.site import start_http
+
+            self.http_port, self.http = start_http(self, self.reactor)
         self.index.start_watching(self.reactor)
         if self.index.cache_is_stale:
             threads.deferToThread(self.index.save_cache).addErrback(
@@ -85,6 +94,10 @@ class BridgeServer:
             s.dicom_port,
             self.store.folder,
         )
+        if self.http_port is not None:
+            log.info(
+                "HTTP admin API and web view on %s:%d", s.http_host, self.http_port.getHost().port
+            )
 
     def _sweep(self):
         """Find expired items in a worker thread (it reads files), delete them on this one."""
@@ -101,6 +114,9 @@ class BridgeServer:
         if self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too
             self.dicom_server = None
+        if self.http_port is not None:
+            self.http_port.stopListening()
+            self.http_port = None
         d = self.mllp_port.stopListening() if self.mllp_port is not None else None
         self.mllp_port = None
         return d
