@@ -24,8 +24,8 @@ STATIC = {
     "wlbridge.css": "text/css; charset=utf-8",
     "wlbridge.js": "text/javascript; charset=utf-8",
 }
-LOG_COLUMNS = ("time", "type", "peer", "calling_ae", "accession", "patient_id", "outcome", "ack",
-               "answers", "by", "reason", "note", "keys", "ms")  # fmt: skip
+LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "accession", "patient_id",
+               "outcome", "ack", "answers", "by", "reason", "note", "keys", "ms")  # fmt: skip
 
 
 def e(value: Any) -> str:
