@@ -78,9 +78,10 @@ def test_sign_in_see_the_item_its_history_and_the_log(web, browser):
     cookie = next(c for c in page.context.cookies() if c["name"] == "wlbridge_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert cookie["value"] != ADMIN_TOKEN
+    assert "WEB1" in page.inner_text("table.log")  # the latest log lines, under the worklist
 
     page.click("text=ACC-WEB")  # the item's page, with its history
-    page.wait_for_selector("table.log")
+    page.wait_for_selector("table.attrs")
     assert "WEB1" in page.inner_text("table.log")
     assert "ACC-WEB" in page.inner_text("table.attrs")
 
@@ -113,7 +114,7 @@ def test_a_reader_sent_by_header_sees_no_write_buttons_and_hl7_text_is_escaped(w
     assert "<b>X</b><script>alert(1)</script>" in text  # shown as text, not markup
     assert page.locator("table.items b").count() == 0
     page.click("text=ACC-X")
-    page.wait_for_selector("table.log")
+    page.wait_for_selector("table.attrs")
     assert page.locator("text=Set status").count() == 0  # a reader: no write forms
     assert dialogs == []
 

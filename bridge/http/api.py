@@ -40,6 +40,7 @@ def flag(ctx: Context, name: str) -> bool:
 def list_items(ctx: Context, with_history: bool | None = None):
     app = ctx.app
     filters = {name: ctx.params.get(name, "") for name in items.ITEM_FILTERS}
+    filters["status"] = filters["status"].upper()  # SPS statuses are upper case
     include_hidden = flag(ctx, "include_hidden") or bool(filters["status"])
     try:
         query = items.build_query(app.settings, filters, include_hidden)

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet import defer
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
@@ -27,6 +28,7 @@ log = logging.getLogger("bridge.http")
 
 MAX_BODY = 256 * 1024  # bytes of a request body (an item as JSON is ~2 KB)
 REQUEST_TIMEOUT = 60  # seconds an HTTP connection may stay idle
+MAX_CONNECTIONS = 100  # concurrent HTTP connections; more are closed at once
 
 JSON = "application/json; charset=utf-8"
 HTML = "text/html; charset=utf-8"
@@ -260,6 +262,21 @@ class _BoundedRequest(server.Request):
             transport.loseConnection()
 
 
+class _LimitedConnections(policies.WrappingFactory):
+    """Closes connections beyond `limit` as they arrive: each open one costs a file descriptor
+    and a twisted.web channel."""
+
+    def __init__(self, factory: server.Site, limit: int) -> None:
+        super().__init__(factory)
+        self.limit = limit
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.limit:
+            log.warning("refused HTTP connection from %s: %d open", addr, len(self.protocols))
+            return None
+        return super().buildProtocol(addr)
+
+
 def make_site(bridge_server: Any) -> tuple[server.Site, HttpApp]:
     app = HttpApp(bridge_server)
     site = server.Site(_Root(app), timeout=REQUEST_TIMEOUT)
@@ -273,6 +290,7 @@ def start_http(bridge_server: Any, reactor: Any) -> tuple[Any, HttpApp]:
     """Listen on (http_host, http_port), with TLS when http_tls_cert is set."""
     s = bridge_server.settings
     site, app = make_site(bridge_server)
+    factory = _LimitedConnections(site, MAX_CONNECTIONS)
     if s.http_tls_cert:
         from twisted.internet import ssl as tssl
 
@@ -281,7 +299,7 @@ def start_http(bridge_server: Any, reactor: Any) -> tuple[Any, HttpApp]:
         with open(s.http_tls_key or s.http_tls_cert, "rb") as f:
             key_pem = f.read()
         options = tssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
-        port = reactor.listenSSL(s.http_port, site, options, interface=s.http_host)
+        port = reactor.listenSSL(s.http_port, factory, options, interface=s.http_host)
     else:
-        port = reactor.listenTCP(s.http_port, site, interface=s.http_host)
+        port = reactor.listenTCP(s.http_port, factory, interface=s.http_host)
     return port, app

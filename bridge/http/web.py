@@ -24,6 +24,7 @@ STATIC = {
     "wlbridge.css": "text/css; charset=utf-8",
     "wlbridge.js": "text/javascript; charset=utf-8",
 }
+LATEST_LINES = 20  # translation-log lines on the worklist page
 LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "accession", "patient_id",
                "outcome", "ack", "answers", "by", "reason", "note", "keys", "ms")  # fmt: skip
 
@@ -193,7 +194,14 @@ def worklist_page(ctx: Context):
             "items",
         )  # fmt: skip
     )
-    return page(ctx, "Worklist", body)
+    path = ctx.app.server.translation_log.path
+
+    def render(result: logsearch.LogResult) -> Response:
+        latest = '<h2>Latest log lines <a href="/log">(all)</a></h2>' + log_table(result.records)
+        return page(ctx, "Worklist", body + latest)
+
+    latest = logsearch.LogQuery(limit=LATEST_LINES)
+    return threads.deferToThread(logsearch.search_log, path, latest).addCallback(render)
 
 
 def _text(value: Any) -> str:
