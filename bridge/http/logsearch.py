@@ -36,14 +36,20 @@ class LogQuery:
     any_of: list[tuple[str, str]] = field(default_factory=list)  # (key, value): one must match
 
     def terms(self) -> list[bytes]:
-        """Byte strings of which each matching line contains at least one (a cheap pre-test)."""
+        """Byte strings of which each matching line contains at least one (a cheap pre-test).
+        A value the log would write escaped cannot be looked for as it is: it is left out, as
+        is `text` (matched without regard to case)."""
         needed = [
-            v for v in (self.accession, self.patient_id, self.control_id, self.file, self.text) if v
-        ]
+            v
+            for v in (self.accession, self.patient_id, self.control_id, self.file, self.outcome,
+                      self.type, self.calling_ae)
+            if v and _verbatim(v)
+        ]  # fmt: skip
         if needed:
-            return [min(needed, key=len).encode("utf-8")]
-        if self.any_of:
-            return [v.encode("utf-8") for _k, v in self.any_of if v]
+            return [max(needed, key=len).encode("utf-8")]  # the longest: likely the rarest
+        values = [v for _k, v in self.any_of if v]
+        if values and all(_verbatim(v) for v in values):
+            return [v.encode("utf-8") for v in values]
         return []
 
     def matches(self, record: dict[str, Any], raw: str) -> bool:
@@ -72,6 +78,11 @@ class LogQuery:
         return not (self.until and time[: len(self.until)] > self.until)
 
 
+def _verbatim(value: str) -> bool:
+    """Written as it is in both formats (logfmt quotes but keeps it; JSON keeps it)."""
+    return value.isprintable() and not any(c in value for c in '"\\')
+
+
 @dataclass
 class LogResult:
     records: list[dict[str, Any]]
@@ -95,7 +106,11 @@ def parse_line(line: str) -> dict[str, Any] | None:
         return None
 
 
-def _lines_backwards(path: Path, max_bytes: int, scanned: list[int]) -> Iterator[bytes]:
+def _lines_backwards(
+    path: Path, max_bytes: int, scanned: list[int], terms: list[bytes] | None = None
+) -> Iterator[bytes]:
+    """The file's lines, last first. With `terms`, only the lines of blocks that contain one
+    of them (the others are not even split into lines: most blocks of a search are not)."""
     with open(path, "rb") as f:
         f.seek(0, 2)
         pos = f.tell()
@@ -106,6 +121,12 @@ def _lines_backwards(path: Path, max_bytes: int, scanned: list[int]) -> Iterator
             f.seek(pos)
             block = f.read(size) + tail
             scanned[0] += size
+            if terms and not any(t in block for t in terms):
+                cut = block.find(b"\n")
+                tail = block[:cut] if cut >= 0 else block
+                if len(tail) > MAX_LINE:
+                    tail = b""
+                continue
             lines = block.split(b"\n")
             tail = lines[0]
             if len(tail) > MAX_LINE:
@@ -123,7 +144,7 @@ def search_log(path: Path | None, query: LogQuery, max_bytes: int = DEFAULT_MAX_
     scanned = [0]
     out: list[dict[str, Any]] = []
     complete = True
-    lines = _lines_backwards(path, max_bytes, scanned)
+    lines = _lines_backwards(path, max_bytes, scanned, terms)
     for raw in lines:
         if not raw or (terms and not any(t in raw for t in terms)):
             continue
@@ -170,7 +191,7 @@ def histories(
     needles = [a.encode() for a in by_accession] + [n.encode() for n in by_file]
     scanned = [0]
     open_items = len(wanted)
-    for raw in _lines_backwards(path, max_bytes, scanned):
+    for raw in _lines_backwards(path, max_bytes, scanned, needles):
         if not any(n in raw for n in needles):
             continue
         record = parse_line(raw.decode("utf-8", "replace"))
