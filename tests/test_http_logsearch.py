@@ -136,3 +136,15 @@ def test_the_cfind_line_says_who_asked_what_and_got_what(tmp_path):
         "A700",
         "40",
     )
+
+
+def test_text_is_matched_without_case_and_quoted_values_are_found(tmp_path):
+    path = tmp_path / "t.log"
+    log = TranslationLog(path)
+    log.record(control_id="Q1", patient_id="VAN DIJK 7", outcome="created", note="Lefèvre")
+    log.record(control_id="Q2", patient_id="P2", outcome="rejected", reason='bad "date"')
+    log.close()
+    assert [r["control_id"] for r in search_log(path, LogQuery(text="lefÈvre")).records] == ["Q1"]
+    assert search_log(path, LogQuery(patient_id="VAN DIJK 7")).records[0]["control_id"] == "Q1"
+    assert search_log(path, LogQuery(outcome="rejected")).records[0]["control_id"] == "Q2"
+    assert search_log(path, LogQuery(text='"date"')).records[0]["control_id"] == "Q2"

@@ -52,7 +52,7 @@ class LogQuery:
             return [v.encode("utf-8") for v in values]
         return []
 
-    def matches(self, record: dict[str, Any], raw: str) -> bool:
+    def matches(self, record: dict[str, Any]) -> bool:
         def listed(key: str, value: str) -> bool:
             return value in str(record.get(key, "")).split(",")
 
@@ -70,8 +70,10 @@ class LogQuery:
             return False
         if self.file and not listed("file", self.file):
             return False
-        if self.text and self.text.lower() not in raw.lower():
-            return False
+        if self.text:
+            values = " ".join(str(v) for v in record.values())  # unescaped, unlike the line
+            if self.text.lower() not in values.lower():
+                return False
         if self.any_of and not any(listed(k, v) for k, v in self.any_of if v):
             return False
         time = str(record.get("time", ""))
@@ -155,7 +157,7 @@ def search_log(path: Path | None, query: LogQuery, max_bytes: int = DEFAULT_MAX_
         time = str(record.get("time", ""))
         if query.since and time and time[: len(query.since)] < query.since:
             break  # the log is in time order: everything before is older still
-        if query.matches(record, text):
+        if query.matches(record):
             out.append(record)
             if len(out) >= query.limit:
                 break
