@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.sequence import Sequence
 
 from bridge.config import Settings
@@ -175,16 +175,21 @@ def record_json(record: Record) -> dict[str, Any]:
     return out
 
 
+_SUMMARY_TAGS = tuple((k, tag_for_keyword(k)) for k in SUMMARY_TOP)
+_SUMMARY_SPS_TAGS = tuple((k, tag_for_keyword(k)) for k in SUMMARY_SPS)
+
+
 def summary(found: Found) -> dict[str, Any]:
-    """The item's id, status and main attributes."""
-    attrs = record_json(found.record)
-    steps = attrs.get("ScheduledProcedureStepSequence") or [{}]
-    step = steps[0] if isinstance(steps[0], dict) else {}
-    out: dict[str, Any] = {"id": found.id, "status": sps_status(found.record)}
-    for keyword in SUMMARY_TOP:
-        out[keyword] = attrs.get(keyword, "")
-    for keyword in SUMMARY_SPS:
-        out[keyword] = step.get(keyword, "")
+    """The item's id, status and main attributes (read straight from the record: a listing of
+    a thousand items must not convert every attribute of each)."""
+    record = found.record
+    out: dict[str, Any] = {"id": found.id, "status": sps_status(record)}
+    for keyword, tag in _SUMMARY_TAGS:
+        out[keyword] = json_value(record.get(tag, ""))
+    steps = record.get(SPS_SEQUENCE)
+    step = steps[0] if isinstance(steps, tuple) and steps and isinstance(steps[0], Record) else None
+    for keyword, tag in _SUMMARY_SPS_TAGS:
+        out[keyword] = json_value(step.get(tag, "")) if step is not None else ""
     out["file"] = found.path.name
     return out
 

@@ -8,7 +8,7 @@ they are; a line that names none of the search's terms is skipped before it is p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,21 @@ def _at_start(path: Path, scanned: int) -> bool:
         return True
 
 
+def _field(raw: bytes, name: bytes) -> bytes:
+    """The raw value of `name` in a logfmt or JSON line, found without parsing the line (a
+    value with escaped quotes in it comes back cut short: it is then only not found)."""
+    for prefix, end in ((b" " + name + b"=", b" "), (b'"' + name + b'": "', b'"')):
+        i = raw.find(prefix)
+        if i < 0:
+            continue
+        start = i + len(prefix)
+        if end == b" " and raw[start : start + 1] == b'"':
+            start, end = start + 1, b'"'
+        j = raw.find(end, start)
+        return raw[start : j if j >= 0 else len(raw)]
+    return b""
+
+
 def histories(
     path: Path | None,
     terms: list[tuple[str, str]],
@@ -180,30 +195,30 @@ def histories(
     max_bytes: int = 8 * 1024 * 1024,
 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """The latest log lines of several items at once: one backward scan for all of them.
-    `terms`: (accession, file name) of each item."""
-    wanted = {t: [] for t in terms}
-    by_accession: dict[str, list[tuple[str, str]]] = {}
-    by_file: dict[str, list[tuple[str, str]]] = {}
+    `terms`: (accession, file name) of each item. A line is only parsed once its accession or
+    file field names one of them."""
+    wanted: dict[tuple[str, str], list[dict[str, Any]]] = {t: [] for t in terms}
+    by_accession: dict[bytes, list[tuple[str, str]]] = {}
+    by_file: dict[bytes, list[tuple[str, str]]] = {}
     for accession, name in terms:
         if accession:
-            by_accession.setdefault(accession, []).append((accession, name))
-        by_file.setdefault(name, []).append((accession, name))
+            by_accession.setdefault(accession.encode("utf-8"), []).append((accession, name))
+        by_file.setdefault(name.encode("utf-8"), []).append((accession, name))
     if path is None or not path.exists() or not terms:
         return wanted
-    needles = [a.encode() for a in by_accession] + [n.encode() for n in by_file]
     scanned = [0]
     open_items = len(wanted)
-    for raw in _lines_backwards(path, max_bytes, scanned, needles):
-        if not any(n in raw for n in needles):
+    for raw in _lines_backwards(path, max_bytes, scanned):
+        owners: set[tuple[str, str]] = set()
+        for accession in _field(raw, b"accession").split(b","):
+            owners.update(by_accession.get(accession, ()))
+        for name in _field(raw, b"file").split(b","):
+            owners.update(by_file.get(name, ()))
+        if not owners:
             continue
         record = parse_line(raw.decode("utf-8", "replace"))
         if record is None:
             continue
-        owners: set[tuple[str, str]] = set()
-        for accession in str(record.get("accession", "")).split(","):
-            owners.update(by_accession.get(accession, ()))
-        for name in str(record.get("file", "")).split(","):
-            owners.update(by_file.get(name, ()))
         for owner in owners:
             lines = wanted[owner]
             if len(lines) < per_item:
@@ -213,6 +228,3 @@ def histories(
         if open_items <= 0:
             break
     return wanted
-
-
-Predicate = Callable[[dict[str, Any]], bool]

@@ -124,10 +124,10 @@ def worklist_page(ctx: Context):
     patient = p.get("patient", "").strip()
     include_hidden = bool(filters["status"]) or p.get("include_hidden") == "1"
     found: list[items.Found] = []
+    seen: dict[str, items.Found] = {}
     error = ""
     total = 0
     try:
-        seen: dict[str, items.Found] = {}
         searches = [dict(filters)]
         if patient:  # an ID, or part of a name
             searches = [{**filters, "PatientID": patient},
@@ -137,9 +137,7 @@ def worklist_page(ctx: Context):
             hits, n = items.search(ctx.app.server.index, query, 500)
             total += n
             seen.update((h.id, h) for h in hits)
-        found = sorted(
-            seen.values(), key=lambda f: items.summary(f)["ScheduledProcedureStepStartDate"]
-        )
+        found = list(seen.values())
     except (ValueError, items.QueryError) as exc:
         error = str(exc)
     statuses = "".join(
@@ -159,8 +157,11 @@ def worklist_page(ctx: Context):
         '<button type="submit">Filter</button></form>'
     )  # fmt: skip
     rows = []
-    for f in found:
-        s = items.summary(f)
+    summaries = [items.summary(f) for f in found]
+    summaries.sort(key=lambda s: (s["ScheduledProcedureStepStartDate"],
+                                  s["ScheduledProcedureStepStartTime"]))  # fmt: skip
+    for s in summaries:
+        f = seen[s["id"]]
         rows.append(
             [
                 f'<a href="/items/{quote(f.id)}">{e(s["AccessionNumber"] or f.id)}</a>',
