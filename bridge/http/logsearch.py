@@ -17,6 +17,7 @@ from bridge.translation_log import parse_logfmt
 
 BLOCK = 64 * 1024
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024  # at ~200 bytes a line: the last ~150,000 lines
+BLOCK_TERMS = 16  # most terms tested on a whole block before its lines are looked at
 MAX_LINE = 1024 * 1024  # a longer "line" is a damaged log: skipped
 
 
@@ -208,7 +209,11 @@ def histories(
         return wanted
     scanned = [0]
     open_items = len(wanted)
-    for raw in _lines_backwards(path, max_bytes, scanned):
+    needles = [*by_accession, *by_file]
+    # A few items: blocks naming none of them are skipped whole. Many: a substring test per
+    # needle would cost more than reading each line's two fields.
+    block_terms = needles if len(needles) <= BLOCK_TERMS else None
+    for raw in _lines_backwards(path, max_bytes, scanned, block_terms):
         owners: set[tuple[str, str]] = set()
         for accession in _field(raw, b"accession").split(b","):
             owners.update(by_accession.get(accession, ()))
