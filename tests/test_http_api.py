@@ -195,6 +195,14 @@ def test_a_walk_in_scheduled_from_json_goes_through_the_hl7_checks(web):
     assert web.call("POST", "/api/items", body={"Colour": "blue"}).status == 400
     assert web.call("POST", "/api/items", raw=b"{not json").status == 400
 
+    # HL7 delimiters in a JSON value are escaped, not read as structure
+    odd = {**WALK_IN, "AccessionNumber": "WALK-3", "ScheduledProcedureStepID": "SPS-W3",
+           "RequestedProcedureDescription": "CT | head & neck ~ 2 \\ ^x"}  # fmt: skip
+    made = web.call("POST", "/api/items", body=odd)
+    assert made.status == 201, made.body
+    # (a backslash, DICOM's value separator, becomes "/" as it does from HL7 escapes)
+    assert made.json()["RequestedProcedureDescription"] == "CT | head & neck ~ 2 / ^x"
+
     replaced = web.call("PUT", f"/api/items/{item['id']}", body={"Modality": "MR"})
     assert replaced.status == 200, replaced.body
     assert replaced.json()["Modality"] == "MR" and replaced.json()["id"] == item["id"]
@@ -247,3 +255,10 @@ def test_http_settings_mistakes_are_sentences(tmp_path):
     assert result.returncode == 2 and "is empty" in result.stderr
     result = serve("--http-port", "8080", "--http-token-file", str(tmp_path / "missing"))
     assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_outbox_and_mpps_answer_empty_lists_where_the_bridge_has_none(web):
+    outbox = web.call("GET", "/api/outbox", token=READ_TOKEN).json()
+    assert outbox["messages"] == [] and outbox["note"]
+    assert web.call("GET", "/api/mpps", token=READ_TOKEN).json()["mpps"] == []
+    assert web.call("POST", "/api/outbox/1/retry").status == 404
