@@ -83,7 +83,7 @@ class WorklistActions:
                 raise ActionError(404, f"no item {item_id}")
         except StoreError as exc:
             raise ActionError(503, str(exc)) from None
-        self._record(item, path, "removed", who, "removed by hand")
+        self._record(item, path, "removed", who, f"deleted over HTTP by {who}")
         return path.name
 
     # -- items from JSON, as HL7
