@@ -75,9 +75,12 @@ def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
 class WorklistSCP:
     """The event handlers: association checks, C-ECHO and C-FIND."""
 
-    def __init__(self, settings: Settings, index: WorklistIndex) -> None:
+    def __init__(
+        self, settings: Settings, index: WorklistIndex, on_query: Callable[..., None] | None = None
+    ) -> None:
         self.settings = settings
         self.index = index
+        self.on_query = on_query  # told of every C-FIND once answered (the translation log)
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
@@ -227,6 +230,10 @@ class WorklistSCP:
                 calling, called, keys, sent, total, outcome,
                 (time.perf_counter() - started) * 1000,
             )  # fmt: skip
+            if self.on_query is not None:
+                self.on_query(calling=calling, called=called, keys=keys, answers=sent,
+                              matched=total, outcome=outcome,
+                              ms=(time.perf_counter() - started) * 1000)  # fmt: skip
 
 
 def _search_guard(event: Any, deadline: float) -> Callable[[], None]:
@@ -259,11 +266,12 @@ def start_dicom_server(
     index: WorklistIndex,
     ssl_context: ssl.SSLContext | None = None,
     extra_handlers: list | None = None,  # other services' handlers on the same AE
+    on_query: Callable[..., None] | None = None,
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
     ae = make_dicom_ae(settings, index)
-    scp = WorklistSCP(settings, index)
+    scp = WorklistSCP(settings, index, on_query)
     scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())
     if not scp.tuning.bounds:

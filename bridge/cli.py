@@ -259,6 +259,20 @@ def _mapping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """A one-screen summary from the HTTP API (GET /api/status)."""
+    from bridge.http.status import fetch_status, format_status
+
+    try:
+        settings = load_settings(args.config) if args.config else None
+        summary = fetch_status(args.url, args.token_file, settings, args.tls_ca, args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    print(format_status(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlbridge", description="HL7 v2 orders to a DICOM Modality Worklist."
@@ -335,6 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     mapping = sub.add_parser("mapping", help="print the HL7 -> DICOM field map in effect")
     mapping.add_argument("--config", type=Path, help="TOML config file ([mapping], [code-tables])")
     mapping.set_defaults(func=_mapping)
+    status = sub.add_parser("status", help="a one-screen summary from the HTTP API")
+    status.add_argument(
+        "--url",
+        default="",
+        help="the bridge's HTTP address (default: from --config, else http://127.0.0.1:8080)",
+    )
+    status.add_argument(
+        "--token-file",
+        default="",
+        help="bearer token file (default: the config's reader, else admin token)",
+    )
+    status.add_argument("--config", type=Path, help="the bridge's TOML config file")
+    status.add_argument("--tls-ca", default="", help="CA (PEM) of an HTTPS listener")
+    status.add_argument("--timeout", type=float, default=10.0)
+    status.set_defaults(func=_status)
     return parser
 
 

@@ -269,6 +269,28 @@ class Settings:
     dicom_tls_key: str = _opt("DICOM TLS private key (PEM)", default="")
     dicom_tls_ca: str = _opt("CA (PEM) that DICOM client certificates must chain to", default="")
 
+    # HTTP: admin API, web view, /metrics, health checks (off unless http_port is set)
+    http_port: int = _opt("HTTP port of the admin API, web view and metrics (0: off)", default=0)
+    http_host: str = _opt("address the HTTP listener binds to", default="127.0.0.1")
+    http_token_file: str = _opt("file holding the admin bearer token (read and write)", default="")
+    http_read_token_file: str = _opt(
+        "file holding the reader bearer token (GET only; empty: no reader token)", default=""
+    )
+    http_tls_cert: str = _opt("HTTP TLS certificate (PEM); empty: plain HTTP", default="")
+    http_tls_key: str = _opt("HTTP TLS private key (PEM)", default="")
+    http_metrics_need_token: bool = _opt(
+        "require a token for /metrics too (else it is open, like /healthz and /readyz)",
+        default=False,
+    )
+    ready_min_free_mb: float = _opt(
+        "free space (MB) the worklist folder's disk needs for /readyz to answer ready",
+        default=100.0,
+    )
+    ready_outbox_max_age: float = _opt(
+        "seconds the oldest outbound message may wait before /readyz says the outbox is stuck",
+        default=900.0,
+    )
+
 
 def setting_names() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Settings)}
@@ -700,6 +722,14 @@ def validate(settings: Settings) -> None:
         raise
     except ValueError as exc:
         raise ConfigError(f"{_origin(settings, 'outbound')}: {exc}") from None
+    from bridge.http.settings import check_http_settings
+
+    try:
+        check_http_settings(settings)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{_origin(settings, 'http_port')}: {exc}") from None
 
 
 def check_files(settings: Settings) -> None:

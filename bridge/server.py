@@ -33,7 +33,7 @@ from bridge.outbox import Outbox
 from bridge.pipeline import Bridge
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
-from bridge.translation_log import TranslationLog
+from bridge.translation_log import TranslationLog, query_recorder
 from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.server")
@@ -99,6 +99,8 @@ class BridgeServer:
         self.events.subscribe(StatusChange, self.outbox.on_status_change)
         self.mllp_port = None
         self.dicom_server = None
+        self.http_port = None  # the HTTP listener (admin API, web view, metrics), when on
+        self.http = None  # its bridge.http.site.HttpApp
         self._sweeper: task.LoopingCall | None = None
 
     def start(self) -> None:
@@ -152,12 +154,29 @@ class BridgeServer:
         ssl_context = self._tls("dicom", dicom_ssl_context)
         try:
             self.dicom_server = start_dicom_server(
-                s, self.index, ssl_context=ssl_context, extra_handlers=mpps_handlers(self.mpps)
+                s,
+                self.index,
+                ssl_context=ssl_context,
+                extra_handlers=mpps_handlers(self.mpps),
+                on_query=query_recorder(self.translation_log),
             )
         except OSError as exc:
             self.mllp_port.stopListening()
             self.mllp_port = None
             raise ConfigError(self._cannot_listen("dicom_port", s.dicom_port, exc)) from None
+        if s.http_port:
+            from bridge.http.site import start_http
+
+            try:
+                self.http_port, self.http = start_http(self, self.reactor)
+            except CannotListenError as exc:
+                self.mllp_port.stopListening()
+                self.mllp_port = None
+                self.dicom_server.ae.shutdown()
+                self.dicom_server = None
+                raise ConfigError(
+                    self._cannot_listen("http_port", s.http_port, exc.socketError)
+                ) from None
         self.index.start_watching(self.reactor)
         if self.index.cache_is_stale:
             threads.deferToThread(self.index.save_cache).addErrback(
@@ -199,6 +218,12 @@ class BridgeServer:
             f"{'; own items only' if s.own_items_only else ''}), "
             f"worklist {self.store.folder.absolute()} ({s.worklist_layout}, "
             f"{len(self.index)} item(s))"
+            + (
+                f", HTTP admin API and web view on {s.http_host}:{self.http_port.getHost().port} "
+                f"({tls(s.http_tls_cert, '')})"
+                if self.http_port is not None
+                else ""
+            )
         )
 
     def _tls(self, side: str, build):
@@ -286,6 +311,9 @@ class BridgeServer:
         if self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too
             self.dicom_server = None
+        if self.http_port is not None:
+            self.http_port.stopListening()
+            self.http_port = None
         d = self.mllp_port.stopListening() if self.mllp_port is not None else None
         self.mllp_port = None
         return d

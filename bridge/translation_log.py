@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -182,16 +184,18 @@ def _json_safe(line: str) -> str:
 class TranslationLog:
     def __init__(self, target: str | Path, fmt: str = "logfmt") -> None:
         self.format = fmt
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # records come from the reactor and from DICOM threads
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self.path: Path | None = None  # None when the log goes to standard output
         if str(target) == "-":
             self._stream: IO[str] = sys.stdout
             self._owned = False
         else:
             path = Path(target)
             path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = path
             self._stream = open(path, "a", encoding="utf-8", buffering=1)
             self._owned = True
-        self.path = None if str(target) == "-" else Path(target)
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one line; returns the record as written."""
@@ -214,6 +218,11 @@ class TranslationLog:
             except (OSError, ValueError) as exc:
                 # A full or closed log must not cost the sender its ACK: the change is applied.
                 log.error("cannot write the translation log (%s): %s", exc, line)
+        for subscriber in self._subscribers:
+            try:
+                subscriber(record)
+            except Exception:  # metrics and the like must not cost a message its line or ACK
+                log.exception("translation log subscriber %r failed", subscriber)
         return record
 
     def reopen(self, blocking: bool = True) -> bool:
@@ -235,6 +244,61 @@ class TranslationLog:
         old.close()
         return True
 
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Give `callback` every record written from now on (a dict, on the writer's thread:
+        the reactor for HL7, a DICOM association's thread for C-FIND)."""
+        self._subscribers.append(callback)
+
     def close(self) -> None:
         if self._owned:
             self._stream.close()
+
+
+# C-FIND outcomes (bridge.cfind's words) -> (outcome key, final DIMSE status)
+_QUERY_OUTCOMES = (
+    ("success", "answered", "0000"),
+    ("refused", "refused", "A900"),
+    ("truncated", "truncated", "A700"),
+    ("cancelled", "cancelled", "FE00"),
+    ("failed", "failed", "C312"),
+    ("aborted", "aborted", ""),
+    ("association ended", "aborted", ""),
+)
+
+
+def _given_value(keys: str, keyword: str) -> str:
+    match = re.search(rf"(?:^| ){keyword}=(\S+)", keys)
+    return match.group(1) if match else ""
+
+
+def query_recorder(translation_log: TranslationLog) -> Callable[..., None]:
+    """The C-FIND SCP's `on_query`: one translation-log line per query (what a modality asked,
+    and what it got). Called on the association's thread; never raises into the SCP."""
+
+    def record_query(
+        *, calling: str, called: str, keys: str, answers: int, matched: int, outcome: str,
+        ms: float,
+    ) -> None:  # fmt: skip
+        try:
+            key, status = next(
+                ((k, s) for prefix, k, s in _QUERY_OUTCOMES if outcome.startswith(prefix)),
+                ("failed", ""),
+            )
+            translation_log.record(
+                type="C-FIND",
+                accession=_given_value(keys, "AccessionNumber"),
+                patient_id=_given_value(keys, "PatientID"),
+                outcome=key,
+                note="" if outcome == "success" else outcome,
+                ms=f"{ms:.1f}",
+                calling_ae=calling,
+                called_ae=called,
+                keys=keys,
+                answers=str(answers),
+                matched=str(matched),
+                status=status,
+            )
+        except Exception:
+            log.exception("cannot record a C-FIND in the translation log")
+
+    return record_query

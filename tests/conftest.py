@@ -32,10 +32,12 @@ class RunningBridge:
     rejected_dir: Path
     stderr_lines: list[str] = field(default_factory=list)
 
-    def log_records(self) -> list[dict[str, str]]:
+    def log_records(self, queries: bool = False) -> list[dict[str, str]]:
+        """The translation log's records; those of C-FIND queries only with `queries`."""
         if not self.log_path.exists():
             return []
-        return [parse_logfmt(line) for line in self.log_path.read_text("utf-8").splitlines()]
+        records = [parse_logfmt(line) for line in self.log_path.read_text("utf-8").splitlines()]
+        return [r for r in records if queries or r.get("type") != "C-FIND"]
 
     def wl_files(self) -> list[Path]:
         return sorted(self.worklist_dir.rglob("*.wl"))
