@@ -138,7 +138,7 @@ def test_every_cfind_gets_a_log_line_with_what_was_asked_and_answered(web):
 
 
 def test_a_rejected_message_is_listed_and_replayed_once_fixed(web):
-    bad = orm(control_id="REJ1", accession="ACC-R", start="2026-12-01")  # unparseable time
+    bad = orm(control_id="REJ1", accession="ACC-R", start="20261301")  # month 13
     assert msa(raw_send(web.bridge.mllp_port, bad))[0] == "AE"
     kept = web.call("GET", "/api/rejected").json()["rejected"]
     assert len(kept) == 1 and kept[0]["control_id"] == "REJ1"
@@ -189,7 +189,7 @@ def test_a_walk_in_scheduled_from_json_goes_through_the_hl7_checks(web):
 
     # the same checks as HL7: a bad date is the ACK's ERR text, nothing is stored
     refused = web.call("POST", "/api/items", body={**WALK_IN, "AccessionNumber": "WALK-2",
-                                                   "PatientBirthDate": "1980-01-01"})  # fmt: skip
+                                                   "PatientBirthDate": "19801301"})  # fmt: skip
     assert refused.status == 422 and refused.json()["error"].startswith("102 PID^1^7")
     assert web.call("GET", "/api/items?AccessionNumber=WALK-2").json()["count"] == 0
     assert web.call("POST", "/api/items", body={"Colour": "blue"}).status == 400
