@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,6 +53,7 @@ SEQUENCE_LOCK = 0x77_6C_73_71  # "wlsq": held from taking a change number until 
 PLACER_ORDER = 0x00402016  # Placer Order Number / Imaging Service Request
 FILLER_ORDER = 0x00402017  # Filler Order Number / Imaging Service Request
 NAME_PREFIX = "name:"  # an identity that is a stored name: items imported from a folder
+STORED_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # safe as a file name in `export`
 MAX_NOTIFY_IDENTITY = 1000  # longer identities are left out of the payload (limit: 8000 bytes)
 BATCH = 1000  # rows per read of scan() and the catch-up
 
@@ -80,7 +82,10 @@ ChangeCallback = Callable[[str, ItemKey, StoredItem | None], None]
 def item_name(identity: str) -> str:
     """The stored name of an identity: the folder store's file name (without .wl)."""
     if identity.startswith(NAME_PREFIX):
-        return identity[len(NAME_PREFIX) :]
+        name = identity[len(NAME_PREFIX) :]
+        if not STORED_NAME.match(name) or name.strip(".") == "":
+            raise StoreError(f"not a stored item name: {name[:80]!r}")
+        return name
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
 
 
