@@ -48,9 +48,9 @@ class RetryMemory:
 
         def prune(cursor: psycopg.Cursor) -> int:
             cursor.execute(
-                "DELETE FROM recent_messages WHERE at < now() - make_interval(hours => %s)"
+                "DELETE FROM recent_messages WHERE at < now() - make_interval(secs => %s)"
                 " OR key IN (SELECT key FROM recent_messages ORDER BY at DESC OFFSET %s)",
-                (self.hours, self.keep),
+                (self.hours * 3600, self.keep),
             )
             return cursor.rowcount
 
