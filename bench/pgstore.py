@@ -86,6 +86,26 @@ def postgres_writes(dsn: str, items: list[bytes]) -> tuple[list[float], list[flo
     return writes, visible
 
 
+def parallel_writes(dsn: str, items: list[bytes], writers: int) -> float:
+    """Writes per second of `writers` store objects (bridges) writing distinct orders at once."""
+    stores = [PostgresWorklist(dsn) for _ in range(writers)]
+
+    def write(k: int) -> None:
+        for n in range(k, len(items), writers):
+            stores[k].put(ItemKey("", f"acc:PAR{n}"), items[n])
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    for s in stores:
+        s.close()
+    return len(items) / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=500)
@@ -103,6 +123,7 @@ def main() -> int:
     try:
         folder = folder_writes(items)
         pg, visible = postgres_writes(dsn, items)
+        two = parallel_writes(dsn, items, 2)
     finally:
         if server is not None:
             server.remove()
@@ -110,6 +131,7 @@ def main() -> int:
     print(f"folder store write:      {_percentiles(folder)}  ({len(folder) / sum(folder):.0f}/s)")
     print(f"PostgreSQL put (commit): {_percentiles(pg)}  ({len(pg) / sum(pg):.0f}/s)")
     print(f"commit -> other bridge's change callback: {_percentiles(visible)}")
+    print(f"PostgreSQL, two writers at once: {two:.0f}/s in all")
     return 0
 
 
