@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -74,16 +74,33 @@ class Database:
         self._lock = threading.RLock()
 
     def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = connect(self.dsn)
         return self._conn
+
+    def _begin(self) -> tuple[psycopg.Connection, ExitStack]:
+        """A connection with a transaction begun. A kept connection the server dropped since
+        (a restart, an idle timeout) fails at BEGIN, before anything was done: then once more
+        on a new connection, so the first change after a database restart is not refused."""
+        reused = self._conn is not None and not (self._conn.closed or self._conn.broken)
+        for last in (not reused, True):
+            conn = self._connection()
+            stack = ExitStack()
+            try:
+                stack.enter_context(conn.transaction())
+                return conn, stack
+            except psycopg.OperationalError as exc:
+                self._drop()
+                if last:
+                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+        raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Cursor]:
         with self._lock:
-            conn = self._connection()
+            conn, begun = self._begin()
             try:
-                with conn.transaction(), conn.cursor() as cursor:
+                with begun, conn.cursor() as cursor:
                     yield cursor
             except psycopg.OperationalError as exc:
                 self._drop()
