@@ -1,4 +1,5 @@
-"""The `wlbridge` command: serve, send, query, convert, replay, outbox, mapping."""
+"""The `wlbridge` command: serve, send, query, convert, replay, outbox, mapping, db, export,
+import."""
 
 from __future__ import annotations
 
@@ -273,6 +274,64 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL of --store, or None after printing why not."""
+    from bridge.postgres import is_postgres_url
+
+    if not args.store or not is_postgres_url(args.store):
+        print("wlbridge: --store must be a postgresql://user@host/db URL", file=sys.stderr)
+        return None
+    return args.store
+
+
+def _db(args: argparse.Namespace) -> int:
+    """`db upgrade`: create or migrate the bridge's tables."""
+    from bridge.postgres.schema import upgrade
+    from bridge.store import StoreError
+
+    url = _store_url(args)
+    if url is None:
+        return 2
+    try:
+        applied = upgrade(url)
+    except StoreError as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 1
+    for migration in applied:
+        print(f"applied migration {migration.version}: {migration.name}")
+    if not applied:
+        print("the schema is up to date")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    """`export --to DIR` (database -> .wl files) and `import DIR` (.wl files -> database)."""
+    from bridge.postgres.transfer import export_folder, import_folder
+    from bridge.postgres.worklist import PostgresWorklist
+    from bridge.store import StoreError
+
+    url = _store_url(args)
+    if url is None:
+        return 2
+    store = PostgresWorklist(url)
+    try:
+        store.prepare()
+        if args.command == "export":
+            report = export_folder(store, args.to, prune=args.prune)
+            print(f"{report.written} item(s) written to {args.to}, {report.removed} removed")
+        else:
+            report = import_folder(store, args.folder)
+            print(f"{report.written} item(s) imported from {args.folder}")
+    except (StoreError, OSError) as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    for line in report.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    return 1 if report.skipped else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wlbridge", description="HL7 v2 orders to a DICOM Modality Worklist."
@@ -364,6 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--tls-ca", default="", help="CA (PEM) of an HTTPS listener")
     status.add_argument("--timeout", type=float, default=10.0)
     status.set_defaults(func=_status)
+
+    store_help = "the PostgreSQL store: postgresql://user@host/db"
+    db = sub.add_parser("db", help="create or migrate the PostgreSQL tables")
+    db.add_argument("action", choices=("upgrade",))
+    db.add_argument("--store", required=True, help=store_help)
+    db.set_defaults(func=_db)
+    export = sub.add_parser("export", help="write the PostgreSQL worklist as .wl files")
+    export.add_argument("--to", type=Path, required=True, help="the folder to write")
+    export.add_argument("--store", required=True, help=store_help)
+    export.add_argument(
+        "--prune", action="store_true", help="remove the folder's .wl files the store lacks"
+    )
+    export.set_defaults(func=_transfer)
+    import_ = sub.add_parser("import", help="put a folder of .wl files into PostgreSQL")
+    import_.add_argument("folder", type=Path)
+    import_.add_argument("--store", required=True, help=store_help)
+    import_.set_defaults(func=_transfer)
     return parser
 
 

@@ -110,3 +110,28 @@ def postgres():
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_session():
+    """One server for the tests that never stop it (each gets its own database)."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_dsn(postgres_session) -> str:
+    """The URL of a new, empty database on the session's server."""
+    import psycopg
+
+    name = f"test_{next(_databases)}"
+    with psycopg.connect(postgres_session.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql://{postgres_session.user}@127.0.0.1:{postgres_session.port}/{name}"
