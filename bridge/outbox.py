@@ -747,6 +747,19 @@ class Outbox:
         names = [receiver] if receiver else self.folder.receivers()
         return sum(len(self.folder.pending(name)) for name in names)
 
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per receiver (configured, or with files left in the outbox): messages waiting,
+        messages parked, and the seconds the oldest waiting one has waited."""
+        names = sorted(set(self.lanes) | set(self.folder.receivers()))
+        return {
+            name: {
+                "depth": self.depth(name),
+                "parked": len(self.folder.parked(name)),
+                "oldest_age": round(self.oldest_age(name), 1),
+            }
+            for name in names
+        }
+
     def oldest_age(self, receiver: str | None = None) -> float:
         """Seconds the oldest waiting message has waited; 0 when none waits."""
         names = [receiver] if receiver else self.folder.receivers()

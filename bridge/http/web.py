@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 from twisted.internet import threads
 from twisted.web import server
 
-from bridge.http import api, items, logsearch
+from bridge.http import api, items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.auth import COOKIE, SESSION_LIFETIME, Principal
 from bridge.http.site import HTML, Context, HttpApp, Response
@@ -326,12 +326,69 @@ def replay_form(ctx: Context):
     return _redirect("/rejected?" + urlencode({"result": result}))
 
 
+OUTBOX_SHOWN = 500  # messages on the outbox page
+
+
 def outbox_page(ctx: Context):
     outbox = getattr(ctx.app.server, "outbox", None)
     if outbox is None:
         return page(ctx, "Outbox", "<p>This bridge sends no outbound messages.</p>")
-    rows = [[e(api._plain(m))] for m in outbox.list()]
-    return page(ctx, "Outbox", table(["message"], rows) if rows else "<p>The outbox is empty.</p>")
+    state = ctx.params.get("state", "")
+    listed = outbound.entries(outbox, state if state in ("pending", "parked") else "")
+    p = ctx.principal
+    rows = []
+    for m in listed[:OUTBOX_SHOWN]:
+        buttons = ""
+        if p is not None and p.can_write:
+            action = f"/outbox/{quote(m['id'])}"
+            retry = "Retry" if m["state"] == "parked" else "Send now"
+            buttons = (
+                f'<form method="post" action="{action}/retry" class="inline">{csrf_field(p)}'
+                f'<button type="submit">{retry}</button></form> '
+                f'<form method="post" action="{action}/drop" class="inline confirm" '
+                f'data-confirm="Delete this message? The receiver will never get it.">'
+                f'{csrf_field(p)}<button type="submit" class="danger">Drop</button></form>'
+            )
+        accession = m["accession"]
+        rows.append([
+            e(m["id"]), e(m["receiver"]), f'<span class="status">{e(m["state"])}</span>',
+            e(m["control_id"]), e(m["order_status"]),
+            f'<a href="/log?{urlencode({"q": accession})}">{e(accession)}</a>' if accession else "",
+            e(f"{m['age']:.0f} s"), e(m["attempts"]), e(m["reason"]), buttons,
+        ])  # fmt: skip
+    state_info = api.outbox_state(ctx.app.server) or {}
+    receivers = "".join(
+        f"<li>{e(name)}: {e(r['depth'])} waiting, {e(r['parked'])} parked, "
+        f"oldest {e(round(r['oldest_age']))} s</li>"
+        for name, r in sorted(state_info.get("receivers", {}).items())
+    )
+    note = e(ctx.params.get("result", ""))
+    body = (
+        (f'<p class="note">{note}</p>' if note else "")
+        + (f'<ul class="receivers">{receivers}</ul>' if receivers
+           else "<p>No [[outbound]] receivers are configured.</p>")
+        + (table(["id", "receiver", "state", "control id", "ORC-5", "accession", "age",
+                  "attempts", "reason", ""], rows, "outbox") if rows
+           else "<p>The outbox is empty.</p>")
+        + (f"<p>{len(listed) - OUTBOX_SHOWN} more not shown.</p>"
+           if len(listed) > OUTBOX_SHOWN else "")
+    )  # fmt: skip
+    return page(ctx, "Outbox", body)
+
+
+def outbox_form(ctx: Context):
+    ident = outbound.entry_id(ctx.match["receiver"], ctx.match["sequence"])
+    action = ctx.match["action"]
+    if action not in ("retry", "drop"):
+        raise ActionError(404, "not found")
+    try:
+        done = outbound.act(ctx.app.server, ident, action, ctx.who)
+        result = f"{done['id']} ({done['control_id']}): " + (
+            "dropped" if action == "drop" else "queued to be sent again"
+        )
+    except ActionError as exc:
+        result = f"{ident}: {exc.message}"
+    return _redirect("/outbox?" + urlencode({"result": result}))
 
 
 def login(ctx: Context):
@@ -373,6 +430,7 @@ def add_routes(app: HttpApp) -> None:
     r("GET", "/rejected", "read", web=True)(rejected_page)
     r("POST", "/rejected/{name}/replay", "write", web=True)(replay_form)
     r("GET", "/outbox", "read", web=True)(outbox_page)
+    r("POST", "/outbox/{receiver}/{sequence}/{action}", "write", web=True)(outbox_form)
     r("GET", "/login", "public")(lambda ctx: sign_in_page(ctx.request))
     r("POST", "/login", "public")(login)
     r("POST", "/logout", "read", web=True)(logout)
