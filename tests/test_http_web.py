@@ -186,6 +186,13 @@ def test_the_outbox_page_lists_parked_messages_with_csrf_protected_retry_and_dro
         ris.answer = "AE"
         assert n_set(web.bridge, uid, final("COMPLETED")).Status == 0
         (cm,) = eventually(lambda: parked(web), "the CM message parked")
+        # the item's page: its history holds the MPPS events and the outbound messages
+        listed = web.call("GET", "/api/items?AccessionNumber=ACC0001&include_hidden=1").json()
+        page.goto(base + f"/items/{listed['items'][0]['id']}")
+        history = page.inner_text("table.log")
+        for text in ("MPPS^N-CREATE", "MPPS^N-SET", "COMPLETED", "parked", "sent", "outbox-retry"):
+            assert text in history, text
+        assert uid in history and cm["control_id"] in history
         page.goto(base + "/outbox")
         page.once("dialog", lambda d: d.accept())  # a drop asks first
         page.click("text=Drop")

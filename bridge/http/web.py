@@ -25,8 +25,9 @@ STATIC = {
     "wlbridge.js": "text/javascript; charset=utf-8",
 }
 LATEST_LINES = 20  # translation-log lines on the worklist page
-LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "accession", "patient_id",
-               "outcome", "ack", "answers", "by", "reason", "note", "keys", "ms")  # fmt: skip
+LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "receiver", "accession",
+               "patient_id", "pps_status", "order_status", "outcome", "ack", "status", "answers",
+               "attempt", "by", "reason", "note", "keys", "mpps_uid", "ms")  # fmt: skip
 
 
 def e(value: Any) -> str:
