@@ -118,7 +118,7 @@ def test_a_parked_message_is_retried_over_http_and_delivered_another_dropped(tmp
         assert web.call("POST", "/api/outbox/NO-SUCH-ID/drop").status == 404
 
         ris.answer = "AA"
-        answer = web.call("POST", f"/api/outbox/{entry['id']}/retry")
+        answer = web.call("POST", f"/api/outbox/{entry['control_id']}/retry")  # by MSH-10
         assert answer.status == 200, answer.body
         assert answer.json() == {"id": entry["id"], "action": "retry", "was": "parked",
                                  "control_id": entry["control_id"]}  # fmt: skip

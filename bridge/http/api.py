@@ -232,17 +232,23 @@ def list_outbox(ctx: Context):
     state = p.get("state", "")
     if state not in ("", "pending", "parked"):
         raise ActionError(400, "state must be pending or parked")
-    listed = outbound.entries(outbox, state, p.get("receiver", ""), p.get("accession", ""))
     limit = limit_of(ctx)
-    body: dict[str, Any] = {
-        "messages": listed[:limit],
-        "count": min(len(listed), limit),
-        "total": len(listed),
-        **(outbox_state(ctx.app.server) or {}),
-    }
-    if not outbox.lanes:
-        body["note"] = "no [[outbound]] receivers are configured"
-    return json_response(body)
+    receiver, accession = p.get("receiver", ""), p.get("accession", "")
+
+    def answer(listed: list[dict[str, Any]]) -> Any:
+        body: dict[str, Any] = {
+            "messages": listed[:limit],
+            "count": min(len(listed), limit),
+            "total": len(listed),
+            **(outbox_state(ctx.app.server) or {}),
+        }
+        if not outbox.lanes:
+            body["note"] = "no [[outbound]] receivers are configured"
+        return json_response(body)
+
+    return threads.deferToThread(outbound.entries, outbox, state, receiver, accession).addCallback(
+        answer
+    )
 
 
 def _outbox_ident(ctx: Context) -> str:
@@ -252,7 +258,10 @@ def _outbox_ident(ctx: Context) -> str:
 
 
 def get_outbox_message(ctx: Context):
-    return json_response(outbound.detail(ctx.app.server.outbox, _outbox_ident(ctx)))
+    ident = _outbox_ident(ctx)
+    return threads.deferToThread(outbound.detail, ctx.app.server.outbox, ident).addCallback(
+        json_response
+    )
 
 
 def outbox_action(ctx: Context):
@@ -260,7 +269,13 @@ def outbox_action(ctx: Context):
     action = ctx.match["action"]
     if action not in ("retry", "drop"):
         raise ActionError(404, "not found")
-    return json_response(outbound.act(ctx.app.server, ident, action, ctx.who))
+    server = ctx.app.server
+    if "/" in ident:
+        return json_response(outbound.act(server, ident, action, ctx.who))
+    # A control ID: found in the thread pool (it reads every file), then acted on here.
+    return threads.deferToThread(outbound.resolve, server.outbox, ident).addCallback(
+        lambda found: json_response(outbound.act(server, found, action, ctx.who))
+    )
 
 
 def list_mpps(ctx: Context):

@@ -16,7 +16,7 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import keyword_for_tag
 
 from bridge.http.actions import ActionError
-from bridge.outbox import RECEIVER_NAME, OutboxError, message_facts
+from bridge.outbox import PARKED, RECEIVER_NAME, SUFFIX, OutboxEntry, OutboxError, message_facts
 
 SEQUENCE = re.compile(r"^[0-9]{1,20}$")
 MAX_MESSAGE_SHOWN = 256 * 1024  # bytes of an outbound message returned by its detail
@@ -43,34 +43,66 @@ def entry_id(receiver: str, sequence: str | None) -> str:
 
 
 def entries(outbox: Any, state: str = "", receiver: str = "", accession: str = "") -> list[dict]:
-    """The outbox's messages (waiting and parked), oldest first, filtered."""
-    listed = []
-    for entry in outbox.list():
-        if state and entry.state != state:
+    """The outbox's messages (waiting and parked), oldest first, filtered. Reads every file
+    (~1 ms each): run it in the thread pool, not on the reactor."""
+    for _ in range(3):
+        try:
+            listed = outbox.list()
+            break
+        except FileNotFoundError:  # a file moved by a delivery or a retry meanwhile: again
             continue
-        if receiver and entry.receiver != receiver:
-            continue
-        if accession and entry.accession != accession:
-            continue
-        listed.append(entry.as_dict())
-    return listed
+    else:
+        listed = outbox.list()
+    return [
+        entry.as_dict()
+        for entry in listed
+        if (not state or entry.state == state)
+        and (not receiver or entry.receiver == receiver)
+        and (not accession or entry.accession == accession)
+    ]
+
+
+def resolve(outbox: Any, ident: str) -> str:
+    """A control ID (MSH-10) as the message's `<receiver>/<sequence>` (reads every file: in the
+    thread pool); an id is returned as it is."""
+    if "/" in ident:
+        return ident
+    try:
+        return outbox.folder.entry_id(outbox.folder.find(ident))
+    except OutboxError as exc:
+        raise ActionError(404, str(exc)) from None
 
 
 def find(outbox: Any, ident: str) -> tuple[Path, dict[str, Any]]:
-    """(the message's file, its listing entry), or ActionError 404."""
-    try:
-        path = outbox.folder.find(ident)
-    except OutboxError as exc:
-        raise ActionError(404, str(exc)) from None
-    found = outbox.folder.entry_id(path)
-    entry = next((e.as_dict() for e in outbox.list() if e.id == found), None)
-    if entry is None:  # delivered or dropped meanwhile
-        raise ActionError(404, f"no message {ident!r} in the outbox")
-    return path, entry
+    """(the message's file, its listing entry) by `<receiver>/<sequence>`, or ActionError 404;
+    reads that one file only."""
+    receiver, _, sequence = ident.partition("/")
+    folder = outbox.folder
+    for path, state in (
+        (folder.root / receiver / f"{sequence}{SUFFIX}", "pending"),
+        (folder.root / receiver / PARKED / f"{sequence}{SUFFIX}", "parked"),
+    ):
+        try:
+            data = path.read_bytes()
+            age = max(0.0, time.time() - path.stat().st_mtime)
+            reason = ""
+            if state == "parked" and path.with_suffix(".reason").exists():
+                reason = path.with_suffix(".reason").read_text("utf-8", "replace").strip()
+        except FileNotFoundError:
+            continue
+        facts = message_facts(data)
+        found = folder.entry_id(path)
+        entry = OutboxEntry(
+            id=found, receiver=receiver, state=state, control_id=facts.control_id,
+            order_status=facts.order_status, accession=facts.accession, age=round(age, 1),
+            attempts=outbox.tries.get(found, 0), reason=reason,
+        )  # fmt: skip
+        return path, entry.as_dict()
+    raise ActionError(404, f"no message {ident!r} in the outbox")
 
 
 def detail(outbox: Any, ident: str) -> dict[str, Any]:
-    path, entry = find(outbox, ident)
+    path, entry = find(outbox, resolve(outbox, ident))
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_MESSAGE_SHOWN)
@@ -81,8 +113,9 @@ def detail(outbox: Any, ident: str) -> dict[str, Any]:
 
 
 def act(server: Any, ident: str, action: str, who: str) -> dict[str, Any]:
-    """Retry or drop one message; the translation log says who did it, naming the message's
-    receiver, control ID and accession (so the item's history shows it)."""
+    """Retry or drop one message (by `<receiver>/<sequence>`), on the reactor thread, where the
+    outbox delivers; the translation log says who did it, naming the message's receiver,
+    control ID and accession (so the item's history shows it)."""
     outbox = server.outbox
     path, entry = find(outbox, ident)
     try:

@@ -335,7 +335,13 @@ def outbox_page(ctx: Context):
     if outbox is None:
         return page(ctx, "Outbox", "<p>This bridge sends no outbound messages.</p>")
     state = ctx.params.get("state", "")
-    listed = outbound.entries(outbox, state if state in ("pending", "parked") else "")
+    state = state if state in ("pending", "parked") else ""
+    return threads.deferToThread(outbound.entries, outbox, state).addCallback(
+        lambda listed: _outbox_listing(ctx, listed)
+    )
+
+
+def _outbox_listing(ctx: Context, listed: list[dict[str, Any]]) -> Response:
     p = ctx.principal
     rows = []
     for m in listed[:OUTBOX_SHOWN]:
