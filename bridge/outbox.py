@@ -750,15 +750,19 @@ class Outbox:
     def state(self) -> dict[str, dict[str, Any]]:
         """Per receiver (configured, or with files left in the outbox): messages waiting,
         messages parked, and the seconds the oldest waiting one has waited."""
-        names = sorted(set(self.lanes) | set(self.folder.receivers()))
-        return {
-            name: {
-                "depth": self.depth(name),
-                "parked": len(self.folder.parked(name)),
-                "oldest_age": round(self.oldest_age(name), 1),
-            }
-            for name in names
-        }
+        now = time.time()
+        state = {}
+        for name in sorted(set(self.lanes) | set(self.folder.receivers())):
+            pending = self.folder.pending(name)  # one listing of the folder: scraped often
+            oldest = 0.0
+            for path in pending[:1]:
+                try:
+                    oldest = max(0.0, now - path.stat().st_mtime)
+                except FileNotFoundError:  # sent meanwhile
+                    pass
+            parked = len(self.folder.parked(name))
+            state[name] = {"depth": len(pending), "parked": parked, "oldest_age": round(oldest, 1)}
+        return state
 
     def oldest_age(self, receiver: str | None = None) -> float:
         """Seconds the oldest waiting message has waited; 0 when none waits."""
