@@ -4,6 +4,9 @@ real MLLP receiver as the RIS (tests/ris_receiver.py), a real `wlbridge serve`."
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
+from tests.conftest import ROOT
 from tests.http_helpers import READ_TOKEN, HttpBridge, start_http_bridge
 from tests.ris_receiver import RISReceiver
 from tests.test_mpps import final, in_progress, n_create, n_set, order
@@ -248,6 +252,15 @@ def test_readyz_fails_while_a_message_waits_longer_than_ready_outbox_max_age(tmp
         assert sample(values, "wlbridge_outbox_oldest_age_seconds", receiver="ris") > 2.0
         summary = web.call("GET", "/api/status", token=READ_TOKEN).json()
         assert summary["outbox"]["receivers"]["ris"]["depth"] == 1
+        shown = subprocess.run(
+            [sys.executable, "-m", "bridge", "status", "--url", f"http://127.0.0.1:{web.http_port}",
+             "--token-file", str(tmp_path / "reader.token")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"^  ris +1 waiting, 0 parked, oldest \d+ s$", shown.stdout, re.M), (
+            shown.stdout
+        )
 
         ris.start()  # back on the same port: the message goes, the bridge is ready again
         ris.wait_for(1)
