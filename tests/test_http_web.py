@@ -193,6 +193,13 @@ def test_the_outbox_page_lists_parked_messages_with_csrf_protected_retry_and_dro
         for text in ("MPPS^N-CREATE", "MPPS^N-SET", "COMPLETED", "parked", "sent", "outbox-retry"):
             assert text in history, text
         assert uid in history and cm["control_id"] in history
+        # the MPPS page lists the instance; its own page shows its log lines and attributes
+        page.goto(base + "/mpps")
+        assert "COMPLETED" in page.inner_text("table.mpps")
+        page.click(f"text={uid}")
+        page.wait_for_selector("table.attrs")
+        assert "MPPS^N-SET" in page.inner_text("table.log")
+        assert "PerformedSeriesSequence" in page.inner_text("table.attrs")
         page.goto(base + "/outbox")
         page.once("dialog", lambda d: d.accept())  # a drop asks first
         page.click("text=Drop")

@@ -40,7 +40,7 @@ def page(ctx: Context | None, title: str, body: str, status: int = 200) -> Respo
     if principal is not None:
         nav = (
             '<nav><a href="/">Worklist</a> <a href="/log">Log</a> '
-            '<a href="/rejected">Rejected</a> <a href="/outbox">Outbox</a>'
+            '<a href="/rejected">Rejected</a> <a href="/outbox">Outbox</a> <a href="/mpps">MPPS</a>'
             f'<span class="who">{e(principal.who)}</span>'
         )
         if principal.session_id:
@@ -398,6 +398,74 @@ def outbox_form(ctx: Context):
     return _redirect("/outbox?" + urlencode({"result": result}))
 
 
+MPPS_SHOWN = 200  # instances on the MPPS page
+
+
+def mpps_page(ctx: Context):
+    store = getattr(ctx.app.server, "mpps_store", None)
+    if store is None:
+        return page(ctx, "MPPS", "<p>This bridge keeps no MPPS instances.</p>")
+    status = ctx.params.get("status", "").upper()
+    known = store.snapshot()  # on the thread that writes the store
+
+    def render(result: tuple[list[dict[str, Any]], int]) -> Response:
+        listed, total = result
+        options = "".join(
+            f'<option value="{e(s)}"{" selected" if s == status else ""}>{e(s)}</option>'
+            for s in ("", "IN PROGRESS", "COMPLETED", "DISCONTINUED")
+        )
+        form = (
+            '<form method="get" action="/mpps" class="filters">'
+            f'<label>Status <select name="status">{options}</select></label>'
+            '<button type="submit">Filter</button></form>'
+        )
+        rows = [
+            [
+                f'<a href="/mpps/{quote(m["uid"])}">{e(m["uid"])}</a>',
+                f'<span class="status">{e(m.get("PerformedProcedureStepStatus", ""))}</span>',
+                e(m.get("PatientName", "")), e(m.get("PatientID", "")),
+                e(m.get("PerformedStationAETitle", "")),
+                e(" ".join((m.get("PerformedProcedureStepStartDate", ""),
+                            m.get("PerformedProcedureStepStartTime", "")))),
+                e(", ".join(s["AccessionNumber"] for s in m.get("scheduled_steps", []))),
+                e(m.get("error", "")),
+            ]
+            for m in listed
+        ]  # fmt: skip
+        body = form + f"<p>{total} instance(s)</p>" + (
+            table(["uid", "status", "patient", "patient id", "station", "started",
+                   "accession", ""], rows, "mpps") if rows else ""
+        )  # fmt: skip
+        return page(ctx, "MPPS", body)
+
+    return threads.deferToThread(
+        outbound.mpps_listing, store, known, status, "", MPPS_SHOWN
+    ).addCallback(render)
+
+
+def mpps_instance_page(ctx: Context):
+    store = getattr(ctx.app.server, "mpps_store", None)
+    uid = ctx.match["uid"]
+    if store is None or uid not in store:
+        return page(ctx, "No such MPPS instance", f"<p>No MPPS instance {e(uid)}.</p>", 404)
+    path = ctx.app.server.translation_log.path
+    query = logsearch.LogQuery(any_of=[("mpps_uid", uid)], limit=200)
+
+    def read() -> Response:
+        detail = outbound.mpps_detail(store, uid)
+        history = logsearch.search_log(path, query).records if path is not None else []
+        body = (
+            f'<p>Status <span class="status">{e(detail["PerformedProcedureStepStatus"])}</span>'
+            f" · stored {e(detail.get('stored_at', ''))}</p>"
+            "<h2>History</h2>" + log_table(history)
+            + "<h2>Attributes</h2>"
+            + table(["attribute", "value"], _attribute_rows(detail["attributes"]), "attrs")
+        )  # fmt: skip
+        return page(ctx, f"MPPS {uid}", body)
+
+    return threads.deferToThread(read)
+
+
 def login(ctx: Context):
     token = ctx.params.get("token", "")
     principal = ctx.app.auth.sign_in(token) if token else None
@@ -438,6 +506,8 @@ def add_routes(app: HttpApp) -> None:
     r("POST", "/rejected/{name}/replay", "write", web=True)(replay_form)
     r("GET", "/outbox", "read", web=True)(outbox_page)
     r("POST", "/outbox/{receiver}/{sequence}/{action}", "write", web=True)(outbox_form)
+    r("GET", "/mpps", "read", web=True)(mpps_page)
+    r("GET", "/mpps/{uid}", "read", web=True)(mpps_instance_page)
     r("GET", "/login", "public")(lambda ctx: sign_in_page(ctx.request))
     r("POST", "/login", "public")(login)
     r("POST", "/logout", "read", web=True)(logout)
