@@ -1,8 +1,10 @@
 """What the API and the web view show of the outbox and the MPPS store, and the outbox actions.
 
-The outbox (bridge.outbox.Outbox) is read and changed on the reactor thread, where it delivers,
-so a listing never races a delivery. MPPS instances are files: they are read in the thread pool
-from a snapshot of the store's UIDs taken on the reactor thread (where the store is written).
+The outbox (bridge.outbox.Outbox) is changed on the reactor thread, where it delivers, so a
+retry or a drop never races a delivery; a listing reads every message file, so it runs in the
+thread pool (a file sent meanwhile is left out). MPPS instances are files too: they are read in
+the thread pool from a snapshot of the store's UIDs taken on the reactor thread (where the
+store is written).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def entry_id(receiver: str, sequence: str | None) -> str:
 
 
 def entries(outbox: Any, state: str = "", receiver: str = "", accession: str = "") -> list[dict]:
-    """The outbox's messages (waiting and parked), oldest first, filtered. Reads every file
+    """The outbox's messages, receiver by receiver, waiting then parked, each oldest first,
+    filtered. Reads every file
     (~1 ms each): run it in the thread pool, not on the reactor."""
     for _ in range(3):
         try:
