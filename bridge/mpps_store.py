@@ -119,6 +119,11 @@ class MPPSStore:
             raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         self._known[uid] = _known(dataset)
 
+    def snapshot(self) -> dict[str, Known]:
+        """A copy of what the store knows (UID -> status, patient), for readers on other
+        threads (the HTTP API lists instances from it)."""
+        return dict(self._known)
+
     def of_patient(self, patient_id: str, issuer: str = "") -> list[str]:
         """The UIDs of the instances of a patient (with `issuer`: that issuer's or none)."""
         return [

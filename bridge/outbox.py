@@ -747,6 +747,23 @@ class Outbox:
         names = [receiver] if receiver else self.folder.receivers()
         return sum(len(self.folder.pending(name)) for name in names)
 
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per receiver (configured, or with files left in the outbox): messages waiting,
+        messages parked, and the seconds the oldest waiting one has waited."""
+        now = time.time()
+        state = {}
+        for name in sorted(set(self.lanes) | set(self.folder.receivers())):
+            pending = self.folder.pending(name)  # one listing of the folder: scraped often
+            oldest = 0.0
+            for path in pending[:1]:
+                try:
+                    oldest = max(0.0, now - path.stat().st_mtime)
+                except FileNotFoundError:  # sent meanwhile
+                    pass
+            parked = len(self.folder.parked(name))
+            state[name] = {"depth": len(pending), "parked": parked, "oldest_age": round(oldest, 1)}
+        return state
+
     def oldest_age(self, receiver: str | None = None) -> float:
         """Seconds the oldest waiting message has waited; 0 when none waits."""
         names = [receiver] if receiver else self.folder.receivers()

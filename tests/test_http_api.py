@@ -257,8 +257,10 @@ def test_http_settings_mistakes_are_sentences(tmp_path):
     assert result.returncode == 2 and "cannot read" in result.stderr
 
 
-def test_outbox_and_mpps_answer_empty_lists_where_the_bridge_has_none(web):
+def test_outbox_and_mpps_answer_empty_lists_without_receivers_or_instances(web):
     outbox = web.call("GET", "/api/outbox", token=READ_TOKEN).json()
-    assert outbox["messages"] == [] and outbox["note"]
+    assert outbox["messages"] == [] and "[[outbound]]" in outbox["note"]
+    assert outbox["depth"] == 0 and outbox["receivers"] == {}
     assert web.call("GET", "/api/mpps", token=READ_TOKEN).json()["mpps"] == []
     assert web.call("POST", "/api/outbox/1/retry").status == 404
+    assert web.call("GET", "/readyz", token=None).json()["checks"]["outbox"]["ok"] is True

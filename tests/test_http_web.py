@@ -137,3 +137,83 @@ def test_a_form_post_without_the_session_csrf_token_is_refused(web, browser):
     page.click("text=Remove")
     page.wait_for_selector("table.items")
     assert web.call("GET", f"/api/items/{ident}").status == 404
+
+
+def test_the_outbox_page_lists_parked_messages_with_csrf_protected_retry_and_drop(
+    tmp_path, browser
+):
+    from pydicom.uid import generate_uid
+
+    from tests.ris_receiver import RISReceiver
+    from tests.test_http_outbox import outbound_config, parked, start
+    from tests.test_mpps import final, in_progress, n_create, n_set, order
+    from tests.test_mpps_outbox import eventually
+
+    ris = RISReceiver(answer="AE")
+    web = start(tmp_path, outbound_config(tmp_path, ris.port, max_attempts=1))
+    try:
+        order(web.bridge, control_id="WOB1")
+        uid = generate_uid()
+        assert n_create(web.bridge, in_progress(), uid)[0].Status == 0
+        (entry,) = eventually(lambda: parked(web), "the IP message parked")
+        base = f"http://127.0.0.1:{web.http_port}"
+
+        reader = browser.new_context(extra_http_headers={"Authorization": f"Bearer {READ_TOKEN}"})
+        shown = reader.new_page()
+        shown.goto(base + "/outbox")
+        assert entry["control_id"] in shown.inner_text("table.outbox")
+        assert shown.locator("table.outbox button").count() == 0  # a reader: no buttons
+
+        page = browser.new_page()
+        page.goto(base + "/login")
+        page.fill("input[name=token]", ADMIN_TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("table.items")
+        page.goto(base + "/outbox")
+        row = page.inner_text("table.outbox")
+        assert entry["id"] in row and "parked" in row and "IP" in row and "ACC0001" in row
+        # the session cookie alone does not make a write
+        forged = page.request.post(base + f"/outbox/{entry['id']}/retry", form={"csrf": "x"})
+        assert forged.status == 403
+        assert [m["id"] for m in parked(web)] == [entry["id"]]
+
+        ris.answer = "AA"
+        page.click("text=Retry")
+        page.wait_for_selector("p.note")
+        assert "queued to be sent again" in page.inner_text("p.note")
+        assert ris.wait_for(1)[0].control_id == entry["control_id"]
+
+        ris.answer = "AE"
+        assert n_set(web.bridge, uid, final("COMPLETED")).Status == 0
+        (cm,) = eventually(lambda: parked(web), "the CM message parked")
+        # the item's page: its history holds the MPPS events and the outbound messages
+        listed = web.call("GET", "/api/items?AccessionNumber=ACC0001&include_hidden=1").json()
+        page.goto(base + f"/items/{listed['items'][0]['id']}")
+        history = page.inner_text("table.log")
+        for text in ("MPPS^N-CREATE", "MPPS^N-SET", "COMPLETED", "parked", "sent", "outbox-retry"):
+            assert text in history, text
+        assert uid in history and cm["control_id"] in history
+        # the MPPS page lists the instance; its own page shows its log lines and attributes
+        page.goto(base + "/mpps")
+        assert "COMPLETED" in page.inner_text("table.mpps")
+        page.click(f"text={uid}")
+        page.wait_for_selector("table.attrs")
+        assert "MPPS^N-SET" in page.inner_text("table.log")
+        assert "PerformedSeriesSequence" in page.inner_text("table.attrs")
+        page.goto(base + "/outbox")
+        page.once("dialog", lambda d: d.accept())  # a drop asks first
+        page.click("text=Drop")
+        page.wait_for_selector("p.note")
+        assert "dropped" in page.inner_text("p.note")
+        assert "The outbox is empty." in page.content()
+        assert parked(web) == []
+        writes = [(r["outcome"], r["by"], r["control_id"]) for r in web.bridge.log_records()
+                  if r.get("outcome", "").startswith("outbox-")]  # fmt: skip
+        assert writes == [
+            ("outbox-retry", "admin", entry["control_id"]),
+            ("outbox-drop", "admin", cm["control_id"]),
+        ]
+        assert [r.field("ORC", 5) for r in ris.accepted()] == ["IP"]
+    finally:
+        ris.stop()
+        assert web.bridge.stop() == 0

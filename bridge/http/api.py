@@ -10,7 +10,7 @@ from prometheus_client.twisted import MetricsResource
 from twisted.internet import threads
 
 from bridge import __version__
-from bridge.http import items, logsearch
+from bridge.http import items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.health import readiness
 from bridge.http.metrics import outbox_state, rejected_count
@@ -223,38 +223,94 @@ def replay_rejected(ctx: Context):
     )
 
 
-# -- adapters other parts of the bridge provide (present or not)
+# -- the outbox and MPPS
 def list_outbox(ctx: Context):
     outbox = getattr(ctx.app.server, "outbox", None)
     if outbox is None:
         return json_response({"messages": [], "note": "this bridge sends no outbound messages"})
-    return json_response(
-        {"messages": [_plain(m) for m in outbox.list()], **(outbox_state(ctx.app.server) or {})}
+    p = ctx.params
+    state = p.get("state", "")
+    if state not in ("", "pending", "parked"):
+        raise ActionError(400, "state must be pending or parked")
+    limit = limit_of(ctx)
+    receiver, accession = p.get("receiver", ""), p.get("accession", "")
+
+    def answer(listed: list[dict[str, Any]]) -> Any:
+        body: dict[str, Any] = {
+            "messages": listed[:limit],
+            "count": min(len(listed), limit),
+            "total": len(listed),
+            **(outbox_state(ctx.app.server) or {}),
+        }
+        if not outbox.lanes:
+            body["note"] = "no [[outbound]] receivers are configured"
+        return json_response(body)
+
+    return threads.deferToThread(outbound.entries, outbox, state, receiver, accession).addCallback(
+        answer
+    )
+
+
+def _outbox_ident(ctx: Context) -> str:
+    if getattr(ctx.app.server, "outbox", None) is None:
+        raise ActionError(404, "this bridge has no outbox")
+    return outbound.entry_id(ctx.match["receiver"], ctx.match.groupdict().get("sequence"))
+
+
+def get_outbox_message(ctx: Context):
+    ident = _outbox_ident(ctx)
+    return threads.deferToThread(outbound.detail, ctx.app.server.outbox, ident).addCallback(
+        json_response
     )
 
 
 def outbox_action(ctx: Context):
-    outbox = getattr(ctx.app.server, "outbox", None)
-    if outbox is None:
-        raise ActionError(404, "this bridge has no outbox")
+    ident = _outbox_ident(ctx)
     action = ctx.match["action"]
     if action not in ("retry", "drop"):
         raise ActionError(404, "not found")
-    ident = ctx.match["id"]
-    getattr(outbox, action)(ident)
-    ctx.app.server.translation_log.record(
-        peer=f"http:{ctx.who}", type="api", outcome=f"outbox-{action}", note=f"outbound {ident}",
-        by=ctx.who,
-    )  # fmt: skip
-    return json_response({"id": ident, action: True})
+    server = ctx.app.server
+    if "/" in ident:
+        return json_response(outbound.act(server, ident, action, ctx.who))
+    # A control ID: found in the thread pool (it reads every file), then acted on here.
+    return threads.deferToThread(outbound.resolve, server.outbox, ident).addCallback(
+        lambda found: json_response(outbound.act(server, found, action, ctx.who))
+    )
 
 
 def list_mpps(ctx: Context):
-    mpps = getattr(ctx.app.server, "mpps", None)
-    if mpps is None:
+    store = getattr(ctx.app.server, "mpps_store", None)
+    if store is None:
         return json_response({"mpps": [], "note": "this bridge has no MPPS store"})
-    listing = mpps.list() if hasattr(mpps, "list") else list(mpps)
-    return json_response({"mpps": [_plain(m) for m in listing][: limit_of(ctx)]})
+    status = ctx.params.get("status", "").upper()
+    patient_id = ctx.params.get("patient_id", "")
+    limit = limit_of(ctx)
+    known = store.snapshot()  # here, on the thread that writes the store
+
+    def answer(result: tuple[list, int]) -> Any:
+        listed, total = result
+        return json_response({"mpps": listed, "count": len(listed), "total": total})
+
+    return threads.deferToThread(
+        outbound.mpps_listing, store, known, status, patient_id, limit
+    ).addCallback(answer)
+
+
+def get_mpps(ctx: Context):
+    store = getattr(ctx.app.server, "mpps_store", None)
+    uid = ctx.match["uid"]
+    if store is None or uid not in store:
+        raise ActionError(404, f"no MPPS instance {uid}")
+    path = ctx.app.server.translation_log.path
+    query = logsearch.LogQuery(any_of=[("mpps_uid", uid)], limit=200)
+
+    def read() -> dict[str, Any]:
+        body = outbound.mpps_detail(store, uid)
+        found = logsearch.search_log(path, query) if path is not None else None
+        body["history"] = found.records if found is not None else []
+        return body
+
+    return threads.deferToThread(read).addCallback(json_response)
 
 
 def _plain(value: Any) -> Any:
@@ -328,5 +384,8 @@ def add_routes(app: HttpApp) -> None:
     r("GET", "/api/rejected/{name}", "read")(get_rejected)
     r("POST", "/api/rejected/{name}/replay", "write")(replay_rejected)
     r("GET", "/api/outbox", "read")(list_outbox)
-    r("POST", "/api/outbox/{id}/{action}", "write")(outbox_action)
+    r("GET", "/api/outbox/{receiver}/{sequence}", "read")(get_outbox_message)
+    r("POST", "/api/outbox/{receiver}/{sequence}/{action}", "write")(outbox_action)
+    r("POST", "/api/outbox/{receiver}/{action}", "write")(outbox_action)  # by control ID
     r("GET", "/api/mpps", "read")(list_mpps)
+    r("GET", "/api/mpps/{uid}", "read")(get_mpps)

@@ -19,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily
 from bridge.http import items
 
 MAX_LABELS = 200
+# Outcomes of the outbox's lines (bridge.outbox): one queued line per message, one per attempt.
+OUTBOUND_OUTCOMES = ("queued", "sent", "retrying", "parked")
 MINUTES = 60  # per-minute history kept for the web view's charts
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ANSWER_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000)
@@ -96,12 +98,26 @@ class BridgeMetrics:
             ["outcome", "by"], registry=r,
         )  # fmt: skip
         self.mpps_events = Counter(
-            "wlbridge_mpps_events", "MPPS status changes applied to the worklist, by new status",
+            "wlbridge_mpps_events", "MPPS N-CREATE and N-SET requests, by event and outcome",
+            ["event", "outcome"], registry=r,
+        )  # fmt: skip
+        self.mpps_status_changes = Counter(
+            "wlbridge_mpps_status_changes", "SPS status changes MPPS made, by new status",
             ["status"], registry=r,
+        )  # fmt: skip
+        self.outbound_queued = Counter(
+            "wlbridge_outbound_queued", "order status messages queued, by receiver",
+            ["receiver"], registry=r,
+        )  # fmt: skip
+        self.outbound_attempts = Counter(
+            "wlbridge_outbound_attempts", "delivery attempts, by receiver and outcome "
+            "(sent, retrying, parked)", ["receiver", "outcome"], registry=r,
         )  # fmt: skip
         r.register(_ServerCollector(server))
         self._hl7_labels = _Labels()
         self._ae_labels = _Labels()
+        self._mpps_labels = _Labels()
+        self._receiver_labels = _Labels()
         self.per_minute = PerMinute()
         self._lock = threading.Lock()
         self.last_message: dict[str, Any] | None = None
@@ -125,6 +141,15 @@ class BridgeMetrics:
             with self._lock:
                 if ae in self.last_query or len(self.last_query) < MAX_LABELS:
                     self.last_query[ae] = record
+        elif kind.startswith("MPPS^"):
+            event = self._mpps_labels(kind.removeprefix("MPPS^"), str(record.get("outcome", "")))
+            self.mpps_events.labels(*event).inc()
+        elif "receiver" in record and record.get("outcome") in OUTBOUND_OUTCOMES:
+            (receiver,) = self._receiver_labels(str(record["receiver"]))
+            if record["outcome"] == "queued":
+                self.outbound_queued.labels(receiver).inc()
+            else:
+                self.outbound_attempts.labels(receiver, str(record["outcome"])).inc()
         elif kind == "api":
             self.api_changes.labels(str(record.get("outcome", "")), str(record.get("by", ""))).inc()
         elif "^" in kind or "ack" in record or (not kind and "peer" in record and "ms" in record):
@@ -141,8 +166,8 @@ class BridgeMetrics:
                 self.last_message = record
 
     def on_status_change(self, event: Any) -> None:
-        if getattr(event, "cause", "") == "mpps":
-            self.mpps_events.labels(str(event.new_status)).inc()
+        if getattr(event, "cause", "") == "mpps" and event.old_status != event.new_status:
+            self.mpps_status_changes.labels(str(event.new_status)).inc()
 
 
 def _seconds(record: dict[str, Any]) -> float:
@@ -174,27 +199,21 @@ def rejected_count(folder: Path) -> tuple[int, int]:
 
 
 def outbox_state(server: Any) -> dict[str, Any] | None:
-    """Depth and oldest age of the outbound queue, where the server has one."""
+    """Messages waiting and parked, and the oldest waiting one's age, over all receivers and
+    per receiver; None where the server has no outbox."""
     outbox = getattr(server, "outbox", None)
     if outbox is None:
         return None
-    state: dict[str, Any] = {}
     try:
-        entries = list(outbox.list())
-    except Exception as exc:  # another engineer's object: report, do not fail the scrape
-        return {"error": str(exc)}
-    state["depth"] = len(entries)
-    ages = [getattr(e, "age", None) if not isinstance(e, dict) else e.get("age") for e in entries]
-    ages = [a for a in ages if isinstance(a, int | float)]
-    oldest = getattr(outbox, "oldest_age", None)
-    if callable(oldest):
-        try:
-            state["oldest_age"] = float(oldest() or 0)
-        except Exception:
-            state["oldest_age"] = max(ages, default=0.0)
-    else:
-        state["oldest_age"] = max(ages, default=0.0)
-    return state
+        receivers = outbox.state()
+    except OSError as exc:  # the folder gone or unreadable: report, do not fail the scrape
+        return {"error": exc.strerror or str(exc)}
+    return {
+        "depth": sum(r["depth"] for r in receivers.values()),
+        "parked": sum(r["parked"] for r in receivers.values()),
+        "oldest_age": max((r["oldest_age"] for r in receivers.values()), default=0.0),
+        "receivers": receivers,
+    }
 
 
 class _ServerCollector:
@@ -242,9 +261,15 @@ class _ServerCollector:
         yield GaugeMetricFamily("wlbridge_rejected_kept", "rejected messages kept for replay",
                                 value=kept)  # fmt: skip
         outbox = outbox_state(s) or {}
-        yield GaugeMetricFamily("wlbridge_outbox_depth", "outbound messages waiting",
-                                value=outbox.get("depth", 0))  # fmt: skip
-        yield GaugeMetricFamily(
-            "wlbridge_outbox_oldest_age_seconds", "age of the oldest waiting outbound message",
-            value=outbox.get("oldest_age", 0),
-        )  # fmt: skip
+        receivers = outbox.get("receivers", {})
+        for name, help_text, key in (
+            ("wlbridge_outbox_depth", "outbound messages waiting to be sent", "depth"),
+            ("wlbridge_outbox_parked", "outbound messages parked (need a retry or a drop)",
+             "parked"),
+            ("wlbridge_outbox_oldest_age_seconds", "age of the oldest waiting outbound message",
+             "oldest_age"),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(name, help_text, labels=["receiver"])
+            for receiver, state in sorted(receivers.items()):
+                family.add_metric([receiver], state[key])
+            yield family

@@ -70,8 +70,14 @@ def format_status(summary: dict[str, Any]) -> str:
         out.append("outbox  none")
     else:
         out.append(
-            f"outbox  {outbox.get('depth', 0)} waiting, oldest {outbox.get('oldest_age', 0):.0f} s"
+            f"outbox  {outbox.get('depth', 0)} waiting, {outbox.get('parked', 0)} parked, "
+            f"oldest {outbox.get('oldest_age', 0):.0f} s"
         )
+        for name, state in sorted((outbox.get("receivers") or {}).items()):
+            out.append(
+                f"  {name:<16} {state.get('depth', 0)} waiting, {state.get('parked', 0)} parked, "
+                f"oldest {state.get('oldest_age', 0):.0f} s"
+            )
     rejected = summary.get("rejected") or {}
     out.append(f"rejected  {rejected.get('kept', 0)} kept, {rejected.get('today', 0)} today")
     return "\n".join(out)

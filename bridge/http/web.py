@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 from twisted.internet import threads
 from twisted.web import server
 
-from bridge.http import api, items, logsearch
+from bridge.http import api, items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.auth import COOKIE, SESSION_LIFETIME, Principal
 from bridge.http.site import HTML, Context, HttpApp, Response
@@ -25,8 +25,9 @@ STATIC = {
     "wlbridge.js": "text/javascript; charset=utf-8",
 }
 LATEST_LINES = 20  # translation-log lines on the worklist page
-LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "accession", "patient_id",
-               "outcome", "ack", "answers", "by", "reason", "note", "keys", "ms")  # fmt: skip
+LOG_COLUMNS = ("time", "type", "control_id", "peer", "calling_ae", "receiver", "accession",
+               "patient_id", "pps_status", "order_status", "outcome", "ack", "status", "answers",
+               "attempt", "by", "reason", "note", "keys", "mpps_uid", "ms")  # fmt: skip
 
 
 def e(value: Any) -> str:
@@ -39,7 +40,7 @@ def page(ctx: Context | None, title: str, body: str, status: int = 200) -> Respo
     if principal is not None:
         nav = (
             '<nav><a href="/">Worklist</a> <a href="/log">Log</a> '
-            '<a href="/rejected">Rejected</a> <a href="/outbox">Outbox</a>'
+            '<a href="/rejected">Rejected</a> <a href="/outbox">Outbox</a> <a href="/mpps">MPPS</a>'
             f'<span class="who">{e(principal.who)}</span>'
         )
         if principal.session_id:
@@ -326,12 +327,143 @@ def replay_form(ctx: Context):
     return _redirect("/rejected?" + urlencode({"result": result}))
 
 
+OUTBOX_SHOWN = 500  # messages on the outbox page
+
+
 def outbox_page(ctx: Context):
     outbox = getattr(ctx.app.server, "outbox", None)
     if outbox is None:
         return page(ctx, "Outbox", "<p>This bridge sends no outbound messages.</p>")
-    rows = [[e(api._plain(m))] for m in outbox.list()]
-    return page(ctx, "Outbox", table(["message"], rows) if rows else "<p>The outbox is empty.</p>")
+    state = ctx.params.get("state", "")
+    state = state if state in ("pending", "parked") else ""
+    return threads.deferToThread(outbound.entries, outbox, state).addCallback(
+        lambda listed: _outbox_listing(ctx, listed)
+    )
+
+
+def _outbox_listing(ctx: Context, listed: list[dict[str, Any]]) -> Response:
+    p = ctx.principal
+    rows = []
+    for m in listed[:OUTBOX_SHOWN]:
+        buttons = ""
+        if p is not None and p.can_write:
+            action = f"/outbox/{quote(m['id'])}"
+            retry = "Retry" if m["state"] == "parked" else "Send now"
+            buttons = (
+                f'<form method="post" action="{action}/retry" class="inline">{csrf_field(p)}'
+                f'<button type="submit">{retry}</button></form> '
+                f'<form method="post" action="{action}/drop" class="inline confirm" '
+                f'data-confirm="Delete this message? The receiver will never get it.">'
+                f'{csrf_field(p)}<button type="submit" class="danger">Drop</button></form>'
+            )
+        accession = m["accession"]
+        rows.append([
+            e(m["id"]), e(m["receiver"]), f'<span class="status">{e(m["state"])}</span>',
+            e(m["control_id"]), e(m["order_status"]),
+            f'<a href="/log?{urlencode({"q": accession})}">{e(accession)}</a>' if accession else "",
+            e(f"{m['age']:.0f} s"), e(m["attempts"]), e(m["reason"]), buttons,
+        ])  # fmt: skip
+    state_info = api.outbox_state(ctx.app.server) or {}
+    receivers = "".join(
+        f"<li>{e(name)}: {e(r['depth'])} waiting, {e(r['parked'])} parked, "
+        f"oldest {e(round(r['oldest_age']))} s</li>"
+        for name, r in sorted(state_info.get("receivers", {}).items())
+    )
+    note = e(ctx.params.get("result", ""))
+    body = (
+        (f'<p class="note">{note}</p>' if note else "")
+        + (f'<ul class="receivers">{receivers}</ul>' if receivers
+           else "<p>No [[outbound]] receivers are configured.</p>")
+        + (table(["id", "receiver", "state", "control id", "ORC-5", "accession", "age",
+                  "attempts", "reason", ""], rows, "outbox") if rows
+           else "<p>The outbox is empty.</p>")
+        + (f"<p>{len(listed) - OUTBOX_SHOWN} more not shown.</p>"
+           if len(listed) > OUTBOX_SHOWN else "")
+    )  # fmt: skip
+    return page(ctx, "Outbox", body)
+
+
+def outbox_form(ctx: Context):
+    ident = outbound.entry_id(ctx.match["receiver"], ctx.match["sequence"])
+    action = ctx.match["action"]
+    if action not in ("retry", "drop"):
+        raise ActionError(404, "not found")
+    try:
+        done = outbound.act(ctx.app.server, ident, action, ctx.who)
+        result = f"{done['id']} ({done['control_id']}): " + (
+            "dropped" if action == "drop" else "queued to be sent again"
+        )
+    except ActionError as exc:
+        result = f"{ident}: {exc.message}"
+    return _redirect("/outbox?" + urlencode({"result": result}))
+
+
+MPPS_SHOWN = 200  # instances on the MPPS page
+
+
+def mpps_page(ctx: Context):
+    store = getattr(ctx.app.server, "mpps_store", None)
+    if store is None:
+        return page(ctx, "MPPS", "<p>This bridge keeps no MPPS instances.</p>")
+    status = ctx.params.get("status", "").upper()
+    known = store.snapshot()  # on the thread that writes the store
+
+    def render(result: tuple[list[dict[str, Any]], int]) -> Response:
+        listed, total = result
+        options = "".join(
+            f'<option value="{e(s)}"{" selected" if s == status else ""}>{e(s)}</option>'
+            for s in ("", "IN PROGRESS", "COMPLETED", "DISCONTINUED")
+        )
+        form = (
+            '<form method="get" action="/mpps" class="filters">'
+            f'<label>Status <select name="status">{options}</select></label>'
+            '<button type="submit">Filter</button></form>'
+        )
+        rows = [
+            [
+                f'<a href="/mpps/{quote(m["uid"])}">{e(m["uid"])}</a>',
+                f'<span class="status">{e(m.get("PerformedProcedureStepStatus", ""))}</span>',
+                e(m.get("PatientName", "")), e(m.get("PatientID", "")),
+                e(m.get("PerformedStationAETitle", "")),
+                e(" ".join((m.get("PerformedProcedureStepStartDate", ""),
+                            m.get("PerformedProcedureStepStartTime", "")))),
+                e(", ".join(s["AccessionNumber"] for s in m.get("scheduled_steps", []))),
+                e(m.get("error", "")),
+            ]
+            for m in listed
+        ]  # fmt: skip
+        body = form + f"<p>{total} instance(s)</p>" + (
+            table(["uid", "status", "patient", "patient id", "station", "started",
+                   "accession", ""], rows, "mpps") if rows else ""
+        )  # fmt: skip
+        return page(ctx, "MPPS", body)
+
+    return threads.deferToThread(
+        outbound.mpps_listing, store, known, status, "", MPPS_SHOWN
+    ).addCallback(render)
+
+
+def mpps_instance_page(ctx: Context):
+    store = getattr(ctx.app.server, "mpps_store", None)
+    uid = ctx.match["uid"]
+    if store is None or uid not in store:
+        return page(ctx, "No such MPPS instance", f"<p>No MPPS instance {e(uid)}.</p>", 404)
+    path = ctx.app.server.translation_log.path
+    query = logsearch.LogQuery(any_of=[("mpps_uid", uid)], limit=200)
+
+    def read() -> Response:
+        detail = outbound.mpps_detail(store, uid)
+        history = logsearch.search_log(path, query).records if path is not None else []
+        body = (
+            f'<p>Status <span class="status">{e(detail["PerformedProcedureStepStatus"])}</span>'
+            f" · stored {e(detail.get('stored_at', ''))}</p>"
+            "<h2>History</h2>" + log_table(history)
+            + "<h2>Attributes</h2>"
+            + table(["attribute", "value"], _attribute_rows(detail["attributes"]), "attrs")
+        )  # fmt: skip
+        return page(ctx, f"MPPS {uid}", body)
+
+    return threads.deferToThread(read)
 
 
 def login(ctx: Context):
@@ -373,6 +505,9 @@ def add_routes(app: HttpApp) -> None:
     r("GET", "/rejected", "read", web=True)(rejected_page)
     r("POST", "/rejected/{name}/replay", "write", web=True)(replay_form)
     r("GET", "/outbox", "read", web=True)(outbox_page)
+    r("POST", "/outbox/{receiver}/{sequence}/{action}", "write", web=True)(outbox_form)
+    r("GET", "/mpps", "read", web=True)(mpps_page)
+    r("GET", "/mpps/{uid}", "read", web=True)(mpps_instance_page)
     r("GET", "/login", "public")(lambda ctx: sign_in_page(ctx.request))
     r("POST", "/login", "public")(login)
     r("POST", "/logout", "read", web=True)(logout)

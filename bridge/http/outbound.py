@@ -1,0 +1,222 @@
+"""What the API and the web view show of the outbox and the MPPS store, and the outbox actions.
+
+The outbox (bridge.outbox.Outbox) is changed on the reactor thread, where it delivers, so a
+retry or a drop never races a delivery; a listing reads every message file, so it runs in the
+thread pool (a file sent meanwhile is left out). MPPS instances are files too: they are read in
+the thread pool from a snapshot of the store's UIDs taken on the reactor thread (where the
+store is written).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.datadict import keyword_for_tag
+
+from bridge.http.actions import ActionError
+from bridge.outbox import PARKED, RECEIVER_NAME, SUFFIX, OutboxEntry, OutboxError, message_facts
+
+SEQUENCE = re.compile(r"^[0-9]{1,20}$")
+MAX_MESSAGE_SHOWN = 256 * 1024  # bytes of an outbound message returned by its detail
+MAX_VALUE_SHOWN = 1024  # characters of one MPPS attribute value shown
+MPPS_SUMMARY = (
+    "PerformedProcedureStepStatus", "PatientName", "PatientID", "IssuerOfPatientID", "Modality",
+    "PerformedStationAETitle", "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "PerformedProcedureStepEndDate",
+    "PerformedProcedureStepEndTime", "PerformedProcedureStepDescription",
+)  # fmt: skip
+
+
+# -- the outbox
+def entry_id(receiver: str, sequence: str | None) -> str:
+    """The outbox id from a URL's parts: `<receiver>/<sequence>`, or a control ID (MSH-10) when
+    the URL has one part. Parts that could name a path outside the outbox are refused."""
+    if sequence is None:
+        if not receiver or len(receiver) > 64 or "/" in receiver or receiver.startswith("."):
+            raise ActionError(404, f"no message {receiver!r} in the outbox")
+        return receiver
+    if not RECEIVER_NAME.match(receiver) or not SEQUENCE.match(sequence):
+        raise ActionError(404, f"no message {receiver}/{sequence} in the outbox")
+    return f"{receiver}/{sequence}"
+
+
+def entries(outbox: Any, state: str = "", receiver: str = "", accession: str = "") -> list[dict]:
+    """The outbox's messages, receiver by receiver, waiting then parked, each oldest first,
+    filtered. Reads every file
+    (~1 ms each): run it in the thread pool, not on the reactor."""
+    for _ in range(3):
+        try:
+            listed = outbox.list()
+            break
+        except FileNotFoundError:  # a file moved by a delivery or a retry meanwhile: again
+            continue
+    else:
+        listed = outbox.list()
+    return [
+        entry.as_dict()
+        for entry in listed
+        if (not state or entry.state == state)
+        and (not receiver or entry.receiver == receiver)
+        and (not accession or entry.accession == accession)
+    ]
+
+
+def resolve(outbox: Any, ident: str) -> str:
+    """A control ID (MSH-10) as the message's `<receiver>/<sequence>` (reads every file: in the
+    thread pool); an id is returned as it is."""
+    if "/" in ident:
+        return ident
+    try:
+        return outbox.folder.entry_id(outbox.folder.find(ident))
+    except OutboxError as exc:
+        raise ActionError(404, str(exc)) from None
+
+
+def find(outbox: Any, ident: str) -> tuple[Path, dict[str, Any]]:
+    """(the message's file, its listing entry) by `<receiver>/<sequence>`, or ActionError 404;
+    reads that one file only."""
+    receiver, _, sequence = ident.partition("/")
+    folder = outbox.folder
+    for path, state in (
+        (folder.root / receiver / f"{sequence}{SUFFIX}", "pending"),
+        (folder.root / receiver / PARKED / f"{sequence}{SUFFIX}", "parked"),
+    ):
+        try:
+            data = path.read_bytes()
+            age = max(0.0, time.time() - path.stat().st_mtime)
+            reason = ""
+            if state == "parked" and path.with_suffix(".reason").exists():
+                reason = path.with_suffix(".reason").read_text("utf-8", "replace").strip()
+        except FileNotFoundError:
+            continue
+        facts = message_facts(data)
+        found = folder.entry_id(path)
+        entry = OutboxEntry(
+            id=found, receiver=receiver, state=state, control_id=facts.control_id,
+            order_status=facts.order_status, accession=facts.accession, age=round(age, 1),
+            attempts=outbox.tries.get(found, 0), reason=reason,
+        )  # fmt: skip
+        return path, entry.as_dict()
+    raise ActionError(404, f"no message {ident!r} in the outbox")
+
+
+def detail(outbox: Any, ident: str) -> dict[str, Any]:
+    path, entry = find(outbox, resolve(outbox, ident))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MESSAGE_SHOWN)
+    except FileNotFoundError:
+        raise ActionError(404, f"no message {ident!r} in the outbox") from None
+    # Segments one a line: HL7 ends them with CR, which a terminal or a page would overprint.
+    return {**entry, "message": data.decode("utf-8", "replace").replace("\r", "\n")}
+
+
+def act(server: Any, ident: str, action: str, who: str) -> dict[str, Any]:
+    """Retry or drop one message (by `<receiver>/<sequence>`), on the reactor thread, where the
+    outbox delivers; the translation log says who did it, naming the message's receiver,
+    control ID and accession (so the item's history shows it)."""
+    outbox = server.outbox
+    path, entry = find(outbox, ident)
+    try:
+        facts = message_facts(path.read_bytes())
+    except FileNotFoundError:
+        raise ActionError(404, f"no message {ident!r} in the outbox") from None
+    try:
+        done = outbox.retry(entry["id"]) if action == "retry" else outbox.drop(entry["id"])
+    except OutboxError as exc:
+        raise ActionError(404, str(exc)) from None
+    except OSError as exc:
+        raise ActionError(500, f"outbox {entry['id']}: {exc.strerror or exc}") from None
+    was = entry["state"]
+    note = {
+        ("retry", "parked"): "parked message put back in the queue",
+        ("retry", "pending"): "waiting message sent now",
+    }.get((action, was), f"{was} message deleted")
+    server.translation_log.record(
+        peer=f"http:{who}", type="api", outcome=f"outbox-{action}", by=who,
+        receiver=entry["receiver"], control_id=facts.control_id, order_status=facts.order_status,
+        accession=facts.accession, patient_id=facts.patient_id.split("^")[0], file=done,
+        note=note,
+    )  # fmt: skip
+    return {"id": done, "action": action, "was": was, "control_id": facts.control_id}
+
+
+# -- MPPS instances
+def mpps_listing(
+    store: Any, known: dict[str, Any], status: str, patient_id: str, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    """(the newest `limit` instances that pass the filters, how many pass); in a thread."""
+    chosen = []
+    for uid, facts in known.items():
+        if status and facts.status != status:
+            continue
+        if patient_id and facts.patient_id != patient_id:
+            continue
+        path = store.path_for(uid)
+        try:
+            chosen.append((path.stat().st_mtime, uid, path))
+        except FileNotFoundError:
+            continue
+    chosen.sort(reverse=True)
+    listed = []
+    for mtime, uid, path in chosen[:limit]:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # a damaged file: listed, with why it cannot be read
+            listed.append({"uid": uid, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        listed.append(mpps_summary(uid, ds, mtime))
+    return listed, len(chosen)
+
+
+def mpps_summary(uid: str, ds: Dataset, mtime: float | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"uid": uid}
+    for keyword in MPPS_SUMMARY:
+        out[keyword] = _value(ds.get(keyword, ""))
+    steps = ds.get("ScheduledStepAttributesSequence") or []
+    out["scheduled_steps"] = [
+        {k: _value(step.get(k, "")) for k in
+         ("AccessionNumber", "StudyInstanceUID", "RequestedProcedureID",
+          "ScheduledProcedureStepID")}
+        for step in steps
+    ]  # fmt: skip
+    if mtime is not None:
+        out["stored_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
+    return out
+
+
+def mpps_detail(store: Any, uid: str) -> dict[str, Any]:
+    """Every attribute of one instance (in a thread)."""
+    path = store.path_for(uid)
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        raise ActionError(404, f"no MPPS instance {uid}") from None
+    return {**mpps_summary(uid, ds, mtime), "attributes": dataset_json(ds)}
+
+
+def dataset_json(ds: Dataset) -> dict[str, Any]:
+    """A dataset by keyword (private or unknown tags as `(gggg,eeee)`), sequences nested."""
+    out: dict[str, Any] = {}
+    for element in ds:
+        name = keyword_for_tag(element.tag) or f"({element.tag.group:04X},{element.tag.elem:04X})"
+        if element.VR == "SQ":
+            out[name] = [dataset_json(item) for item in element.value]
+        else:
+            out[name] = _value(element.value)
+    return out
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return f"({len(value)} bytes)"
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [_value(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return str(value)[:MAX_VALUE_SHOWN] if value is not None else ""
