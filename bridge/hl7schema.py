@@ -499,6 +499,8 @@ def check_fields(
             value = seg.value(field, component, subcomponent)
             if value and not strict and (fixed := loose_dtm(value)) and not dtm_problem(fixed):
                 continue  # ISO 8601 or a long fraction: the order module reads it, with a note
+            if not strict and seg.name == "PID" and field == 7:
+                continue  # not needed by an item: the order module leaves a bad one out, noted
             if value and (problem := dtm_problem(value)):
                 raise HL7Error(
                     DATA_TYPE_ERROR,

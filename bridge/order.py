@@ -972,13 +972,7 @@ def read_patient(
     if not settings.strict and (fixed := loose_dtm(birth)):
         message.notes.append(f"PID^{pid.occurrence}^7: {birth!r} read as {fixed[:8]}")
         birth = fixed
-    birth = birth[:8]
-    if birth and not (len(birth) == 8 and birth.isdigit()):
-        raise HL7Error(
-            DATA_TYPE_ERROR, f"PID^{pid.occurrence}^7", f"birth date {birth!r} is not YYYYMMDD"
-        )
-    if birth:
-        parse_dtm(birth, f"PID^{pid.occurrence}^7")
+    birth = birth_date(birth, f"PID^{pid.occurrence}^7", message, settings.strict)
     address = "^".join(c.strip() for c in pid.components(11)).rstrip("^")
     pv1 = message.first("PV1")
     admission, admission_location = "", ""
@@ -1008,6 +1002,24 @@ def read_patient(
         admission_id=admission,
         locations=locations,
     )
+
+
+def birth_date(value: str, location: str, message: HL7Message, strict: bool) -> str:
+    """PID-7 as DICOM DA. A birth date that is not a date (`1990505`, `19801301`) is left out
+    with a note: the item is usable without one, and refusing would lose the order (Patient's
+    Birth Date is type 2 in the worklist). Strict: AE 102."""
+    birth = value[:8]
+    try:
+        if birth and not (len(birth) == 8 and birth.isdigit()):
+            raise HL7Error(DATA_TYPE_ERROR, location, f"birth date {birth!r} is not YYYYMMDD")
+        if birth:
+            parse_dtm(birth, location)
+    except HL7Error:
+        if strict:
+            raise
+        message.notes.append(f"{location}: birth date {value!r} is not a date; left empty")
+        return ""
+    return birth
 
 
 def _read_adt(message: HL7Message, trigger: str, settings: Settings) -> PatientUpdate | Ignored:

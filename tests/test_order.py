@@ -761,10 +761,15 @@ def test_sex_mapping(hl7, dicom):
     assert order({"PID": {8: hl7}}).patient.sex == dicom
 
 
-def test_birth_date_keeps_the_date_and_refuses_garbage():
+def test_birth_date_keeps_the_date_and_leaves_garbage_out():
     assert order({"PID": {7: "198001021230"}}).patient.birth_date == "19800102"
-    error = refused(build(base_orm(), {"PID": {7: "1980"}}))
-    assert (error.code, error.location) == ("102", "PID^1^7")
+    for garbage in ("1980", "1990505", "19801301"):
+        message = build(base_orm(), {"PID": {7: garbage}})
+        result = read(message)
+        assert result.patient.birth_date == "" and result.patient.patient_id == "PAT001"
+        assert f"PID^1^7: birth date {garbage!r} is not a date; left empty" in message.notes
+        error = refused(build(base_orm(), {"PID": {7: garbage}}), strict=True)
+        assert (error.code, error.location) == ("102", "PID^1^7")
 
 
 def test_escapes_are_decoded():
