@@ -101,6 +101,8 @@ def validate_header(message: HL7Message, settings: Settings) -> None:
     message.rules_version = version
     if note:
         message.notes.append(note)
+    if not strict:
+        _read_type_with_its_rules(message)
     if not h.processing_id:
         if strict:
             raise HL7Error(
@@ -163,6 +165,25 @@ def rules_version(declared: str, strict: bool = False) -> tuple[str, str]:
     else:  # 2.3.2, 2.4.1: the release it amends
         version = f"2.{minor}"
     return version, f"HL7 {declared} read with the rules of {version}"
+
+
+def _read_type_with_its_rules(message: HL7Message) -> None:
+    """OMI^O23 (from 2.5) and OMG^O19 (from 2.4) labelled with an older MSH-12: senders that
+    build them with the later segments (TQ1, IPC) but keep their 2.3.1 header. The message says
+    what it is; it is read with the newest rules we have for it, with a note (strict: AR 203)."""
+    from bridge.order import ORDER_MESSAGES  # the order module owns the type/version table
+
+    kind = message.header.message_type.upper()
+    trigger, versions = ORDER_MESSAGES.get(kind, ("", ()))
+    if not versions or message.header.trigger_event.upper() != trigger:
+        return
+    if message.rules_version in versions:
+        return
+    message.rules_version = versions[-1]
+    message.notes.append(
+        f"{kind}^{trigger} does not exist in HL7 {message.header.version}; "
+        f"read with the rules of {versions[-1]}"
+    )
 
 
 def _require_supported_version(version: str) -> None:
@@ -478,6 +499,8 @@ def check_fields(
             value = seg.value(field, component, subcomponent)
             if value and not strict and (fixed := loose_dtm(value)) and not dtm_problem(fixed):
                 continue  # ISO 8601 or a long fraction: the order module reads it, with a note
+            if not strict and seg.name == "PID" and field == 7:
+                continue  # not needed by an item: the order module leaves a bad one out, noted
             if value and (problem := dtm_problem(value)):
                 raise HL7Error(
                     DATA_TYPE_ERROR,

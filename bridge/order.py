@@ -813,8 +813,16 @@ def _read_measures(message: HL7Message, group: _Group, values: dict, locations: 
 # --- Message shapes ---------------------------------------------------------------------------
 
 
-def _groups(message: HL7Message) -> list[_Group]:
+# Segments that make an order: before the first ORC they cannot be placed (an ORC fused into
+# PV1, an OBR without its ORC), so they are refused. The others of an order group (DG1, OBX, CTD,
+# TQ2) before the first ORC say nothing about an order: real ORM feeds put DG1 and insurance
+# segments in the patient part (2.3's ORM_O01 has no DG1 there).
+_ORDER_DEFINING = frozenset({"TQ1", "OBR", "IPC", "ZDS"})
+
+
+def _groups(message: HL7Message, strict: bool = False) -> list[_Group]:
     groups: list[_Group] = []
+    passed_over: list[str] = []
     for segment in message.segments:
         name = segment.name
         if name == "ORC":
@@ -825,6 +833,9 @@ def _groups(message: HL7Message) -> list[_Group]:
         if not groups:
             if name in ("NTE",):
                 continue  # patient notes
+            if not strict and name not in _ORDER_DEFINING:
+                passed_over.append(f"{name} (segment {segment.position})")
+                continue
             raise HL7Error(
                 SEGMENT_SEQUENCE_ERROR,
                 f"{name}^{segment.occurrence}",
@@ -849,6 +860,10 @@ def _groups(message: HL7Message) -> list[_Group]:
             group.ipcs.append(segment)
         elif name == "OBX":
             group.obxs.append(segment)
+    if passed_over:
+        message.notes.append(
+            f"{', '.join(passed_over)} before the first ORC: not part of an order, passed over"
+        )
     return groups
 
 
@@ -883,7 +898,7 @@ def _read_order(message: HL7Message, declared: str, settings: Settings) -> Order
     pid = message.first("PID")
     if pid is None:
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "PID^1", "the message has no PID segment")
-    groups = _groups(message)
+    groups = _groups(message, settings.strict)
     if not groups:
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "ORC^1", "the message has no ORC segment")
     _check_shape(declared, groups)
@@ -957,13 +972,7 @@ def read_patient(
     if not settings.strict and (fixed := loose_dtm(birth)):
         message.notes.append(f"PID^{pid.occurrence}^7: {birth!r} read as {fixed[:8]}")
         birth = fixed
-    birth = birth[:8]
-    if birth and not (len(birth) == 8 and birth.isdigit()):
-        raise HL7Error(
-            DATA_TYPE_ERROR, f"PID^{pid.occurrence}^7", f"birth date {birth!r} is not YYYYMMDD"
-        )
-    if birth:
-        parse_dtm(birth, f"PID^{pid.occurrence}^7")
+    birth = birth_date(birth, f"PID^{pid.occurrence}^7", message, settings.strict)
     address = "^".join(c.strip() for c in pid.components(11)).rstrip("^")
     pv1 = message.first("PV1")
     admission, admission_location = "", ""
@@ -993,6 +1002,24 @@ def read_patient(
         admission_id=admission,
         locations=locations,
     )
+
+
+def birth_date(value: str, location: str, message: HL7Message, strict: bool) -> str:
+    """PID-7 as DICOM DA. A birth date that is not a date (`1990505`, `19801301`) is left out
+    with a note: the item is usable without one, and refusing would lose the order (Patient's
+    Birth Date is type 2 in the worklist). Strict: AE 102."""
+    birth = value[:8]
+    try:
+        if birth and not (len(birth) == 8 and birth.isdigit()):
+            raise HL7Error(DATA_TYPE_ERROR, location, f"birth date {birth!r} is not YYYYMMDD")
+        if birth:
+            parse_dtm(birth, location)
+    except HL7Error:
+        if strict:
+            raise
+        message.notes.append(f"{location}: birth date {value!r} is not a date; left empty")
+        return ""
+    return birth
 
 
 def _read_adt(message: HL7Message, trigger: str, settings: Settings) -> PatientUpdate | Ignored:

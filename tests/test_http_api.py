@@ -189,8 +189,9 @@ def test_a_walk_in_scheduled_from_json_goes_through_the_hl7_checks(web):
 
     # the same checks as HL7: a bad date is the ACK's ERR text, nothing is stored
     refused = web.call("POST", "/api/items", body={**WALK_IN, "AccessionNumber": "WALK-2",
-                                                   "PatientBirthDate": "19801301"})  # fmt: skip
-    assert refused.status == 422 and refused.json()["error"].startswith("102 PID^1^7")
+                                                   "ScheduledProcedureStepStartDateTime":
+                                                       "202613011500"})  # fmt: skip
+    assert refused.status == 422 and refused.json()["error"].startswith("102 TQ1^1^7"), refused.body
     assert web.call("GET", "/api/items?AccessionNumber=WALK-2").json()["count"] == 0
     assert web.call("POST", "/api/items", body={"Colour": "blue"}).status == 400
     assert web.call("POST", "/api/items", raw=b"{not json").status == 400

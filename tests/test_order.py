@@ -21,6 +21,7 @@ from bridge.order import (
     derive_study_uid,
     read_message,
 )
+from bridge.pipeline import interpret
 from tests.peers import require_public_samples
 
 # codec of each MSH-18 value the tests use
@@ -426,6 +427,37 @@ def test_omi_before_2_5_is_refused(version):
     assert (error.ack_code, error.code) == ("AR", "203")
 
 
+@pytest.mark.parametrize(("kind", "version"), [("OMI^O23", "2.4"), ("OMG^O19", "2.3.1")])
+def test_a_message_labelled_older_than_its_type_is_read_with_its_rules(kind, version):
+    # What a KIS sends: OMG^O19 with TQ1, under a 2.3.1 MSH-12 (OMG exists from 2.4)
+    segs = base_omi() if kind.startswith("OMI") else base_orm()
+    message = build(segs, {"MSH": {9: kind, 12: version}})
+    result = interpret(message, settings())
+    assert [s.values["Modality"] for s in result.steps] == ["MR" if "OMI" in kind else "CT"]
+    assert (message.version, message.header.version) == ("2.5.1", version)
+    assert f"{kind} does not exist in HL7 {version}; read with the rules of 2.5.1" in message.notes
+    with pytest.raises(HL7Error) as info:
+        interpret(build(segs, {"MSH": {9: kind, 12: version}}), settings(strict=True))
+    assert (info.value.ack_code, info.value.code, info.value.location) == ("AR", "203", "MSH^1^12")
+
+
+def test_order_detail_segments_before_the_first_orc_are_passed_over():
+    # A DG1 (and insurance segments) in the patient part, as an ADT-minded HIS writes its ORM
+    segs = base_orm()
+    segs.insert(3, ("DG1", {1: "1", 4: "CHRONIC COUGH"}))
+    message = build(segs)
+    result = read(message)
+    assert [s.values["AccessionNumber"] for s in result.steps] == ["ACC100"]
+    assert "DG1 (segment 4) before the first ORC: not part of an order, passed over" in (
+        message.notes
+    )
+    error = refused(build(segs), strict=True)
+    assert (error.code, error.location) == ("100", "DG1^1")
+    # an OBR before any ORC still has no order to belong to
+    segs.insert(3, ("OBR", {1: "1", 2: "PLC0", 24: "CT"}))
+    assert (refused(build(segs)).code, refused(build(segs)).location) == ("100", "OBR^1")
+
+
 def test_omg_is_read_like_orm():
     result = read(build(base_orm(), {"MSH": {9: "OMG^O19^OMG_O19"}}))
     assert result.message_type == "OMG^O19"
@@ -729,10 +761,15 @@ def test_sex_mapping(hl7, dicom):
     assert order({"PID": {8: hl7}}).patient.sex == dicom
 
 
-def test_birth_date_keeps_the_date_and_refuses_garbage():
+def test_birth_date_keeps_the_date_and_leaves_garbage_out():
     assert order({"PID": {7: "198001021230"}}).patient.birth_date == "19800102"
-    error = refused(build(base_orm(), {"PID": {7: "1980"}}))
-    assert (error.code, error.location) == ("102", "PID^1^7")
+    for garbage in ("1980", "1990505", "19801301"):
+        message = build(base_orm(), {"PID": {7: garbage}})
+        result = read(message)
+        assert result.patient.birth_date == "" and result.patient.patient_id == "PAT001"
+        assert f"PID^1^7: birth date {garbage!r} is not a date; left empty" in message.notes
+        error = refused(build(base_orm(), {"PID": {7: garbage}}), strict=True)
+        assert (error.code, error.location) == ("102", "PID^1^7")
 
 
 def test_escapes_are_decoded():
