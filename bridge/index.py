@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import pickle
+import select
 import stat
 import threading
 import time
@@ -256,6 +257,7 @@ class WorklistIndex:
         self._notifier: Any = None
         self._poller: Any = None
         self._polling = False
+        self.refresh_inline = False  # sync_now() sets it: changes read on the reactor thread
         self.load_stats: dict[str, float] = {}  # of the last load(): items, read, cached, seconds
         self.translation_log: Any = None  # set by the server: lines for other programs' removals
 
@@ -734,9 +736,28 @@ class WorklistIndex:
             return  # the bridge's own write or delete, indexed already: no thread hop
         self._refresh([key])
 
+    def sync_now(self) -> None:
+        """Apply at once, on this (the reactor's) thread, the folder changes the kernel has
+        reported and the index has not applied yet: a file renamed into the folder before this
+        call is served after it. For an index that follows another process's writes (a DICOM
+        worker's): the events are queued by the rename itself, before that writer's ACK."""
+        notifier = self._notifier
+        if notifier is None:
+            return
+        self.refresh_inline = True  # read what the events name here, not in a thread
+        fd = notifier.fileno()
+        for _ in range(64):  # bounded: a folder changing faster than this is read next time
+            if not select.select([fd], [], [], 0)[0]:
+                return
+            notifier.doRead()
+
     def _refresh(self, keys: list[str]) -> None:
         """Re-read `keys` in a worker thread; apply the results on the reactor thread."""
         from twisted.internet.threads import deferToThreadPool
+
+        if self.refresh_inline:
+            self._apply(self._read_many(keys))
+            return
 
         reactor = self._reactor
         d = deferToThreadPool(reactor, reactor.getThreadPool(), self._read_many, keys)
