@@ -256,6 +256,11 @@ class Settings:
         "use the bridge's tuning of pynetdicom internals (fast answers, brisk polling)",
         default=True,
     )
+    dicom_workers: int = _opt(
+        "processes serving DICOM (C-FIND, C-ECHO; MPPS forwarded to the main process) on the"
+        " one port, so that queries use the cores and never slow HL7 intake; 0: in-process",
+        default=0,
+    )
     index_poll_interval: float = _opt(
         "seconds between scans of the worklist folder for changes made by other programs",
         default=1.0,
@@ -622,6 +627,7 @@ _LOWER_BOUNDS = {
     "finished_retention": (0, True),
     "max_answers": (0, True),
     "max_associations": (1, True),
+    "dicom_workers": (0, True),
     "acse_timeout": (0, False),
     "dimse_timeout": (0, False),
     "network_timeout": (0, False),
