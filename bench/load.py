@@ -115,6 +115,19 @@ class Result:
         return row
 
 
+def settle(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the server is idle (its start-up work done: the index cache written, the
+    workers loaded), so that a run measures the queries only."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now - before < 0.05:
+            return
+        before = now
+
+
 class BridgeUnderLoad:
     """`wlbridge serve` on the generated folder (per-ae layout, so the bridge's own orders land
     beside the generated items in the AE folder and every query scans the same partition)."""
@@ -134,19 +147,6 @@ class BridgeUnderLoad:
         _wait_port(self.mllp_port, self.proc, timeout=900)
         _wait_port(self.dicom_port, self.proc, timeout=900)
         settle(self.proc.pid)
-
-
-def settle(pid: int, timeout: float = 120.0) -> None:
-    """Wait until the server is idle (its start-up work done: the index cache written, the
-    workers loaded), so that a run measures the queries only."""
-    deadline = time.monotonic() + timeout
-    before = cpu_seconds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = cpu_seconds(pid)
-        if now - before < 0.05:
-            return
-        before = now
 
     def stop(self) -> None:
         stop(self.proc)
