@@ -117,17 +117,22 @@ def test_mpps_through_a_worker_changes_the_worklist_in_the_main_process(tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_leaves_no_worker_behind(tmp_path, sig):
     running = start_bridge(tmp_path, "--dicom-workers", "3")
-    assert len(worker_pids(running.process.pid)) == 3
-    pids = children(running.process.pid)
-    assert running.stop(sig) == 0, "".join(running.stderr_lines)
+    try:
+        assert len(worker_pids(running.process.pid)) == 3
+        pids = children(running.process.pid)
+    finally:
+        code = running.stop(sig)
+    assert code == 0, "".join(running.stderr_lines)
     assert wait_gone(pids, timeout=30) == []  # workers and any helper process alike
 
 
 def test_workers_stop_by_themselves_when_the_main_process_is_killed(tmp_path):
     running = start_bridge(tmp_path, "--dicom-workers", "2")
-    pids = worker_pids(running.process.pid)
-    assert len(pids) == 2
-    running.process.kill()
+    try:
+        pids = worker_pids(running.process.pid)
+        assert len(pids) == 2
+    finally:
+        running.process.kill()
     running.process.wait(timeout=20)
     assert wait_gone(pids, timeout=30) == []
 
