@@ -656,6 +656,12 @@ def validate(settings: Settings) -> None:
     for name in ("mllp_port", "dicom_port"):
         if getattr(settings, name) > 65535:
             fail(name, f"{getattr(settings, name)} is not a TCP port (0 to 65535)")
+    if settings.dicom_workers > settings.max_associations:
+        fail(
+            "dicom_workers",
+            f"{settings.dicom_workers} workers share max-associations = "
+            f"{settings.max_associations}: each needs at least one; lower dicom-workers",
+        )
     problem = ae_title_problem(settings.ae_title)
     if problem:
         fail("ae_title", problem)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import multiprocessing
 import os
 import socket
@@ -272,8 +271,9 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
     from bridge.index import WorklistIndex
     from bridge.tls import dicom_ssl_context
 
-    # The association limit is the whole server's: each worker takes its share.
-    share = max(1, math.ceil(settings.max_associations / count))
+    # The association limit is the whole server's: each worker takes its share (never more:
+    # validate() makes sure there is one for each).
+    share = max(1, settings.max_associations // count)
     settings = dataclasses.replace(settings, max_associations=share)
     link = _Link(connection)
     index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))

@@ -183,6 +183,11 @@ def test_a_burst_of_300_connections_is_accepted_and_refusals_are_clean(tmp_path,
     assert len(refusals) >= answers.count(3)
 
 
-def test_dicom_workers_must_not_be_negative(tmp_path):
-    with pytest.raises(RuntimeError, match="dicom-workers"):
-        start_bridge(tmp_path, "--dicom-workers", "-1")
+@pytest.mark.parametrize(
+    "options",
+    [["--dicom-workers", "-1"], ["--dicom-workers", "3", "--max-associations", "2"]],
+)
+def test_a_dicom_workers_mistake_is_a_sentence_naming_it(tmp_path, options):
+    with pytest.raises(RuntimeError, match="dicom-workers") as failed:
+        start_bridge(tmp_path, *options)
+    assert "Traceback" not in str(failed.value)
