@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import queue
 import socket
 import subprocess
 import sys
@@ -58,6 +61,24 @@ def listen_drops() -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its children (workers) so far."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -77,6 +98,7 @@ class Result:
     orders: int = 0
     found_after_ack: int = 0
     listen_drops: int = 0
+    server_cpu_s: float = 0.0  # the server's processes' CPU time during the run
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -84,6 +106,8 @@ class Result:
         del row["query_ms"], row["acks_ms"]
         row["errors"] = len(self.errors)
         row["queries_per_s"] = round(self.queries / self.seconds, 1)
+        row["server_cpu_s"] = round(self.server_cpu_s, 2)
+        row["cpu_ms_per_query"] = round(1000 * self.server_cpu_s / max(self.queries, 1), 2)
         for name, values in (("query", self.query_ms), ("ack", self.acks_ms)):
             for label, q in (("p50", 0.5), ("p99", 0.99)):
                 row[f"{name}_{label}_ms"] = round(_percentile(values, q), 1)
@@ -91,11 +115,24 @@ class Result:
         return row
 
 
+def settle(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the server is idle (its start-up work done: the index cache written, the
+    workers loaded), so that a run measures the queries only."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now - before < 0.05:
+            return
+        before = now
+
+
 class BridgeUnderLoad:
     """`wlbridge serve` on the generated folder (per-ae layout, so the bridge's own orders land
     beside the generated items in the AE folder and every query scans the same partition)."""
 
-    def __init__(self, root: Path, logs: Path) -> None:
+    def __init__(self, root: Path, logs: Path, options: list[str] = ()) -> None:
         self.mllp_port, self.dicom_port = _free_port(), _free_port()
         cmd = [
             sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1",
@@ -103,12 +140,13 @@ class BridgeUnderLoad:
             "--ae-title", AE_FOLDER, "--worklist-dir", str(root),
             "--worklist-layout", "per-ae", "--max-associations", "200",
             "--translation-log", str(logs / "translation.log"),
-            "--rejected-dir", str(logs / "rejected"),
+            "--rejected-dir", str(logs / "rejected"), *options,
         ]  # fmt: skip
         self.log = open(logs / "server.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         _wait_port(self.mllp_port, self.proc, timeout=900)
         _wait_port(self.dicom_port, self.proc, timeout=900)
+        settle(self.proc.pid)
 
     def stop(self) -> None:
         stop(self.proc)
@@ -134,7 +172,7 @@ def _modality_queries(k: int, items: int) -> list[bytes]:
 def _query_loop(
     port: int, identifier: bytes, calling: str, deadline: float, result: Result, lock
 ) -> None:
-    while time.monotonic() < deadline:
+    while time.time() < deadline:
         started = time.perf_counter()
         try:
             _, status = c_find(port, identifier, AE_FOLDER, calling=calling)
@@ -150,67 +188,122 @@ def _query_loop(
             result.query_ms.append(elapsed)
 
 
+def _modality_group(
+    port: int, jobs: list[tuple[bytes, str]], start_at: float, deadline: float, out
+) -> None:
+    """Some of the modalities, one thread each, in a client process of their own: one
+    client process for all of them would measure its own GIL more than the server."""
+    result = Result("", 0, 0, 0.0)
+    lock = threading.Lock()
+    time.sleep(max(0.0, start_at - time.time()))  # all groups start together
+    threads = [
+        threading.Thread(target=_query_loop, args=(port, ident, calling, deadline, result, lock))
+        for ident, calling in jobs
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put((result.queries, result.query_ms, result.errors))
+
+
 def _sender_loop(bridge: BridgeUnderLoad, rate: float, deadline: float, result: Result, lock):
+    """Orders at `rate` on one connection. Each AA's accession goes to the checker, whose
+    C-FIND starts after that ACK arrived (read-your-writes) without holding up the sender."""
     run = f"L{int(time.time()) % 100000:05d}"
     interval = 1.0 / rate
-    with socket.create_connection(("127.0.0.1", bridge.mllp_port), timeout=60) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = bytearray()
-        n = 0
-        next_send = time.monotonic()
-        while time.monotonic() < deadline:
-            _, accession, message = order_message(run, n)
-            n += 1
-            started = time.perf_counter()
-            sock.sendall(START + message + END)
-            ack = _read_ack(sock, buffer)
-            elapsed = (time.perf_counter() - started) * 1000
-            found = 0
-            if b"MSA|AA|" in ack:
-                ident = _encode(query({}, AccessionNumber=accession))
-                answers, _ = c_find(bridge.dicom_port, ident, AE_FOLDER, calling="ENGINE")
-                found = answers == 1
+    acked: queue.Queue = queue.Queue()
+    checker = threading.Thread(target=_check_loop, args=(bridge, acked, result, lock))
+    checker.start()
+    try:
+        with socket.create_connection(("127.0.0.1", bridge.mllp_port), timeout=60) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buffer = bytearray()
+            n = 0
+            next_send = time.monotonic()
+            while time.time() < deadline:
+                _, accession, message = order_message(run, n)
+                n += 1
+                started = time.perf_counter()
+                sock.sendall(START + message + END)
+                ack = _read_ack(sock, buffer)
+                elapsed = (time.perf_counter() - started) * 1000
+                if b"MSA|AA|" in ack:
+                    acked.put(accession)
+                with lock:
+                    result.orders += 1
+                    result.acks_ms.append(elapsed)
+                    if b"MSA|AA|" not in ack:
+                        result.errors.append(f"order {n}: {ack[:80]!r}")
+                next_send += interval
+                pause = next_send - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # the sending rate, not a synchronisation
+    finally:
+        acked.put(None)
+        checker.join()
+
+
+def _check_loop(bridge: BridgeUnderLoad, acked: queue.Queue, result: Result, lock) -> None:
+    while (accession := acked.get()) is not None:
+        ident = _encode(query({}, AccessionNumber=accession))
+        try:
+            answers, _ = c_find(bridge.dicom_port, ident, AE_FOLDER, calling="ENGINE")
+        except (OSError, RuntimeError) as exc:
             with lock:
-                result.orders += 1
-                result.acks_ms.append(elapsed)
-                result.found_after_ack += found
-                if b"MSA|AA|" not in ack:
-                    result.errors.append(f"order {n}: {ack[:80]!r}")
-            next_send += interval
-            pause = next_send - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)  # the sending rate, not a synchronisation
+                result.errors.append(f"read-your-writes {accession}: {exc}")
+            continue
+        with lock:
+            result.found_after_ack += answers == 1
+            if answers != 1:
+                result.errors.append(f"{accession}: {answers} answers right after its AA")
 
 
 def run_once(
     name: str,
     port: int,
+    pid: int,
     k: int,
     items: int,
     seconds: float,
     bridge: BridgeUnderLoad | None,
     rate: float,
+    processes: int = 4,
 ) -> Result:
     result = Result(name, items, k, seconds)
     lock = threading.Lock()
-    identifiers = _modality_queries(k, items)
-    drops_before = listen_drops()
-    deadline = time.monotonic() + seconds
-    threads = [
-        threading.Thread(
-            target=_query_loop, args=(port, ident, f"MOD{i:03d}", deadline, result, lock)
-        )
-        for i, ident in enumerate(identifiers)
+    jobs = [(ident, f"MOD{i:03d}") for i, ident in enumerate(_modality_queries(k, items))]
+    groups = [jobs[i :: min(processes, k)] for i in range(min(processes, k))]
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    start_at = time.time() + 2.0  # the client processes are up by then
+    deadline = start_at + seconds
+    clients = [
+        spawn.Process(target=_modality_group, args=(port, g, start_at, deadline, out))
+        for g in groups
     ]
+    for c in clients:
+        c.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    drops_before = listen_drops()
+    cpu_before = cpu_seconds(pid)
+    sender = None
     if bridge is not None and rate > 0:
-        threads.append(
-            threading.Thread(target=_sender_loop, args=(bridge, rate, deadline, result, lock))
-        )
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        sender = threading.Thread(target=_sender_loop, args=(bridge, rate, deadline, result, lock))
+        sender.start()
+    for _ in clients:
+        queries, query_ms, errors = out.get()
+        result.queries += queries
+        result.query_ms += query_ms
+        result.errors += errors
+    for c in clients:
+        c.join()
+    if sender is not None:
+        sender.join()
+    # Queries in flight at the deadline still count: divide by the time they took, not D.
+    result.seconds = max(seconds, time.time() - start_at)
     result.listen_drops = listen_drops() - drops_before
+    result.server_cpu_s = cpu_seconds(pid) - cpu_before
     return result
 
 
@@ -219,7 +312,8 @@ def _row(s: dict) -> str:
         f"| {s['server']} | {s['items']} | {s['modalities']} | {s['queries_per_s']} | "
         f"{s['query_p50_ms']} / {s['query_p99_ms']} / {s['query_max_ms']} | "
         f"{s['ack_p50_ms']} / {s['ack_p99_ms']} / {s['ack_max_ms']} | "
-        f"{s['found_after_ack']}/{s['orders']} | {s['listen_drops']} | {s['errors']} |"
+        f"{s['found_after_ack']}/{s['orders']} | {s['listen_drops']} | {s['errors']} | "
+        f"{s['cpu_ms_per_query']} |"
     )
 
 
@@ -231,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data", type=Path, default=None, help="folder for the items (kept)")
     parser.add_argument("--servers", default="bridge,wlmscpfs,orthanc")
+    parser.add_argument("--clients", type=int, default=4, help="client processes (modalities)")
+    parser.add_argument(
+        "--bridge-options", default="", help="extra `wlbridge serve` options, space-separated"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.modalities.split(",")]
@@ -242,14 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         print(f"machine: {machine()}")
         print("| server | items | K | queries/s | query p50 / p99 / max ms | "
-              "ACK p50 / p99 / max ms | found after ACK | listen drops | errors |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+              "ACK p50 / p99 / max ms | found after ACK | listen drops | errors | "
+              "server CPU ms / query |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name in servers:
             bridge = None
             if name == "bridge":
                 logs = tmp_path / "bridge"
                 logs.mkdir()
-                bridge = BridgeUnderLoad(data, logs)
+                bridge = BridgeUnderLoad(data, logs, args.bridge_options.split())
                 proc, port = bridge.proc, bridge.dicom_port
             elif name == "wlmscpfs":
                 started = start_wlmscpfs(data)
@@ -268,7 +367,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown server {name!r}")
             try:
                 for k in ks:
-                    result = run_once(name, port, k, args.items, args.seconds, bridge, args.rate)
+                    result = run_once(
+                        name,
+                        port,
+                        proc.pid,
+                        k,
+                        args.items,
+                        args.seconds,
+                        bridge,
+                        args.rate,
+                        args.clients,
+                    )
                     summary = result.summary()
                     rows.append(summary)
                     print(_row(summary), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +82,8 @@ class WorklistSCP:
         self.settings = settings
         self.index = index
         self.on_query = on_query  # told of every C-FIND once answered (the translation log)
+        # Called before each search: a DICOM worker's index catches up with the writer there.
+        self.before_query: Callable[[], None] | None = None
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
@@ -168,6 +171,8 @@ class WorklistSCP:
             keys = " ".join(query.given) or "(universal)"
             budget = self.settings.max_search_time
             query.guard = _search_guard(event, time.monotonic() + budget)
+            if self.before_query is not None:
+                self.before_query()
             try:
                 records = self.index.search(query, called if self.per_ae else None)
             except SearchStopped as stop:
@@ -267,11 +272,14 @@ def start_dicom_server(
     ssl_context: ssl.SSLContext | None = None,
     extra_handlers: list | None = None,  # other services' handlers on the same AE
     on_query: Callable[..., None] | None = None,
+    listening_socket: socket.socket | None = None,  # a DICOM worker's, shared with the others
+    before_query: Callable[[], None] | None = None,
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
     ae = make_dicom_ae(settings, index)
     scp = WorklistSCP(settings, index, on_query)
+    scp.before_query = before_query
     scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())
     if not scp.tuning.bounds:
@@ -284,4 +292,5 @@ def start_dicom_server(
         network_timeout=settings.network_timeout,
         handshake_timeout=settings.acse_timeout,
         ssl_context=ssl_context,
+        listening_socket=listening_socket,
     )

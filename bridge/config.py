@@ -256,6 +256,11 @@ class Settings:
         "use the bridge's tuning of pynetdicom internals (fast answers, brisk polling)",
         default=True,
     )
+    dicom_workers: int = _opt(
+        "processes serving DICOM (C-FIND, C-ECHO; MPPS forwarded to the main process) on the"
+        " one port, so that queries use the cores and never slow HL7 intake; 0: in-process",
+        default=0,
+    )
     index_poll_interval: float = _opt(
         "seconds between scans of the worklist folder for changes made by other programs",
         default=1.0,
@@ -622,6 +627,7 @@ _LOWER_BOUNDS = {
     "finished_retention": (0, True),
     "max_answers": (0, True),
     "max_associations": (1, True),
+    "dicom_workers": (0, True),
     "acse_timeout": (0, False),
     "dimse_timeout": (0, False),
     "network_timeout": (0, False),
@@ -650,6 +656,12 @@ def validate(settings: Settings) -> None:
     for name in ("mllp_port", "dicom_port"):
         if getattr(settings, name) > 65535:
             fail(name, f"{getattr(settings, name)} is not a TCP port (0 to 65535)")
+    if settings.dicom_workers > settings.max_associations:
+        fail(
+            "dicom_workers",
+            f"{settings.dicom_workers} workers share max-associations = "
+            f"{settings.max_associations}: each needs at least one; lower dicom-workers",
+        )
     problem = ae_title_problem(settings.ae_title)
     if problem:
         fail("ae_title", problem)

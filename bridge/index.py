@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import pickle
+import select
 import stat
 import threading
 import time
@@ -256,6 +257,8 @@ class WorklistIndex:
         self._notifier: Any = None
         self._poller: Any = None
         self._polling = False
+        self.refresh_inline = False  # True: inotify's changes are read on the calling thread
+        self._sync_lock = threading.Lock()
         self.load_stats: dict[str, float] = {}  # of the last load(): items, read, cached, seconds
         self.translation_log: Any = None  # set by the server: lines for other programs' removals
 
@@ -659,15 +662,16 @@ class WorklistIndex:
 
     # ---- watching files that other programs change
 
-    def start_watching(self, reactor: Any) -> None:
+    def start_watching(self, reactor: Any, read_in_reactor: bool = True) -> None:
         """Follow changes made by other programs: inotify where available (a full rescan
-        every SAFETY_NET_INTERVAL s as well), else a rescan every index_poll_interval s."""
+        every SAFETY_NET_INTERVAL s as well), else a rescan every index_poll_interval s.
+        `read_in_reactor=False`: inotify's events wait for sync_now() calls."""
         from twisted.internet.task import LoopingCall
 
         self._reactor = reactor
         interval = self.settings.index_poll_interval
         try:
-            self._start_inotify(reactor)
+            self._start_inotify(reactor, read_in_reactor)
             interval = max(interval, SAFETY_NET_INTERVAL)
         except Exception as exc:
             self._notifier = None
@@ -686,12 +690,13 @@ class WorklistIndex:
         if self._dirty:
             self.save_cache()
 
-    def _start_inotify(self, reactor: Any) -> None:
+    def _start_inotify(self, reactor: Any, read_in_reactor: bool = True) -> None:
         from twisted.internet import inotify
         from twisted.python.filepath import FilePath
 
         notifier = inotify.INotify(reactor=reactor)
-        notifier.startReading()
+        if read_in_reactor:
+            notifier.startReading()
         self._notifier = notifier
         mask = (
             inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
@@ -734,9 +739,29 @@ class WorklistIndex:
             return  # the bridge's own write or delete, indexed already: no thread hop
         self._refresh([key])
 
+    def sync_now(self) -> None:
+        """Apply at once, on the calling thread, the folder changes the kernel has reported
+        and the index has not applied yet: a file renamed into the folder before this call is
+        served after it. For an index that follows another process's writes (a DICOM
+        worker's, watching with `read_in_reactor=False`): the events are queued by the rename
+        itself, before that writer's ACK."""
+        notifier = self._notifier
+        if notifier is None:
+            return
+        with self._sync_lock:  # one reader of the inotify descriptor at a time
+            fd = notifier.fileno()
+            for _ in range(64):  # bounded: a folder changing faster is read the next time
+                if not select.select([fd], [], [], 0)[0]:
+                    return
+                notifier.doRead()
+
     def _refresh(self, keys: list[str]) -> None:
         """Re-read `keys` in a worker thread; apply the results on the reactor thread."""
         from twisted.internet.threads import deferToThreadPool
+
+        if self.refresh_inline:
+            self._apply(self._read_many(keys))
+            return
 
         reactor = self._reactor
         d = deferToThreadPool(reactor, reactor.getThreadPool(), self._read_many, keys)

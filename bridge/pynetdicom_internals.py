@@ -769,6 +769,30 @@ class Server(ThreadedAssociationServer):
         self.penalty_logged: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
+    # A listening socket made by another process (the bridge's main process, for its DICOM
+    # workers): every worker accepts from the one queue, so a busy worker never leaves a
+    # connection waiting while another is free, and no worker may shut that queue down.
+    inherited_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.inherited_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()  # the one socketserver made, never bound
+        self.socket = self.inherited_socket
+        self.socket.setblocking(False)  # another worker may take a connection first
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.inherited_socket is None:
+            super().server_close()
+        else:
+            self.socket.close()  # not shutdown(): that would stop the other workers' accepts
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Without TLS, nothing here can block (the association gets its own thread when
         created), so skip the extra thread per connection that only starts that thread."""
@@ -823,9 +847,16 @@ def start_server(
     network_timeout: float,
     handshake_timeout: float,
     ssl_context: ssl.SSLContext | None = None,
+    listening_socket: socket.socket | None = None,
 ) -> Server:
-    """Start `ae`'s server on `address` in a thread of its own; `ae.shutdown()` stops it."""
-    server = ae.make_server(address, evt_handlers=handlers, server_class=Server)
+    """Start `ae`'s server on `address` (or on `listening_socket`, listening already) in a
+    thread of its own; `ae.shutdown()` stops it."""
+    server_class = Server
+    if listening_socket is not None:
+        server_class = type(
+            "InheritedSocketServer", (Server,), {"inherited_socket": listening_socket}
+        )
+    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
     server.tls_context = ssl_context
     server.handshake_timeout = handshake_timeout
     server.network_timeout = network_timeout

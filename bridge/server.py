@@ -23,6 +23,7 @@ from twisted.internet.error import CannotListenError
 
 from bridge.cfind import start_dicom_server
 from bridge.config import ConfigError, Settings, check_files, parse_sources
+from bridge.dicom_workers import DicomWorkers
 from bridge.events import EventBus, PatientMerged, StatusChange
 from bridge.housekeeping import Housekeeping
 from bridge.index import WorklistIndex
@@ -153,13 +154,16 @@ class BridgeServer:
             ) from None
         ssl_context = self._tls("dicom", dicom_ssl_context)
         try:
-            self.dicom_server = start_dicom_server(
-                s,
-                self.index,
-                ssl_context=ssl_context,
-                extra_handlers=mpps_handlers(self.mpps),
-                on_query=query_recorder(self.translation_log),
-            )
+            if s.dicom_workers > 0:
+                self.dicom_server = self._start_dicom_workers()
+            else:
+                self.dicom_server = start_dicom_server(
+                    s,
+                    self.index,
+                    ssl_context=ssl_context,
+                    extra_handlers=mpps_handlers(self.mpps),
+                    on_query=query_recorder(self.translation_log),
+                )
         except OSError as exc:
             self.mllp_port.stopListening()
             self.mllp_port = None
@@ -172,7 +176,10 @@ class BridgeServer:
             except CannotListenError as exc:
                 self.mllp_port.stopListening()
                 self.mllp_port = None
-                self.dicom_server.ae.shutdown()
+                if isinstance(self.dicom_server, DicomWorkers):
+                    self.dicom_server.stop()
+                else:
+                    self.dicom_server.ae.shutdown()
                 self.dicom_server = None
                 raise ConfigError(
                     self._cannot_listen("http_port", s.http_port, exc.socketError)
@@ -197,6 +204,20 @@ class BridgeServer:
         # Once the reactor runs: its SIGINT/SIGTERM handlers are in place by then, so whoever
         # waits for this line may stop the server at once.
         self.reactor.callWhenRunning(lambda: log.info("%s", self.startup_line()))
+
+    def _start_dicom_workers(self) -> DicomWorkers:
+        from bridge.mpps import handle_n_create, handle_n_set
+
+        workers = DicomWorkers(
+            self.settings,
+            {
+                "n-create": lambda event: handle_n_create(event, self.mpps),
+                "n-set": lambda event: handle_n_set(event, self.mpps),
+            },
+            query_recorder(self.translation_log),
+        )
+        workers.start()
+        return workers
 
     def startup_line(self) -> str:
         """What is on, in one line: each listener, its TLS, its allow-list, and the folder."""
@@ -308,7 +329,10 @@ class BridgeServer:
             self._housekeeper.stop()
         self.index.stop_watching()
         self.outbox.stop()
-        if self.dicom_server is not None:
+        if isinstance(self.dicom_server, DicomWorkers):
+            self.dicom_server.stop()  # each worker aborts its open associations
+            self.dicom_server = None
+        elif self.dicom_server is not None:
             self.dicom_server.ae.shutdown()  # aborts open associations too
             self.dicom_server = None
         if self.http_port is not None:

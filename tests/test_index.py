@@ -336,3 +336,23 @@ def test_start_up_names_the_file_it_waits_on(caplog):
                 time.sleep(0.05)
     assert caplog.records, "nothing logged while waiting"
     assert "start-up is waiting on /folder/stalled.wl" in caplog.records[0].getMessage()
+
+
+def test_sync_now_applies_what_another_process_renamed_in_before_the_call(tmp_path, reactor):
+    """A DICOM worker's index: inotify's events wait for sync_now(), which applies every one
+    queued before it on the calling thread (read-your-writes without a hand-over)."""
+    generate(tmp_path, 5)
+    index = make_index(tmp_path)
+    index.refresh_inline = True
+    blockingCallFromThread(reactor, index.start_watching, reactor, False)
+    try:
+        path = tmp_path / "renamed.wl"
+        other_program_writes(path, make_item("SYNCED", patient_id="PSYNC"))
+        (tmp_path / "item0000001.wl").unlink()
+        assert index.record(path) is None  # nothing read the events yet: no reactor reading
+        index.sync_now()
+        assert accessions(index.search(compile_query(q(PatientID="PSYNC")))) == ["SYNCED"]
+        assert index.record(tmp_path / "item0000001.wl") is None
+        assert len(index) == 5
+    finally:
+        blockingCallFromThread(reactor, index.stop_watching)
