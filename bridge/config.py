@@ -765,13 +765,18 @@ def check_files(settings: Settings) -> None:
                 fail(name, f"no such file: {Path(path).absolute()}")
             except OSError as exc:
                 fail(name, f"cannot read {Path(path).absolute()}: {exc.strerror}")
-    rejected = settings.rejected_dir.absolute()
-    problem = _unwritable_folder(rejected)
-    if problem:
-        fail(
-            "rejected_dir",
-            f"cannot write to {rejected} ({problem}); give a folder the bridge's user can write",
-        )
+    # the MPPS SCP always stores; the outbox is written only when there are receivers
+    folders = ["rejected_dir", "mpps_dir"]
+    if settings.outbound:
+        folders.append("outbox_dir")
+    for name in folders:
+        folder = Path(getattr(settings, name)).absolute()
+        problem = _unwritable_folder(folder)
+        if problem:
+            fail(
+                name,
+                f"cannot write to {folder} ({problem}); give a folder the bridge's user can write",
+            )
     if str(settings.translation_log) != "-":
         folder = Path(settings.translation_log).absolute().parent
         problem = _unwritable_folder(folder)

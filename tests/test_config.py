@@ -180,6 +180,18 @@ def test_serve_names_an_unwritable_rejected_dir(tmp_path):
     refused(result, "rejected-dir", str(tmp_path / "afile" / "rejected"))
 
 
+@pytest.mark.parametrize("setting", ["mpps-dir", "outbox-dir"])
+def test_serve_names_an_unwritable_mpps_or_outbox_dir(tmp_path, setting):
+    (tmp_path / "afile").write_text("")
+    folder = tmp_path / "afile" / "sub"
+    # the outbox is written only when there is a receiver to write for
+    receiver = '[[outbound]]\nname = "ris"\nhost = "127.0.0.1"\nport = 9\n'
+    if setting != "outbox-dir":
+        receiver = ""
+    result = serve(tmp_path, f'{setting} = "{folder}"\n{receiver}')
+    refused(result, "site.toml", setting, str(folder))
+
+
 def test_serve_names_an_unwritable_log_folder(tmp_path):
     (tmp_path / "afile").write_text("")
     result = serve(tmp_path, f'translation-log = "{tmp_path / "afile" / "t.log"}"\n')
