@@ -165,7 +165,7 @@ class BridgeServer:
             self.mllp_port = None
             raise ConfigError(self._cannot_listen("dicom_port", s.dicom_port, exc)) from None
         if s.http_port:
-            from bridge.http.site import start_http
+            from bridge.http.serve import start_http
 
             try:
                 self.http_port, self.http = start_http(self, self.reactor)

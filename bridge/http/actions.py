@@ -12,9 +12,7 @@ Items created or replaced from JSON become an HL7 OMI^O23 handed to the pipeline
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from pydicom import Dataset
 
 from bridge import worklist_item
 from bridge.http import items
+from bridge.http.orders import control_id, order_message, values_of_item  # noqa: F401
 from bridge.store import StoreError
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # kept message names (bridge.pipeline)
@@ -92,8 +91,6 @@ class WorklistActions:
     ) -> HL7Answer:
         """Create (NW) or, with `replace_id`, replace (XO) an item from JSON fields, through
         the HL7 pipeline. The replaced item's values are the defaults of missing fields."""
-        from bridge.http.orders import order_message, values_of_item
-
         if replace_id is not None:
             existing = self.store.read(self._path(replace_id))
             if existing is None:
@@ -209,7 +206,3 @@ def _unescape(text: str) -> str:
     for escaped, plain in (("\\F\\", "|"), ("\\S\\", "^"), ("\\T\\", "&"), ("\\R\\", "~")):
         text = text.replace(escaped, plain)
     return text.replace("\\E\\", "\\")
-
-
-def control_id() -> str:
-    return "API" + datetime.now(UTC).strftime("%H%M%S") + secrets.token_hex(5)
