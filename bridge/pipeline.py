@@ -29,6 +29,7 @@ from bridge.matching import ISSUER_OF_PATIENT_ID, PATIENT_ID
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
 from bridge.store import StoreError, WorklistStore
 from bridge.translation_log import TranslationLog
+from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.pipeline")
 
@@ -74,6 +75,7 @@ class Bridge:
         translation_log: TranslationLog,
         rejected_dir: Path | None = None,
         events: EventBus | None = None,
+        service: WorklistService | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -82,6 +84,9 @@ class Bridge:
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self.events = events  # PatientMerged goes to the other records of a patient (MPPS)
+        # every change goes through the worklist service (stored, then published); on its own
+        # (tests, tools), the bridge has a service of its own, in the caller's thread
+        self.service = service or WorklistService(settings, store, index, events or EventBus())
         self._kept: OrderedDict[str, Path] = OrderedDict()  # digest -> kept rejected message
         if hasattr(index, "translation_log"):  # the index logs removals other programs make
             index.translation_log = translation_log
@@ -200,16 +205,16 @@ class Bridge:
             if step.action is Action.SCHEDULE:
                 if existed and step.study_uid_derived:
                     self._keep_study_uid(path, item)
-                self.store.write(path, item, step.identity)
+                self._write(path, item, step.identity)
                 result.outcomes.append("updated" if existed else "created")
             elif step.action is Action.STATUS:
                 existing = self.store.read(path) if existed else None
                 if existing is None:
-                    self.store.write(path, item, step.identity)
+                    self._write(path, item, step.identity)
                     result.outcomes.append("created")
                 else:
                     worklist_item.set_status(existing, step.status)
-                    self.store.write(path, existing, step.identity)
+                    self._write(path, existing, step.identity)
                     result.outcomes.append(step.status.lower())
             else:
                 result.outcomes.append(self._finish(path, existed, step))
@@ -289,10 +294,16 @@ class Bridge:
             existing = self.store.read(path)
             if existing is not None:
                 worklist_item.set_status(existing, step.status)
-                self.store.write(path, existing, step.identity)
+                self._write(path, existing, step.identity)
                 return "removed"
-        self.store.delete(path)
+        self._delete(path)
         return "removed"
+
+    def _write(self, path: Path, item: Dataset | worklist_item.Item, identity: str = "") -> None:
+        self.service.put(self.service.key_of(path), item, "hl7", identity or None)
+
+    def _delete(self, path: Path) -> bool:
+        return self.service.delete(self.service.key_of(path), "hl7")
 
     def _apply_patient(self, message: HL7Message, update: PatientUpdate, result: Outcome) -> None:
         patient = update.patient
@@ -311,7 +322,7 @@ class Bridge:
                 # not hold back the patient's feed: it is named in the log instead.
                 message.notes.append(f"{path.name} not updated: {type(exc).__name__}: {exc}")
                 continue
-            self.store.write(path, item)
+            self._write(path, item)
             result.files.append(path.name)
             updated += 1
         if self.events is not None and update.event in ("A40", "A47") and update.previous_id:
@@ -331,7 +342,7 @@ class Bridge:
         removed = []
         for path in paths:
             try:
-                if self.store.delete_if_expired(path, self.retention_seconds):
+                if self.service.expire(self.service.key_of(path), self.retention_seconds):
                     removed.append(path.name)
                     self.translation_log.record(outcome="expired", file=path.name)
             except StoreError as exc:

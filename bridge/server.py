@@ -31,6 +31,7 @@ from bridge.mpps import MPPSService, mpps_handlers
 from bridge.mpps_store import MPPSStore
 from bridge.outbox import Outbox
 from bridge.pipeline import Bridge
+from bridge.storage import FolderStorage
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
 from bridge.translation_log import TranslationLog, query_recorder
@@ -84,11 +85,20 @@ class BridgeServer:
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
         self.store = WorklistStore(settings, self.index)
         self.events = EventBus()
-        self.bridge = Bridge(
-            settings, self.store, self.index, self.translation_log, events=self.events
+        # The one writer of the worklist: HL7 (the pipeline), MPPS, the housekeeping and HTTP
+        # hand it their changes; it applies them on the reactor thread and publishes events.
+        self.storage = FolderStorage(settings, self.store, self.index)
+        self.worklist = WorklistService(
+            settings, self.store, self.index, self.events, reactor, storage=self.storage
         )
-        # MPPS and the housekeeping change the worklist through the service, on this thread.
-        self.worklist = WorklistService(settings, self.store, self.index, self.events, reactor)
+        self.bridge = Bridge(
+            settings,
+            self.store,
+            self.index,
+            self.translation_log,
+            events=self.events,
+            service=self.worklist,
+        )
         self.mpps_store = MPPSStore(settings.mpps_dir)
         self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
         self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
