@@ -1,11 +1,13 @@
-"""The worklist service: the one way into the worklist for adapters other than the HL7 pipeline.
+"""The worklist service: the only code that changes the worklist.
 
-MPPS handlers run in pynetdicom's association threads, the housekeeping on the reactor; every
-change hops to the writer thread (the reactor's, where the HL7 pipeline runs) and is applied
-there, one at a time, so it never interleaves with an HL7 message's changes. After each status
-change the service publishes a `StatusChange` on the event bus, synchronously: a subscriber
-that raises undoes the change and the exception reaches the caller, so a change whose
-consequences could not be recorded is never reported as done.
+The HL7 pipeline, MPPS handlers (pynetdicom's association threads), the housekeeping and the
+HTTP API hand it their changes: put or delete an item by key (bridge.storage.ItemKey), set a
+step's status, expire a finished item. Every change hops to the writer thread (the reactor's)
+and is applied there, one at a time, so changes never interleave. After each change the service
+publishes on the event bus, synchronously: ItemWritten or ItemRemoved, and for a status change a
+StatusChange first; a StatusChange subscriber that raises undoes the change and the exception
+reaches the caller, so a change whose consequences could not be recorded is never reported as
+done. The storage (the folder backend today) is where items are kept; no caller handles files.
 """
 
 from __future__ import annotations
