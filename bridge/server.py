@@ -83,7 +83,7 @@ class BridgeServer:
                 f"{settings.translation_log} ({exc.strerror or exc})"
             ) from None
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
-        self.store = WorklistStore(settings, self.index)
+        self.store = WorklistStore(settings)  # the index follows the service's events
         self.events = EventBus()
         # The one writer of the worklist: HL7 (the pipeline), MPPS, the housekeeping and HTTP
         # hand it their changes; it applies them on the reactor thread and publishes events.

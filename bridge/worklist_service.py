@@ -79,6 +79,18 @@ class WorklistService:
         self.events = events
         self.reactor = reactor  # None: every call runs in the caller's thread (tests, tools)
         self.storage = storage if storage is not None else FolderStorage(settings, store, index)
+        if getattr(store, "index", None) is None and index is not None:
+            # The index follows the service's events (subscribed first, so any later subscriber
+            # finds the change indexed), whatever the backend; a store built with the index
+            # (tools, older tests) updates it itself.
+            events.subscribe(ItemWritten, self._index_written)
+            events.subscribe(ItemRemoved, self._index_removed)
+
+    def _index_written(self, event: ItemWritten) -> None:
+        self.index.put(self.path_of(event.key), event.item)
+
+    def _index_removed(self, event: ItemRemoved) -> None:
+        self.index.discard(self.path_of(event.key))
 
     # ---- keys (the folder backend maps them to its files)
 
