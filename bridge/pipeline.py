@@ -325,8 +325,8 @@ class Bridge:
             self._write(path, item)
             result.files.append(path.name)
             updated += 1
-        if self.events is not None and update.event in ("A40", "A47") and update.previous_id:
-            self.events.publish(
+        if update.event in ("A40", "A47") and update.previous_id:
+            self.service.patient_merged(
                 PatientMerged(update.event, update.previous_id, update.previous_issuer, patient)
             )
         verb = {"A40": "merged", "A47": "moved", "A10": "arrived"}.get(update.event, "updated")

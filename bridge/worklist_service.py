@@ -26,7 +26,7 @@ from twisted.python import threadable
 
 from bridge import worklist_item
 from bridge.config import FINISHED_STATUSES, Settings
-from bridge.events import EventBus, ItemRemoved, ItemWritten, StatusChange
+from bridge.events import EventBus, ItemRemoved, ItemWritten, PatientMerged, StatusChange
 from bridge.storage import FolderStorage, ItemKey
 from bridge.store import PlainItem, StoreError, WorklistStore
 
@@ -250,6 +250,11 @@ class WorklistService:
         self.events.publish(ItemRemoved(key, cause) if removing else ItemWritten(key, item, cause))
         outcome = "removed" if removing else "changed"
         return StatusResult(path, old_status, new_status, outcome, item)
+
+    def patient_merged(self, event: PatientMerged) -> None:
+        """Publish a merge (A40) or identifier change (A47) once the patient's items were
+        rewritten (through `put`), for the other records of the patient (MPPS instances)."""
+        self.on_writer(self.events.publish, event)
 
     def expire(self, key: ItemKey, max_age: float) -> bool:
         """Remove a finished item past its retention, unless it was rewritten since it was
