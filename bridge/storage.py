@@ -95,6 +95,19 @@ class WorklistStorage(Protocol):
         """The item, or None when there is none."""
         ...
 
+    def contains(self, key: ItemKey) -> bool:
+        """Whether there is an item under `key` (without reading it)."""
+        ...
+
+    def record(self, key: ItemKey) -> Record | None:
+        """The item's record (for matching and checks), None when there is none."""
+        ...
+
+    def dataset(self, key: ItemKey) -> Dataset | None:
+        """The item as a Dataset (to change it and put it back), None when there is none;
+        StoreError when what is stored is not a readable item."""
+        ...
+
     def put(
         self, key: ItemKey, item: Dataset | PlainItem, order_identity: str | None = None
     ) -> None:
@@ -175,6 +188,20 @@ class FolderStorage:
             except (InvalidDicomError, ValueError, EOFError) as exc:
                 raise StoreError(f"cannot read {path.name}: {exc}") from exc
         return StoredItem(data, record)
+
+    def contains(self, key: ItemKey) -> bool:
+        return self.path_of(key).exists()
+
+    def record(self, key: ItemKey) -> Record | None:
+        path = self.path_of(key)
+        record = self.index.record(path)
+        if record is None and path.exists():
+            stored = self.get(key)
+            record = stored.record if stored is not None else None
+        return record
+
+    def dataset(self, key: ItemKey) -> Dataset | None:
+        return self.store.read(self.path_of(key))
 
     def put(
         self, key: ItemKey, item: Dataset | PlainItem, order_identity: str | None = None

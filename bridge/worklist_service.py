@@ -100,6 +100,24 @@ class WorklistService:
     def path_of(self, key: ItemKey) -> Path:
         return self.storage.path_of(key)
 
+    def name_of(self, key: ItemKey) -> str:
+        """How the translation log names an item (its file name in the folder backend)."""
+        return self.storage.path_of(key).name
+
+    # ---- reads for adapters that check before they change (on any thread)
+
+    def contains(self, key: ItemKey) -> bool:
+        return self.storage.contains(key)
+
+    def record(self, key: ItemKey) -> Any:
+        return self.storage.record(key)
+
+    def dataset(self, key: ItemKey) -> Dataset | None:
+        return self.storage.dataset(key)
+
+    def find_by_order(self, values: dict[str, Any]) -> list[ItemKey]:
+        return self.storage.find_by_order(values)
+
     def key_of_order(self, order_identity: str) -> ItemKey:
         """The key of the bridge's own item for an order (in its own partition)."""
         return ItemKey.of_order(order_identity, self.storage.own_partition)
