@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import add_cli_options, load_settings, setting_names
+from bridge.config import add_cli_options, setting_names
+from bridge.settings_checks import load_settings
 
 NOT_SETTINGS = ("command", "config", "func", "files", "output")
 

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import ipaddress
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,39 @@ def _station_rules(where: str, value: Any) -> list[StationRule]:
     return rules
 
 
+def receivers_from_toml(value: Any) -> list[OutboundReceiver]:
+    """The `[[outbound]]` tables as receivers; a mistake is a sentence naming the setting."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError("outbound must be a list of [[outbound]] tables")
+    defaults = {f.name: f.default for f in dataclasses.fields(OutboundReceiver)}
+    receivers = []
+    for number, table in enumerate(value, 1):
+        where = f"outbound #{number}" + (f" ({table['name']})" if "name" in table else "")
+        values: dict[str, Any] = {}
+        for key, item in table.items():
+            name = key.replace("-", "_")
+            if name not in defaults:
+                raise ValueError(f"{where}: unknown setting {key!r}")
+            default = defaults[name]
+            if isinstance(default, bool):
+                ok = isinstance(item, bool)
+            elif isinstance(default, float):
+                ok = isinstance(item, int | float) and not isinstance(item, bool)
+                item = float(item) if ok else item
+            elif isinstance(default, int):
+                ok = isinstance(item, int) and not isinstance(item, bool)
+            else:
+                ok = isinstance(item, str)
+            if not ok:
+                kind = {bool: "true or false", float: "a number", int: "an integer"}.get(
+                    type(default), "a string"
+                )
+                raise ValueError(f"{where}: {key} must be {kind}")
+            values[name] = item
+        receivers.append(OutboundReceiver(**values))
+    return receivers
+
+
 def _coerce(name: str, value: Any, where: str = "the command line") -> Any:
     """The value of one setting in its type, or a ConfigError saying what to write instead."""
     f = setting_names()[name]
@@ -445,8 +479,6 @@ def _coerce(name: str, value: Any, where: str = "the command line") -> Any:
         try:
             if name == "housekeeping":
                 return _housekeeping_rules(value)
-            from bridge.outbox import receivers_from_toml
-
             return receivers_from_toml(value)
         except ConfigError:
             raise
@@ -537,8 +569,13 @@ def _housekeeping_rules(value: Any) -> list[HousekeepingRule]:
     return rules
 
 
-def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from defaults, then the TOML file, then non-None overrides (command line).
+def load_settings(
+    config: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    checks: Iterable[SettingCheck] = (),
+) -> Settings:
+    """Settings from defaults, then the TOML file, then non-None overrides (command line),
+    checked by `validate` (with `checks`; bridge.settings_checks.load_settings passes all).
 
     Raises ConfigError (a ValueError) with a sentence for anything that could not work."""
     values: dict[str, Any] = {}
@@ -572,7 +609,7 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
             sources[name] = "the command line"
     settings = Settings(**values)
     settings.sources = sources  # not a field: where each value came from, for error messages
-    validate(settings)
+    validate(settings, checks)
     return settings
 
 
@@ -635,8 +672,16 @@ _LOWER_BOUNDS = {
 }
 
 
-def validate(settings: Settings) -> None:
-    """ConfigError for a combination of values that could not work as written."""
+SettingCheck = tuple[str, Callable[["Settings"], None]]
+
+
+def validate(settings: Settings, checks: Iterable[SettingCheck] = ()) -> None:
+    """ConfigError for a combination of values that could not work as written.
+
+    `checks` are (setting, check) pairs of the modules that own a setting's meaning (charsets,
+    mapping, outbound, HTTP: see bridge.settings_checks); a ValueError they raise becomes a
+    ConfigError naming where the setting came from. Passed in, so that this module imports
+    nothing from the rest of the package."""
 
     def fail(name: str, text: str) -> None:
         raise ConfigError(f"{_origin(settings, name)}: {_dashed(name)}: {text}")
@@ -701,47 +746,18 @@ def validate(settings: Settings) -> None:
                     )
     if settings.housekeeping_interval <= 0:
         fail("housekeeping_interval", "must be above 0 seconds")
-    from bridge.hl7message import check_charset_settings
-
-    try:
-        check_charset_settings(settings.default_charset, settings.charset_fallback)
-    except ValueError as exc:
-        raise ConfigError(f"{_origin(settings, 'default_charset')}: {exc}") from None
     for name in ("max_associate_request_size", "max_identifier_size"):
         if getattr(settings, name) < 1024:
             fail(name, f"{getattr(settings, name)} is too small: it must be at least 1024 bytes")
     if settings.max_search_time <= 0:
         fail("max_search_time", "must be more than 0 seconds")
-    from bridge.order import check_station_rules  # the rules' HL7 locations and expressions
-
-    try:
-        check_station_rules(settings.station_rules)
-    except ValueError as exc:
-        raise ConfigError(f"{_origin(settings, 'station_rules')}: {exc}") from None
-    from bridge.mapping import check_mapping  # [mapping] and [code-tables]: attributes, locations
-
-    try:
-        check_mapping(settings.mapping, settings.code_tables)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"{_origin(settings, 'mapping')}: {exc}") from None
-    from bridge.outbox import check_outbound
-
-    try:
-        check_outbound(settings)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"{_origin(settings, 'outbound')}: {exc}") from None
-    from bridge.http.settings import check_http_settings
-
-    try:
-        check_http_settings(settings)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"{_origin(settings, 'http_port')}: {exc}") from None
+    for name, check in checks:  # the checks of the modules that own the values
+        try:
+            check(settings)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{_origin(settings, name)}: {exc}") from None
 
 
 def check_files(settings: Settings) -> None:

@@ -65,3 +65,23 @@ class PatientMerged:
     previous_id: str
     previous_issuer: str
     patient: object
+
+
+@dataclass(frozen=True)
+class ItemWritten:
+    """The worklist service stored an item (new, replaced, or its status or patient changed).
+    `key` is a bridge.storage.ItemKey; `item` what was stored (a Dataset, or a new item's plain
+    elements: worklist_item.Item)."""
+
+    key: object
+    item: object
+    cause: str  # "hl7", "mpps", "housekeeping", "operator"
+
+
+@dataclass(frozen=True)
+class ItemRemoved:
+    """The worklist service removed an item (cancelled, finished without retention, expired,
+    removed by an operator or the housekeeping)."""
+
+    key: object
+    cause: str

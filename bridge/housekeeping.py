@@ -3,8 +3,8 @@
 A rule names an SPS status, a number of hours and an action: items in that status whose
 scheduled start (SPS Start Date and Time, local time as DICOM has it; the file's time when the
 item has none) is more than that many hours past are discontinued, or removed, optionally only
-on some stations. Off unless rules are configured. Candidates are found by reading the files in a
-worker thread; each change goes through the worklist service on the writer thread (which
+on some stations. Off unless rules are configured. Candidates are found in the index (in a
+worker thread); each change goes through the worklist service on the writer thread (which
 publishes a StatusChange with cause "housekeeping", and re-checks the status, so an item a new
 message changed meanwhile is left alone) and gets a translation-log line.
 """
@@ -16,17 +16,23 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-from pydicom.errors import InvalidDicomError
+from typing import Any
 
 from bridge.config import HousekeepingRule, Settings
+from bridge.matching import (
+    ACCESSION_NUMBER,
+    PATIENT_ID,
+    SPS_SEQUENCE,
+    SPS_START_DATE,
+    SPS_START_TIME,
+    SPS_STATUS,
+    STATION_AET,
+    Record,
+)
 from bridge.translation_log import TranslationLog
-from bridge.wlfile import read_dataset
 from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.housekeeping")
-
-_TAGS = ["AccessionNumber", "PatientID", "ScheduledProcedureStepSequence"]
 
 
 @dataclass(frozen=True)
@@ -49,25 +55,39 @@ def scheduled_start(step, fallback: float) -> datetime:
         return datetime.fromtimestamp(fallback)
 
 
-def find_idle(folder: Path, rules: list[HousekeepingRule], now: datetime) -> list[Candidate]:
-    """The items the rules apply to now (reads only: may run in a worker thread)."""
+def _text(value: Any) -> str:
+    """A record's value as text (its first value when it has several)."""
+    if isinstance(value, tuple):
+        value = value[0] if value else ""
+    return str(value or "").strip()
+
+
+def _texts(value: Any) -> set[str]:
+    values = value if isinstance(value, tuple) else (value,)
+    return {str(v).strip() for v in values if v}
+
+
+def find_idle(index: Any, rules: list[HousekeepingRule], now: datetime) -> list[Candidate]:
+    """The items the rules apply to now, from the index (every called AE's items in the per-ae
+    layout): reads only, so it may run in a worker thread."""
     found = []
-    for path in sorted(folder.glob("*.wl")):
-        try:
-            item = read_dataset(path, specific_tags=_TAGS)  # regular, complete files only
-            mtime = os.stat(path).st_mtime
-        except (OSError, InvalidDicomError):
-            continue
-        steps = item.get("ScheduledProcedureStepSequence") or []
-        if not steps:
+    for key, _folder, record, mtime in sorted(index.snapshot(), key=lambda entry: entry[0]):
+        steps = record.get(SPS_SEQUENCE)
+        if not (isinstance(steps, tuple) and steps and isinstance(steps[0], Record)):
             continue
         step = steps[0]
-        status = str(step.get("ScheduledProcedureStepStatus", ""))
-        stations = step.get("ScheduledStationAETitle", "")
-        stations = {
-            str(s).strip() for s in (stations if isinstance(stations, list) else [stations])
+        status = _text(step.get(SPS_STATUS))
+        stations = _texts(step.get(STATION_AET))
+        start = {
+            "ScheduledProcedureStepStartDate": _text(step.get(SPS_START_DATE)),
+            "ScheduledProcedureStepStartTime": _text(step.get(SPS_START_TIME)),
         }
-        age_hours = (now - scheduled_start(step, mtime)).total_seconds() / 3600
+        if mtime is None:
+            try:
+                mtime = os.stat(key).st_mtime
+            except OSError:
+                continue  # gone since
+        age_hours = (now - scheduled_start(start, mtime)).total_seconds() / 3600
         for rule in rules:
             if rule.status != status or age_hours <= rule.after_hours:
                 continue
@@ -75,11 +95,11 @@ def find_idle(folder: Path, rules: list[HousekeepingRule], now: datetime) -> lis
                 continue
             found.append(
                 Candidate(
-                    path,
+                    Path(key),
                     rule,
                     status,
-                    str(item.get("AccessionNumber", "")),
-                    str(item.get("PatientID", "")),
+                    _text(record.get(ACCESSION_NUMBER)),
+                    _text(record.get(PATIENT_ID)),
                 )
             )
             break  # the first rule that applies
@@ -96,7 +116,7 @@ class Housekeeping:
         self.translation_log = translation_log
 
     def find(self, now: datetime | None = None) -> list[Candidate]:
-        return find_idle(self.service.store.folder, self.rules, now or datetime.now())
+        return find_idle(self.service.index, self.rules, now or datetime.now())
 
     def apply(self, candidates: list[Candidate]) -> list[str]:
         """Discontinue or remove the candidates (through the service); the outcomes, by file."""

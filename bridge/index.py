@@ -261,6 +261,9 @@ class WorklistIndex:
         self._sync_lock = threading.Lock()
         self.load_stats: dict[str, float] = {}  # of the last load(): items, read, cached, seconds
         self.translation_log: Any = None  # set by the server: lines for other programs' removals
+        # called (on the reactor thread) for each change another program made: key, record or
+        # None when the item is gone; the folder storage's change stream (bridge.storage)
+        self.on_external_change: Callable[[str, Record | None], None] | None = None
 
     # ---- paths
 
@@ -618,6 +621,39 @@ class WorklistIndex:
         found = sorted((e for e in candidates if query.matches(e.record)), key=lambda e: e.order)
         return [Path(e.key) for e in found]
 
+    def matching(self, query: Query, folder: str | None = None) -> list[tuple[str, Record]]:
+        """(key, record) of the items matching `query` (in `folder` for the per-ae layout), in
+        SPS start order: `search` with each record's key (its file), for listings."""
+        with self._lock:
+            candidates = self._candidates(query, folder)
+        if folder is not None:
+            candidates = [e for e in candidates if e.folder == folder]
+        found = [e for e in candidates if query.matches(e.record)]
+        found.sort(key=lambda e: e.order)
+        return [(e.key, e.record) for e in found]
+
+    def snapshot(self) -> list[tuple[str, str, Record, float | None]]:
+        """(key, called AE folder, record, mtime) of every item now: a consistent copy, for
+        whole-worklist passes (status counts, housekeeping) that must not hold the lock."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return [
+            (e.key, e.folder, e.record, e.sig[1] / 1e9 if e.sig is not None else None)
+            for e in sorted(entries, key=lambda e: e.order)
+        ]
+
+    def paths_of_patient(self, patient_id: str, issuer: str | None = None) -> list[Path]:
+        """The files of a patient's items (as items_of_patient, without reading them)."""
+        with self._lock:
+            entries = [self._entries[k] for k in _keys(self._maps["patient_ids"].get(patient_id))]
+        out = []
+        for entry in sorted(entries, key=lambda e: e.order):
+            stored = _vals(entry.record.get(ISSUER_OF_PATIENT_ID))[:1]
+            if issuer and stored not in ((), ("",), (issuer,)):
+                continue
+            out.append(Path(entry.key))
+        return out
+
     def search(self, query: Query, folder: str | None = None) -> list[Record]:
         """Records matching `query` (in `folder` for the per-ae layout), in SPS start order."""
         with self._lock:
@@ -814,6 +850,13 @@ class WorklistIndex:
             self._dirty = True
         for key, removed in gone:
             self._log_withdrawn(key, removed)
+        if changed and self.on_external_change is not None:
+            for key, record, sig in results:
+                if _signature(key) == sig:
+                    try:
+                        self.on_external_change(key, record)
+                    except Exception:  # a follower's failure must not stop the index
+                        self.log.exception("change follower failed on %s", key)
 
     def _log_withdrawn(self, key: str, removed: bool) -> None:
         """A translation-log line for an item another program removed (or made unreadable):

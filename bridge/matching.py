@@ -22,6 +22,8 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import keyword_for_tag
 from pydicom.multival import MultiValue
 
+from bridge.attributes import by_level
+
 SPECIFIC_CHARACTER_SET = 0x00080005
 QUERY_RETRIEVE_LEVEL = 0x00080052
 MODALITY = 0x00080060
@@ -45,20 +47,13 @@ TEXT_VRS = _STRIP_BOTH | {"PN", "LT", "ST", "UT", "UR"}
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 NUMERIC_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 
-# Table K.6-1 return keys of Type 1 and 2. Pairs are Type 1C "one of the two" requirements.
-REQUIRED_TOP: dict[int, int] = {
-    SPS_SEQUENCE: 1, REQUESTED_PROCEDURE_ID: 1, STUDY_INSTANCE_UID: 1, PATIENT_NAME: 1,
-    PATIENT_ID: 1, ACCESSION_NUMBER: 2, 0x00081110: 2, 0x00401003: 2, 0x00401004: 2,
-    0x00321032: 2, 0x00080090: 2, 0x00380010: 2, 0x00380300: 2, 0x00081120: 2, 0x00100030: 2,
-    0x00100040: 2, 0x00101030: 2, 0x00403001: 2, 0x00380500: 2, 0x001021C0: 2, 0x00102000: 2,
-    0x00102110: 2, 0x00380050: 2,
-}  # fmt: skip
-REQUIRED_SPS: dict[int, int] = {
-    STATION_AET: 1, SPS_START_DATE: 1, SPS_START_TIME: 1, MODALITY: 1, SPS_ID: 1,
-    0x00400006: 2, 0x00400010: 2, 0x00400011: 2,
-}  # fmt: skip
-ONE_OF_TOP = ((0x00321060, 0x00321064),)  # Requested Procedure Description / Code Sequence
-ONE_OF_SPS = ((0x00400007, 0x00400008),)  # SPS Description / Scheduled Protocol Code Sequence
+# Table K.6-1 return keys of Type 1 and 2, from the attribute registry (bridge.attributes).
+# Its Type 1C keys come in "one of the two" pairs; Type 2C keys are conditional on what the
+# item says, so an item is not refused for lacking one.
+REQUIRED_TOP: dict[int, int] = {a.tag: int(a.type) for a in by_level("top") if a.type in ("1", "2")}
+REQUIRED_SPS: dict[int, int] = {a.tag: int(a.type) for a in by_level("sps") if a.type in ("1", "2")}
+ONE_OF_TOP = (tuple(a.tag for a in by_level("top") if a.type == "1C"),)  # RP Description / Code
+ONE_OF_SPS = (tuple(a.tag for a in by_level("sps") if a.type == "1C"),)  # SPS Descr. / Protocol
 
 
 GUARD_EVERY = 64

@@ -34,6 +34,7 @@ from bridge.errors import (
 )
 from bridge.hl7message import HL7Message, Segment, loose_dtm
 from bridge.mapping import Row, default_rows, effective_rows, translate
+from bridge.vr_fit import fit
 
 
 class Action(Enum):
@@ -1022,6 +1023,28 @@ def birth_date(value: str, location: str, message: HL7Message, strict: bool) -> 
     return birth
 
 
+def fit_patient(patient: Patient, message: HL7Message, settings: Settings) -> None:
+    """Check (or cut) the patient's values against their VRs, in place."""
+    for keyword, attribute in (
+        ("PatientName", "name"),
+        ("PatientID", "patient_id"),
+        ("IssuerOfPatientID", "issuer"),
+        ("PatientAddress", "address"),
+        ("AdmissionID", "admission_id"),
+    ):
+        location = patient.locations.get(keyword, "")
+        setattr(patient, attribute, fit(getattr(patient, attribute), keyword, location, message,
+                                         settings))  # fmt: skip
+    location = patient.locations.get("OtherPatientIDsSequence", "")
+    patient.other_ids = [
+        (
+            fit(pid, "PatientID", location, message, settings),
+            fit(issuer, "IssuerOfPatientID", location, message, settings),
+        )
+        for pid, issuer in patient.other_ids
+    ]
+
+
 def _read_adt(message: HL7Message, trigger: str, settings: Settings) -> PatientUpdate | Ignored:
     if trigger not in ADT_EVENTS:
         return Ignored(f"ADT^{trigger} is not used by the worklist")
@@ -1030,8 +1053,6 @@ def _read_adt(message: HL7Message, trigger: str, settings: Settings) -> PatientU
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "PID^1", "the message has no PID segment")
     patient = read_patient(message, pid, settings)
     # ADT values go into existing items: check their lengths now, under the same policy
-    from bridge.worklist_item import fit_patient
-
     fit_patient(patient, message, settings)
     update = PatientUpdate(event=trigger, patient=patient)
     if trigger in ("A40", "A47"):

@@ -37,7 +37,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
-from bridge.config import OutboundReceiver, Settings
+from bridge.config import OutboundReceiver, Settings, receivers_from_toml  # noqa: F401 (re-export)
 from bridge.events import StatusChange
 from bridge.hl7message import CHARSETS, parse_message
 from bridge.mllp import END, START, frame
@@ -58,39 +58,6 @@ REPORTED_CAUSES = ("mpps", "operator")
 
 # ---------------------------------------------------------------------------------------------
 # Settings
-
-
-def receivers_from_toml(value: Any) -> list[OutboundReceiver]:
-    """The `[[outbound]]` tables as receivers; a mistake is a sentence naming the setting."""
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ValueError("outbound must be a list of [[outbound]] tables")
-    defaults = {f.name: f.default for f in dataclasses.fields(OutboundReceiver)}
-    receivers = []
-    for number, table in enumerate(value, 1):
-        where = f"outbound #{number}" + (f" ({table['name']})" if "name" in table else "")
-        values: dict[str, Any] = {}
-        for key, item in table.items():
-            name = key.replace("-", "_")
-            if name not in defaults:
-                raise ValueError(f"{where}: unknown setting {key!r}")
-            default = defaults[name]
-            if isinstance(default, bool):
-                ok = isinstance(item, bool)
-            elif isinstance(default, float):
-                ok = isinstance(item, int | float) and not isinstance(item, bool)
-                item = float(item) if ok else item
-            elif isinstance(default, int):
-                ok = isinstance(item, int) and not isinstance(item, bool)
-            else:
-                ok = isinstance(item, str)
-            if not ok:
-                kind = {bool: "true or false", float: "a number", int: "an integer"}.get(
-                    type(default), "a string"
-                )
-                raise ValueError(f"{where}: {key} must be {kind}")
-            values[name] = item
-        receivers.append(OutboundReceiver(**values))
-    return receivers
 
 
 def check_outbound(settings: Settings) -> None:

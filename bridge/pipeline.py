@@ -27,8 +27,10 @@ from bridge.events import EventBus, PatientMerged
 from bridge.hl7message import HL7Message, MessageHeader, parse_message, read_header
 from bridge.matching import ISSUER_OF_PATIENT_ID, PATIENT_ID
 from bridge.order import Action, Ignored, OrderMessage, PatientUpdate
+from bridge.storage import ItemKey
 from bridge.store import StoreError, WorklistStore
 from bridge.translation_log import TranslationLog
+from bridge.worklist_service import WorklistService
 
 log = logging.getLogger("bridge.pipeline")
 
@@ -74,6 +76,7 @@ class Bridge:
         translation_log: TranslationLog,
         rejected_dir: Path | None = None,
         events: EventBus | None = None,
+        service: WorklistService | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -82,6 +85,9 @@ class Bridge:
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
         self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self.events = events  # PatientMerged goes to the other records of a patient (MPPS)
+        # every change goes through the worklist service (stored, then published); on its own
+        # (tests, tools), the bridge has a service of its own, in the caller's thread
+        self.service = service or WorklistService(settings, store, index, events or EventBus())
         self._kept: OrderedDict[str, Path] = OrderedDict()  # digest -> kept rejected message
         if hasattr(index, "translation_log"):  # the index logs removals other programs make
             index.translation_log = translation_log
@@ -190,37 +196,37 @@ class Bridge:
             planned.append((step, item))
         # Every step's item checked before any is written: none may belong to another patient.
         located = [(step, item, self._locate(step)) for step, item in planned]
-        for step, _item, path in located:
-            self._check_same_patient(message, intent.patient, step, path)
-        for step, item, path in located:
-            existed = path.exists()
+        for step, _item, key in located:
+            self._check_same_patient(message, intent.patient, step, key)
+        for step, item, key in located:
+            existed = self.service.contains(key)
             result.order_controls.append(step.order_control)
             result.accessions.append(step.accession_number)
-            result.files.append(path.name)
+            result.files.append(self.service.name_of(key))
             if step.action is Action.SCHEDULE:
                 if existed and step.study_uid_derived:
-                    self._keep_study_uid(path, item)
-                self.store.write(path, item, step.identity)
+                    self._keep_study_uid(key, item)
+                self._write(key, item, step.identity)
                 result.outcomes.append("updated" if existed else "created")
             elif step.action is Action.STATUS:
-                existing = self.store.read(path) if existed else None
+                existing = self.service.dataset(key) if existed else None
                 if existing is None:
-                    self.store.write(path, item, step.identity)
+                    self._write(key, item, step.identity)
                     result.outcomes.append("created")
                 else:
                     worklist_item.set_status(existing, step.status)
-                    self.store.write(path, existing, step.identity)
+                    self._write(key, existing, step.identity)
                     result.outcomes.append(step.status.lower())
             else:
-                result.outcomes.append(self._finish(path, existed, step))
+                result.outcomes.append(self._finish(key, existed, step))
 
     def _check_same_patient(
-        self, message: HL7Message, patient: order.Patient, step: order.ProcedureStep, path: Path
+        self, message: HL7Message, patient: order.Patient, step: order.ProcedureStep, key: ItemKey
     ) -> None:
         """An order's identifiers never move its item to another patient (a RIS that reuses
         accession numbers, two senders): AE 205 unless allow-patient-change-by-order is set.
         Patients change through ADT merges and moves only."""
-        owner = self._patient_of(path)
+        owner = self._patient_of(key)
         if owner is None:
             return
         stored_id, stored_issuer = owner
@@ -231,8 +237,9 @@ class Bridge:
         known = f"{stored_id}" + (f" ({stored_issuer})" if stored_issuer else "")
         if self.settings.allow_patient_change_by_order:
             message.notes.append(
-                f"{path.name}: patient changed from {known} to {patient.patient_id} by order "
-                f"{step.order_control} (allow-patient-change-by-order)"
+                f"{self.service.name_of(key)}: patient changed from {known} to "
+                f"{patient.patient_id} by order {step.order_control} "
+                "(allow-patient-change-by-order)"
             )
             return
         raise HL7Error(
@@ -242,28 +249,23 @@ class Bridge:
             f"not {patient.patient_id}: patients change through ADT merges and moves only",
         )
 
-    def _patient_of(self, path: Path) -> tuple[str, str] | None:
-        """(PatientID, IssuerOfPatientID) of the item at `path`; None when there is none."""
-        record = self.index.record(path) if hasattr(self.index, "record") else None
-        if record is not None:
-            values = [record.get(tag) for tag in (PATIENT_ID, ISSUER_OF_PATIENT_ID)]
-            return tuple(  # type: ignore[return-value]
-                str(v[0] if isinstance(v, tuple) and v else v or "") for v in values
-            )
-        if not path.exists():
+    def _patient_of(self, key: ItemKey) -> tuple[str, str] | None:
+        """(PatientID, IssuerOfPatientID) of the item under `key`; None when there is none."""
+        record = self.service.record(key)
+        if record is None:
             return None
-        existing = self.store.read(path)
-        if existing is None:
-            return None
-        return str(existing.get("PatientID", "")), str(existing.get("IssuerOfPatientID", ""))
+        values = [record.get(tag) for tag in (PATIENT_ID, ISSUER_OF_PATIENT_ID)]
+        return tuple(  # type: ignore[return-value]
+            str(v[0] if isinstance(v, tuple) and v else v or "") for v in values
+        )
 
-    def _locate(self, step: order.ProcedureStep) -> Path:
-        """The file of the step's item: named after the order's identity; else, for a message
-        that names a known order by other identifiers (a cancel without the accession number,
-        say), the one item the index finds by step ID and another of the order's identifiers."""
-        path = self.store.path_for(step.identity)
-        if step.order_control == "NW" or path.exists():
-            return path  # a new order, or a known one under its own name
+    def _locate(self, step: order.ProcedureStep) -> ItemKey:
+        """The key of the step's item: the order's identity; else, for a message that names a
+        known order by other identifiers (a cancel without the accession number, say), the one
+        item the storage finds by step ID and another of the order's identifiers."""
+        key = self.service.key_of_order(step.identity)
+        if step.order_control == "NW" or self.service.contains(key):
+            return key  # a new order, or a known one under its own key
         values = step.values
         if step.ids_defaulted:
             # No OBR-19/OBR-20: the made-up IDs may not be the item's, so any step ID matches
@@ -272,27 +274,33 @@ class Bridge:
             values["ScheduledProcedureStepID"] = "*"
             if step.study_uid_derived:
                 values.pop("StudyInstanceUID", None)  # derived from the made-up ID
-        found = self.index.paths_of_order(values)
-        return found[0] if len(found) == 1 else path
+        found = self.service.find_by_order(values)
+        return found[0] if len(found) == 1 else key
 
-    def _keep_study_uid(self, path: Path, item: worklist_item.Item) -> None:
+    def _keep_study_uid(self, key: ItemKey, item: worklist_item.Item) -> None:
         """A replacement without ZDS-1 / IPC-3 keeps the item's Study Instance UID: images may
         already be filed under it."""
-        existing = self.store.read(path)
+        existing = self.service.dataset(key)
         if existing is not None and existing.get("StudyInstanceUID"):
             item.set("StudyInstanceUID", existing.StudyInstanceUID)
 
-    def _finish(self, path: Path, existed: bool, step: order.ProcedureStep) -> str:
+    def _finish(self, key: ItemKey, existed: bool, step: order.ProcedureStep) -> str:
         if not existed:
             return "nothing-to-cancel" if step.status != "COMPLETED" else "nothing-to-complete"
         if self.settings.finished_retention > 0:
-            existing = self.store.read(path)
+            existing = self.service.dataset(key)
             if existing is not None:
                 worklist_item.set_status(existing, step.status)
-                self.store.write(path, existing, step.identity)
+                self._write(key, existing, step.identity)
                 return "removed"
-        self.store.delete(path)
+        self._delete(key)
         return "removed"
+
+    def _write(self, key: ItemKey, item: Dataset | worklist_item.Item, identity: str = "") -> None:
+        self.service.put(key, item, "hl7", identity or None)
+
+    def _delete(self, key: ItemKey) -> bool:
+        return self.service.delete(key, "hl7")
 
     def _apply_patient(self, message: HL7Message, update: PatientUpdate, result: Outcome) -> None:
         patient = update.patient
@@ -311,11 +319,11 @@ class Bridge:
                 # not hold back the patient's feed: it is named in the log instead.
                 message.notes.append(f"{path.name} not updated: {type(exc).__name__}: {exc}")
                 continue
-            self.store.write(path, item)
+            self._write(self.service.key_of(path), item)
             result.files.append(path.name)
             updated += 1
-        if self.events is not None and update.event in ("A40", "A47") and update.previous_id:
-            self.events.publish(
+        if update.event in ("A40", "A47") and update.previous_id:
+            self.service.patient_merged(
                 PatientMerged(update.event, update.previous_id, update.previous_issuer, patient)
             )
         verb = {"A40": "merged", "A47": "moved", "A10": "arrived"}.get(update.event, "updated")
@@ -331,7 +339,7 @@ class Bridge:
         removed = []
         for path in paths:
             try:
-                if self.store.delete_if_expired(path, self.retention_seconds):
+                if self.service.expire(self.service.key_of(path), self.retention_seconds):
                     removed.append(path.name)
                     self.translation_log.record(outcome="expired", file=path.name)
             except StoreError as exc:

@@ -32,6 +32,7 @@ from bridge.mpps import MPPSService, mpps_handlers
 from bridge.mpps_store import MPPSStore
 from bridge.outbox import Outbox
 from bridge.pipeline import Bridge
+from bridge.storage import FolderStorage
 from bridge.store import WorklistStore
 from bridge.tls import dicom_ssl_context, mllp_tls_options
 from bridge.translation_log import TranslationLog, query_recorder
@@ -83,13 +84,22 @@ class BridgeServer:
                 f"{settings.translation_log} ({exc.strerror or exc})"
             ) from None
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.index"))
-        self.store = WorklistStore(settings, self.index)
+        self.store = WorklistStore(settings)  # the index follows the service's events
         self.events = EventBus()
-        self.bridge = Bridge(
-            settings, self.store, self.index, self.translation_log, events=self.events
+        # The one writer of the worklist: HL7 (the pipeline), MPPS, the housekeeping and HTTP
+        # hand it their changes; it applies them on the reactor thread and publishes events.
+        self.storage = FolderStorage(settings, self.store, self.index)
+        self.worklist = WorklistService(
+            settings, self.store, self.index, self.events, reactor, storage=self.storage
         )
-        # MPPS and the housekeeping change the worklist through the service, on this thread.
-        self.worklist = WorklistService(settings, self.store, self.index, self.events, reactor)
+        self.bridge = Bridge(
+            settings,
+            self.store,
+            self.index,
+            self.translation_log,
+            events=self.events,
+            service=self.worklist,
+        )
         self.mpps_store = MPPSStore(settings.mpps_dir)
         self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
         self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
@@ -169,7 +179,7 @@ class BridgeServer:
             self.mllp_port = None
             raise ConfigError(self._cannot_listen("dicom_port", s.dicom_port, exc)) from None
         if s.http_port:
-            from bridge.http.site import start_http
+            from bridge.http.serve import start_http
 
             try:
                 self.http_port, self.http = start_http(self, self.reactor)

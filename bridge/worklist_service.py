@@ -1,11 +1,13 @@
-"""The worklist service: the one way into the worklist for adapters other than the HL7 pipeline.
+"""The worklist service: the only code that changes the worklist.
 
-MPPS handlers run in pynetdicom's association threads, the housekeeping on the reactor; every
-change hops to the writer thread (the reactor's, where the HL7 pipeline runs) and is applied
-there, one at a time, so it never interleaves with an HL7 message's changes. After each status
-change the service publishes a `StatusChange` on the event bus, synchronously: a subscriber
-that raises undoes the change and the exception reaches the caller, so a change whose
-consequences could not be recorded is never reported as done.
+The HL7 pipeline, MPPS handlers (pynetdicom's association threads), the housekeeping and the
+HTTP API hand it their changes: put or delete an item by key (bridge.storage.ItemKey), set a
+step's status, expire a finished item. Every change hops to the writer thread (the reactor's)
+and is applied there, one at a time, so changes never interleave. After each change the service
+publishes on the event bus, synchronously: ItemWritten or ItemRemoved, and for a status change a
+StatusChange first; a StatusChange subscriber that raises undoes the change and the exception
+reaches the caller, so a change whose consequences could not be recorded is never reported as
+done. The storage (the folder backend today) is where items are kept; no caller handles files.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from twisted.python import threadable
 
 from bridge import worklist_item
 from bridge.config import FINISHED_STATUSES, Settings
-from bridge.events import EventBus, StatusChange
-from bridge.store import StoreError, WorklistStore
+from bridge.events import EventBus, ItemRemoved, ItemWritten, PatientMerged, StatusChange
+from bridge.storage import FolderStorage, ItemKey
+from bridge.store import PlainItem, StoreError, WorklistStore
 
 log = logging.getLogger("bridge.worklist_service")
 
@@ -40,6 +43,7 @@ class StatusResult:
     old_status: str
     new_status: str
     outcome: str  # "changed", "removed" (finished, not retained), "unchanged", "skipped", "missing"
+    item: Dataset | None = None  # the item after the change (as it was, when not changed)
 
     @property
     def changed(self) -> bool:
@@ -67,12 +71,86 @@ class WorklistService:
         index: Any,
         events: EventBus,
         reactor: Any = None,
+        storage: FolderStorage | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.events = events
         self.reactor = reactor  # None: every call runs in the caller's thread (tests, tools)
+        self.storage = storage if storage is not None else FolderStorage(settings, store, index)
+        if getattr(store, "index", None) is None and index is not None:
+            # The index follows the service's events (subscribed first, so any later subscriber
+            # finds the change indexed), whatever the backend; a store built with the index
+            # (tools, older tests) updates it itself.
+            events.subscribe(ItemWritten, self._index_written)
+            events.subscribe(ItemRemoved, self._index_removed)
+
+    def _index_written(self, event: ItemWritten) -> None:
+        self.index.put(self.path_of(event.key), event.item)
+
+    def _index_removed(self, event: ItemRemoved) -> None:
+        self.index.discard(self.path_of(event.key))
+
+    # ---- keys (the folder backend maps them to its files)
+
+    def key_of(self, path: Path) -> ItemKey:
+        return self.storage.key_of(path)
+
+    def path_of(self, key: ItemKey) -> Path:
+        return self.storage.path_of(key)
+
+    def name_of(self, key: ItemKey) -> str:
+        """How the translation log names an item (its file name in the folder backend)."""
+        return self.storage.path_of(key).name
+
+    # ---- reads for adapters that check before they change (on any thread)
+
+    def contains(self, key: ItemKey) -> bool:
+        return self.storage.contains(key)
+
+    def record(self, key: ItemKey) -> Any:
+        return self.storage.record(key)
+
+    def dataset(self, key: ItemKey) -> Dataset | None:
+        return self.storage.dataset(key)
+
+    def find_by_order(self, values: dict[str, Any]) -> list[ItemKey]:
+        return self.storage.find_by_order(values)
+
+    def key_of_order(self, order_identity: str) -> ItemKey:
+        """The key of the bridge's own item for an order (in its own partition)."""
+        return ItemKey.of_order(order_identity, self.storage.own_partition)
+
+    # ---- the changes every adapter makes: stored, then published
+
+    def put(
+        self,
+        key: ItemKey,
+        item: Dataset | PlainItem,
+        cause: str,
+        order_identity: str | None = None,
+    ) -> None:
+        """Store `item` under `key` durably (on the writer thread), then publish ItemWritten.
+        Raises StoreError when it could not be made durable."""
+        self.on_writer(self._put, key, item, cause, order_identity)
+
+    def _put(
+        self, key: ItemKey, item: Dataset | PlainItem, cause: str, order_identity: str | None
+    ) -> None:
+        self.storage.put(key, item, order_identity)
+        self.events.publish(ItemWritten(key, item, cause))
+
+    def delete(self, key: ItemKey, cause: str) -> bool:
+        """Remove the item durably (on the writer thread); False when there was none. Publishes
+        ItemRemoved when one was removed."""
+        return self.on_writer(self._delete, key, cause)
+
+    def _delete(self, key: ItemKey, cause: str) -> bool:
+        removed = self.storage.delete(key)
+        if removed:
+            self.events.publish(ItemRemoved(key, cause))
+        return removed
 
     def on_writer(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `function` on the writer thread and return its result (or raise its exception).
@@ -127,17 +205,21 @@ class WorklistService:
         performed_start: str = "",
         performing_station: str = "",
         mpps_uid: str = "",
+        follow_retention: bool = True,
     ) -> StatusResult:
         """Set the status of the item at `path` (its SOP Instance UID kept), then publish a
         StatusChange. A finished status follows the finished-retention setting (removed at once
-        when it is 0); `remove` removes the item whatever the retention. With `only_from`, an
-        item in another status is left alone ("skipped"): the caller's view may be stale."""
+        when it is 0; not with `follow_retention=False`, an operator's explicit status); `remove`
+        removes the item whatever the retention. With `only_from`, an item in another status is
+        left alone ("skipped"): the caller's view may be stale."""
         about = {
             "performed_start": performed_start,
             "performing_station": performing_station,
             "mpps_uid": mpps_uid,
         }
-        return self.on_writer(self._set_status, path, new_status, cause, only_from, remove, about)
+        return self.on_writer(
+            self._set_status, path, new_status, cause, only_from, remove, about, follow_retention
+        )
 
     def _set_status(
         self,
@@ -147,6 +229,7 @@ class WorklistService:
         only_from: tuple[str, ...] | None,
         remove: bool,
         about: dict[str, str],
+        follow_retention: bool = True,
     ) -> StatusResult:
         try:
             item = self.store.read(path)
@@ -157,18 +240,21 @@ class WorklistService:
             return StatusResult(path, "", new_status, "missing")
         old_status = step_status(item)
         if only_from is not None and old_status not in only_from:
-            return StatusResult(path, old_status, new_status, "skipped")
+            return StatusResult(path, old_status, new_status, "skipped", item)
         if old_status == new_status and not remove:
-            return StatusResult(path, old_status, new_status, "unchanged")
+            return StatusResult(path, old_status, new_status, "unchanged", item)
         before = self.store.read(path)  # kept to undo the change if its consequences fail
         worklist_item.set_status(item, new_status)
         removing = remove or (
-            new_status in FINISHED_STATUSES and self.settings.finished_retention <= 0
+            follow_retention
+            and new_status in FINISHED_STATUSES
+            and self.settings.finished_retention <= 0
         )
+        key = self.key_of(path)
         if removing:
-            self.store.delete(path)
+            self.storage.delete(key)
         else:
-            self.store.write(path, item)  # no identity: the file's own SOP Instance UID stays
+            self.storage.put(key, item)  # no identity: the file's own SOP Instance UID stays
         event = StatusChange(item, old_status, new_status, cause, **about)
         try:
             self.events.publish(event)
@@ -177,10 +263,28 @@ class WorklistService:
                 "status change of %s to %s undone: a subscriber failed", path.name, new_status
             )
             if before is not None:
-                self.store.write(path, before)
+                self.storage.put(key, before)
             raise
-        return StatusResult(path, old_status, new_status, "removed" if removing else "changed")
+        self.events.publish(ItemRemoved(key, cause) if removing else ItemWritten(key, item, cause))
+        outcome = "removed" if removing else "changed"
+        return StatusResult(path, old_status, new_status, outcome, item)
 
-    def remove(self, path: Path) -> bool:
+    def patient_merged(self, event: PatientMerged) -> None:
+        """Publish a merge (A40) or identifier change (A47) once the patient's items were
+        rewritten (through `put`), for the other records of the patient (MPPS instances)."""
+        self.on_writer(self.events.publish, event)
+
+    def expire(self, key: ItemKey, max_age: float) -> bool:
+        """Remove a finished item past its retention, unless it was rewritten since it was
+        found expired (a new order); publishes ItemRemoved (cause "expired")."""
+        return self.on_writer(self._expire, key, max_age)
+
+    def _expire(self, key: ItemKey, max_age: float) -> bool:
+        removed = self.store.delete_if_expired(self.path_of(key), max_age)
+        if removed:
+            self.events.publish(ItemRemoved(key, "expired"))
+        return removed
+
+    def remove(self, path: Path, cause: str = "operator") -> bool:
         """Remove the item at `path`; False when it was not there."""
-        return self.on_writer(self.store.delete, path)
+        return self.delete(self.key_of(path), cause)

@@ -15,9 +15,9 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from bridge.config import load_settings
 from bridge.events import StatusChange
 from bridge.server import BridgeServer
+from bridge.settings_checks import load_settings
 from tests.test_status_message import stored_item
 
 

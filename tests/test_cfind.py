@@ -508,7 +508,7 @@ def test_a_peer_that_stops_reading_is_aborted_after_the_dimse_timeout(tmp_path):
     [("max_associate_request_size", 100), ("max_identifier_size", 0), ("max_search_time", 0.0)],
 )
 def test_dicom_limits_out_of_range_are_refused_naming_the_setting(name, value):
-    from bridge.config import load_settings
+    from bridge.settings_checks import load_settings
 
     with pytest.raises(ValueError, match=name.replace("_", "-")):
         load_settings(overrides={name: value})

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, Settings, add_cli_options, load_settings
+from bridge.config import ConfigError, Settings, add_cli_options
+from bridge.settings_checks import load_settings
 from tests.conftest import start_bridge
 from tests.peers import free_port
 

@@ -13,9 +13,9 @@ import pytest
 
 from bridge.cli import main
 from bridge.client import NoMessageError, read_messages, split_messages
-from bridge.config import load_settings
 from bridge.convert import Converter
 from bridge.mllp import END, START, frame
+from bridge.settings_checks import load_settings
 from tests.conftest import ROOT, SAMPLES, RunningBridge, start_bridge
 from tests.peers import SHARED_SAMPLES, require_public_samples
 

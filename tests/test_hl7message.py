@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
 from bridge.errors import HL7Error
 from bridge.hl7message import Delimiters, parse_message, read_header, unescape
+from bridge.settings_checks import load_settings
 from tests.peers import require_public_samples
 
 MSH = "MSH|^~\\&|RIS|HOSP|WLB|RAD|20240102||ORM^O01^ORM_O01|CTRL1|P|2.5.1"

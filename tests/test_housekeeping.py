@@ -11,9 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from bridge.config import _housekeeping_rules, load_settings
+from bridge.config import _housekeeping_rules
 from bridge.events import StatusChange
 from bridge.housekeeping import Housekeeping
+from bridge.settings_checks import load_settings
 from tests.conftest import start_bridge
 from tests.messages import orm
 from tests.test_end_to_end import msa, raw_send

@@ -18,10 +18,11 @@ from bridge.attributes import ATTRIBUTES, ORDER, SPS_SEQUENCE, by_level, find
 from bridge.cli import main
 from bridge.client import MLLPClient, worklist_query
 from bridge.client import find as cfind
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
 from bridge.hl7message import parse_message
 from bridge.mapping import SEGMENT_FIELDS, check_mapping, default_rows, format_toml
 from bridge.order import DEFAULT_ROWS, ORDER_FIELDS, field_rows, read_message
+from bridge.settings_checks import load_settings
 from bridge.worklist_item import REQUIRED_KEYS, SPS_REQUIRED_KEYS, build_item
 from tests.conftest import ROOT, SAMPLES, start_bridge
 from tests.messages import orm

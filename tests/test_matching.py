@@ -578,3 +578,21 @@ def test_answers_with_values_left_to_pydicom():
     assert AnswerEncoder(compile_query(q), True).encode(rec) is None
     jis = stored(make_item("J", charset=["ISO 2022 IR 6", "ISO 2022 IR 87"]))  # code extensions
     assert AnswerEncoder(compile_query(query(PatientName="")), True).encode(jis) is None
+
+
+def test_the_required_key_tables_are_the_registry_s() -> None:
+    """matching's K.6-1 tables and worklist_item's key lists come from one registry: an item the
+    bridge builds is never one the index calls incomplete."""
+    from bridge.attributes import ATTRIBUTES
+    from bridge.matching import ONE_OF_SPS, ONE_OF_TOP, REQUIRED_SPS, REQUIRED_TOP
+    from bridge.worklist_item import REQUIRED_KEYS, SPS_REQUIRED_KEYS
+
+    def by_tag(keys: dict[str, str]) -> dict[int, int]:
+        return {ATTRIBUTES[k].tag: int(t) for k, t in keys.items() if t in ("1", "2")}
+
+    assert REQUIRED_TOP == by_tag(REQUIRED_KEYS)
+    assert REQUIRED_SPS == by_tag(SPS_REQUIRED_KEYS)
+    one_of_top = {ATTRIBUTES[k].tag for k, t in REQUIRED_KEYS.items() if t == "1C"}
+    one_of_sps = {ATTRIBUTES[k].tag for k, t in SPS_REQUIRED_KEYS.items() if t == "1C"}
+    assert {t for pair in ONE_OF_TOP for t in pair} == one_of_top == {0x00321060, 0x00321064}
+    assert {t for pair in ONE_OF_SPS for t in pair} == one_of_sps == {0x00400007, 0x00400008}

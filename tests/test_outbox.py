@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from twisted.internet.threads import blockingCallFromThread
 
-from bridge.config import OutboundReceiver, Settings, load_settings
+from bridge.config import OutboundReceiver, Settings
 from bridge.events import StatusChange
 from bridge.outbox import OutboxFolder, message_facts
 from bridge.server import BridgeServer
+from bridge.settings_checks import load_settings
 from bridge.translation_log import parse_logfmt
 from tests.peers import free_port
 from tests.ris_receiver import RISReceiver

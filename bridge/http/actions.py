@@ -12,9 +12,7 @@ Items created or replaced from JSON become an HL7 OMI^O23 handed to the pipeline
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from pydicom import Dataset
 
 from bridge import worklist_item
 from bridge.http import items
+from bridge.http.orders import control_id, order_message, values_of_item  # noqa: F401
 from bridge.store import StoreError
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # kept message names (bridge.pipeline)
@@ -51,7 +50,8 @@ class WorklistActions:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.bridge = server.bridge
-        self.store = server.store
+        self.store = server.store  # reads only: every change goes through the service
+        self.service = server.worklist
         self.index = server.index
         self.translation_log = server.translation_log
         self.settings = server.settings
@@ -66,20 +66,27 @@ class WorklistActions:
         if item is None or not item.get("ScheduledProcedureStepSequence"):
             raise ActionError(404, f"no item {item_id}")
         old = str(item.ScheduledProcedureStepSequence[0].get("ScheduledProcedureStepStatus", ""))
-        worklist_item.set_status(item, status)
         try:
-            self.store.write(path, item)
+            # An operator's status is kept as set, finished or not (no retention removal);
+            # the service publishes the StatusChange (cause "operator")
+            result = self.service.set_status(
+                path, status, "operator", only_from=(old,), follow_retention=False
+            )
         except StoreError as exc:
             raise ActionError(503, str(exc)) from None
+        if result.outcome == "missing":
+            raise ActionError(404, f"no item {item_id}")
+        if result.outcome == "skipped":
+            raise ActionError(409, f"item {item_id} changed meanwhile: try again")
+        item = result.item if result.item is not None else item
         self._record(item, path, status.lower(), who, f"status {old or '(none)'} -> {status}")
-        self._publish_status(item, old, status)
         return item
 
     def remove(self, item_id: str, who: str) -> str:
         path = self._path(item_id)
         item = self.store.read(path)
         try:
-            if not self.store.delete(path):
+            if not self.service.remove(path, "operator"):
                 raise ActionError(404, f"no item {item_id}")
         except StoreError as exc:
             raise ActionError(503, str(exc)) from None
@@ -92,8 +99,6 @@ class WorklistActions:
     ) -> HL7Answer:
         """Create (NW) or, with `replace_id`, replace (XO) an item from JSON fields, through
         the HL7 pipeline. The replaced item's values are the defaults of missing fields."""
-        from bridge.http.orders import order_message, values_of_item
-
         if replace_id is not None:
             existing = self.store.read(self._path(replace_id))
             if existing is None:
@@ -173,16 +178,6 @@ class WorklistActions:
             by=who,
         )
 
-    def _publish_status(self, item: Dataset, old: str, new: str) -> None:
-        """Tell the worklist's followers (MPPS forwarders, the outbox), where the server has
-        an event bus."""
-        events = getattr(self.server, "events", None)
-        if events is None:
-            return
-        from bridge.events import StatusChange
-
-        events.publish(StatusChange(item=item, old_status=old, new_status=new, cause="operator"))
-
 
 def _escape_wildcards(value: str) -> str:
     # C-FIND matching has no escape for * and ?: an identifier with them cannot be looked up
@@ -209,7 +204,3 @@ def _unescape(text: str) -> str:
     for escaped, plain in (("\\F\\", "|"), ("\\S\\", "^"), ("\\T\\", "&"), ("\\R\\", "~")):
         text = text.replace(escaped, plain)
     return text.replace("\\E\\", "\\")
-
-
-def control_id() -> str:
-    return "API" + datetime.now(UTC).strftime("%H%M%S") + secrets.token_hex(5)

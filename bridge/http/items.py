@@ -128,17 +128,13 @@ def search(index: WorklistIndex, query: Query, limit: int) -> tuple[list[Found],
     """Items matching `query` in SPS start order (at most `limit`), and how many matched.
 
     Like WorklistIndex.search, but keeps each record's file, which the API needs for its id."""
-    with index._lock:  # as WorklistIndex.search: candidates under the lock, matching outside
-        candidates = index._candidates(query, None)
-    found = [e for e in candidates if query.matches(e.record)]
-    found.sort(key=lambda e: e.order)
-    return [Found(item_id(e.key), Path(e.key), e.record) for e in found[:limit]], len(found)
+    found = index.matching(query)
+    return [Found(item_id(key), Path(key), record) for key, record in found[:limit]], len(found)
 
 
 def status_counts(index: WorklistIndex) -> dict[str, int]:
     """Items by SPS status (of their first step), over the whole index."""
-    with index._lock:
-        records = [e.record for e in index._entries.values()]
+    records = [record for _key, _folder, record, _mtime in index.snapshot()]
     counts: dict[str, int] = {}
     for record in records:
         status = sps_status(record) or "(none)"

@@ -7,6 +7,7 @@ are documented in docs/http-api.md; values are text (PersonName in DICOM form, `
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,8 +109,6 @@ def order_message(
         )}  # fmt: skip
 
     now = datetime.now(UTC)
-    from bridge.http.actions import control_id
-
     placer, filler = t("PlacerOrderNumber"), t("FillerOrderNumber")
     procedure = "^".join(
         (t("RequestedProcedureCode"), t("RequestedProcedureDescription"),
@@ -244,3 +243,7 @@ def values_of_item(item: Dataset) -> dict[str, Any]:
         for k, v in values.items()
         if v
     }
+
+
+def control_id() -> str:
+    return "API" + datetime.now(UTC).strftime("%H%M%S") + secrets.token_hex(5)

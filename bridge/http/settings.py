@@ -1,4 +1,4 @@
-"""Checks of the HTTP settings (called from bridge.config.validate) and reading the tokens."""
+"""Checks of the HTTP settings (called through bridge.settings_checks) and reading the tokens."""
 
 from __future__ import annotations
 

@@ -102,7 +102,15 @@ class Route:
 class HttpApp:
     """The routes, auth and the objects handlers use."""
 
-    def __init__(self, bridge_server: Any) -> None:
+    def __init__(
+        self,
+        bridge_server: Any,
+        add_routes: tuple[Callable[[HttpApp], None], ...] = (),
+        sign_in_page: Callable[..., Response] | None = None,
+    ) -> None:
+        """`add_routes` register the API's and the web view's routes, `sign_in_page` answers a
+        web page asked for without a session: passed in by bridge.http.serve, so that this
+        module does not import the modules that build on it."""
         self.server = bridge_server
         self.settings = bridge_server.settings
         self.auth = Auth(self.settings)
@@ -110,10 +118,9 @@ class HttpApp:
         self.metrics = BridgeMetrics(bridge_server)
         bridge_server.translation_log.subscribe(self.metrics.on_record)
         self.routes: list[Route] = []
-        from bridge.http import api, web
-
-        api.add_routes(self)
-        web.add_routes(self)
+        self.sign_in_page = sign_in_page
+        for add in add_routes:
+            add(self)
 
     def route(self, method: str, path: str, access: str, web: bool = False):
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -155,10 +162,8 @@ class HttpApp:
     def _call(self, route: Route, match: re.Match, request: server.Request):
         principal = self.principal(request) if route.access != "public" else None
         if route.access != "public" and principal is None:
-            if route.web:
-                from bridge.http.web import sign_in_page
-
-                return sign_in_page(request, status=401)
+            if route.web and self.sign_in_page is not None:
+                return self.sign_in_page(request, status=401)
             return Response(
                 401, json.dumps({"error": "a bearer token is required"}).encode(),
                 headers={"WWW-Authenticate": 'Bearer realm="wlbridge"'},
@@ -275,31 +280,3 @@ class _LimitedConnections(policies.WrappingFactory):
             log.warning("refused HTTP connection from %s: %d open", addr, len(self.protocols))
             return None
         return super().buildProtocol(addr)
-
-
-def make_site(bridge_server: Any) -> tuple[server.Site, HttpApp]:
-    app = HttpApp(bridge_server)
-    site = server.Site(_Root(app), timeout=REQUEST_TIMEOUT)
-    site.requestFactory = _BoundedRequest
-    site.displayTracebacks = False
-    site.noisy = False
-    return site, app
-
-
-def start_http(bridge_server: Any, reactor: Any) -> tuple[Any, HttpApp]:
-    """Listen on (http_host, http_port), with TLS when http_tls_cert is set."""
-    s = bridge_server.settings
-    site, app = make_site(bridge_server)
-    factory = _LimitedConnections(site, MAX_CONNECTIONS)
-    if s.http_tls_cert:
-        from twisted.internet import ssl as tssl
-
-        with open(s.http_tls_cert, "rb") as f:
-            cert_pem = f.read()
-        with open(s.http_tls_key or s.http_tls_cert, "rb") as f:
-            key_pem = f.read()
-        options = tssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
-        port = reactor.listenSSL(s.http_port, factory, options, interface=s.http_host)
-    else:
-        port = reactor.listenTCP(s.http_port, factory, interface=s.http_host)
-    return port, app
