@@ -190,9 +190,9 @@ def _rss_mb(pid: int) -> float:
 def serve_bridge(root: Path, port: int) -> None:
     """Child process: load the index, serve, print READY with the start-up seconds."""
     started = time.monotonic()
-    from bridge.cfind import start_dicom_server
     from bridge.config import Settings
-    from bridge.index import WorklistIndex
+    from bridge.net.cfind import start_dicom_server
+    from bridge.storage.index import WorklistIndex
 
     settings = Settings(worklist_dir=root, worklist_layout="per-ae", host="127.0.0.1",
                         dicom_port=port)  # fmt: skip

@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/ingest.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge.client import find, worklist_query
+from bridge.net.client import find, worklist_query
 
 START, END = b"\x0b", b"\x1c\x0d"
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,13 +25,13 @@ if __package__ in (None, ""):
 from pydicom import dcmread  # noqa: E402
 
 from bridge.config import Settings  # noqa: E402
-from bridge.postgres.schema import upgrade  # noqa: E402
-from bridge.postgres.worklist import ItemKey, PostgresWorklist  # noqa: E402
-from bridge.store import WorklistStore  # noqa: E402
+from bridge.storage.postgres.schema import upgrade  # noqa: E402
+from bridge.storage.postgres.worklist import ItemKey, PostgresWorklist  # noqa: E402
+from bridge.storage.store import WorklistStore  # noqa: E402
 
 
 def _item(n: int) -> bytes:
-    from tests.test_postgres_store import item_bytes
+    from tests.storage.test_postgres_store import item_bytes
 
     return item_bytes(f"BENCH{n}", patient_id=f"P{n % 97}")
 

@@ -575,7 +575,7 @@ def load_settings(
     checks: Iterable[SettingCheck] = (),
 ) -> Settings:
     """Settings from defaults, then the TOML file, then non-None overrides (command line),
-    checked by `validate` (with `checks`; bridge.settings_checks.load_settings passes all).
+    checked by `validate` (with `checks`; bridge.app.settings_checks.load_settings passes all).
 
     Raises ConfigError (a ValueError) with a sentence for anything that could not work."""
     values: dict[str, Any] = {}
@@ -679,7 +679,7 @@ def validate(settings: Settings, checks: Iterable[SettingCheck] = ()) -> None:
     """ConfigError for a combination of values that could not work as written.
 
     `checks` are (setting, check) pairs of the modules that own a setting's meaning (charsets,
-    mapping, outbound, HTTP: see bridge.settings_checks); a ValueError they raise becomes a
+    mapping, outbound, HTTP: see bridge.app.settings_checks); a ValueError they raise becomes a
     ConfigError naming where the setting came from. Passed in, so that this module imports
     nothing from the rest of the package."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.translation_log import parse_logfmt
+from bridge.ops.translation_log import parse_logfmt
 from tests.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from bridge.events import StatusChange
-from bridge.server import BridgeServer
-from bridge.settings_checks import load_settings
-from tests.test_status_message import stored_item
+from bridge.app.server import BridgeServer
+from bridge.app.settings_checks import load_settings
+from bridge.core.events import StatusChange
+from tests.hl7.test_status_message import stored_item
 
 
 def main() -> None:

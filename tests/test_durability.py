@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pydicom
 
-from bridge.client import MLLPClient, ack_summary, find, worklist_query
-from bridge.store import TEMP_PREFIX
+from bridge.net.client import MLLPClient, ack_summary, find, worklist_query
+from bridge.storage.store import TEMP_PREFIX
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
 

@@ -15,7 +15,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
-from bridge.client import find, worklist_query
+from bridge.net.client import find, worklist_query
 from tests.conftest import SAMPLES, start_bridge
 from tests.messages import orm
 from tests.peers import findscu, read_answers, require_tool, wlmscpfs

@@ -19,12 +19,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from bench.worklist_items import make_item, write_item
-from bridge.client import find, worklist_query
+from bridge.net.client import find, worklist_query
 from tests.conftest import RunningBridge, start_bridge
 from tests.messages import orm, segment
-from tests.test_mllp import client_hello
+from tests.net.test_mllp import client_hello
+from tests.ops.test_translation_log import DANGEROUS
 from tests.test_robustness import Connection, msa, order, send_one
-from tests.test_translation_log import DANGEROUS
 
 HOSTILE = Path(__file__).parent / "hostile"
 FOLDER_CASES = tomllib.loads((HOSTILE / "folder-cases.toml").read_text("utf-8"))

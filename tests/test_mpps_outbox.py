@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from bridge.outbox import OutboxFolder, message_facts
+from bridge.net.outbox import OutboxFolder, message_facts
 from tests.conftest import start_bridge
-from tests.ris_receiver import Received, RISReceiver
-from tests.test_mpps import (
+from tests.dicom.test_mpps import (
     STUDY,
     final,
     in_progress,
@@ -27,6 +26,7 @@ from tests.test_mpps import (
     step,
     stored_statuses,
 )
+from tests.ris_receiver import Received, RISReceiver
 
 WAIT = 60.0  # generous: two cores shared by many workers
 

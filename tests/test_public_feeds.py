@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.client import MLLPClient, split_messages
+from bridge.net.client import MLLPClient, split_messages
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.peers import IN_CI, SHARED_SAMPLES, findscu, read_answers, require_tool
 

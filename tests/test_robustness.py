@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
-from bridge.client import find, worklist_query
-from bridge.order import MAX_OTHER_IDS
+from bridge.hl7.order import MAX_OTHER_IDS
+from bridge.net.client import find, worklist_query
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
 

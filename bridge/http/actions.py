@@ -18,12 +18,12 @@ from typing import Any
 
 from pydicom import Dataset
 
-from bridge import worklist_item
+from bridge.dicom import worklist_item
 from bridge.http import items
 from bridge.http.orders import control_id, order_message, values_of_item  # noqa: F401
-from bridge.store import StoreError
+from bridge.storage.store import StoreError
 
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # kept message names (bridge.pipeline)
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # kept message names (bridge.hl7.pipeline)
 MAX_REJECTED_BYTES = 16 * 1024 * 1024
 
 
@@ -186,7 +186,7 @@ def _escape_wildcards(value: str) -> str:
 
 
 def _ack_of(ack: bytes) -> tuple[str, str]:
-    """(MSA-1, "code location text" of the first ERR, else MSA-3) of an ACK from bridge.ack."""
+    """(MSA-1, "code location text" of the first ERR, else MSA-3) of an ACK from bridge.hl7.ack."""
     text = ack.decode("utf-8", "replace")
     sep = text[3:4] or "|"
     code = detail = error = ""

@@ -10,12 +10,12 @@ from prometheus_client.twisted import MetricsResource
 from twisted.internet import threads
 
 from bridge import __version__
+from bridge.dicom.matching import QueryError
 from bridge.http import items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.health import readiness
 from bridge.http.metrics import outbox_state, rejected_count
 from bridge.http.site import Context, HttpApp, json_error, json_response
-from bridge.matching import QueryError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000

@@ -18,8 +18,8 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.sequence import Sequence
 
 from bridge.config import Settings
-from bridge.index import WorklistIndex
-from bridge.matching import Query, QueryError, Record, compile_query
+from bridge.dicom.matching import Query, QueryError, Record, compile_query
+from bridge.storage.index import WorklistIndex
 
 SPS_SEQUENCE = 0x00400100
 SPS_STATUS = 0x00400020

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.translation_log import parse_logfmt
+from bridge.ops.translation_log import parse_logfmt
 
 BLOCK = 64 * 1024
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024  # at ~200 bytes a line: the last ~150,000 lines

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from bridge.http import items
 
 MAX_LABELS = 200
-# Outcomes of the outbox's lines (bridge.outbox): one queued line per message, one per attempt.
+# Outcomes of the outbox's lines (bridge.net.outbox): one queued line per message, one per attempt.
 OUTBOUND_OUTCOMES = ("queued", "sent", "retrying", "parked")
 MINUTES = 60  # per-minute history kept for the web view's charts
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -124,7 +124,7 @@ class BridgeMetrics:
         self.last_query: dict[str, dict[str, Any]] = {}  # by calling AE title (bounded)
         events = getattr(server, "events", None)
         if events is not None:
-            from bridge.events import StatusChange
+            from bridge.core.events import StatusChange
 
             events.subscribe(StatusChange, self.on_status_change)
 

@@ -101,7 +101,7 @@ def order_message(
 
     if not fields.get("StudyInstanceUID") and fields.get("AccessionNumber"):
         # IPC-3 is required in an OMI: the UID the bridge derives for an ORM without ZDS
-        from bridge.order import derive_study_uid
+        from bridge.hl7.order import derive_study_uid
 
         fields = {**fields, "StudyInstanceUID": derive_study_uid(
             f"acc:{_checked('AccessionNumber', fields['AccessionNumber'])}",

@@ -1,6 +1,6 @@
 """What the API and the web view show of the outbox and the MPPS store, and the outbox actions.
 
-The outbox (bridge.outbox.Outbox) is changed on the reactor thread, where it delivers, so a
+The outbox (bridge.net.outbox.Outbox) is changed on the reactor thread, where it delivers, so a
 retry or a drop never races a delivery; a listing reads every message file, so it runs in the
 thread pool (a file sent meanwhile is left out). MPPS instances are files too: they are read in
 the thread pool from a snapshot of the store's UIDs taken on the reactor thread (where the
@@ -18,7 +18,7 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import keyword_for_tag
 
 from bridge.http.actions import ActionError
-from bridge.outbox import PARKED, RECEIVER_NAME, SUFFIX, OutboxEntry, OutboxError, message_facts
+from bridge.net.outbox import PARKED, RECEIVER_NAME, SUFFIX, OutboxEntry, OutboxError, message_facts
 
 SEQUENCE = re.compile(r"^[0-9]{1,20}$")
 MAX_MESSAGE_SHOWN = 256 * 1024  # bytes of an outbound message returned by its detail

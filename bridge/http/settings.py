@@ -1,4 +1,5 @@
-"""Checks of the HTTP settings (called through bridge.settings_checks) and reading the tokens."""
+"""Checks of the HTTP settings (called through bridge.app.settings_checks) and reading the
+tokens."""
 
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ from urllib.parse import quote, urlencode
 from twisted.internet import threads
 from twisted.web import server
 
+from bridge.dicom.worklist_item import SPS_STATUSES
 from bridge.http import api, items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.auth import COOKIE, SESSION_LIFETIME, Principal
 from bridge.http.site import HTML, Context, HttpApp, Response
-from bridge.worklist_item import SPS_STATUSES
 
 STATIC = {
     "wlbridge.css": "text/css; charset=utf-8",

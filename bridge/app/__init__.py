@@ -1,0 +1,1 @@
+"""The composition root: the server that wires everything, the command line, convert."""

@@ -1,0 +1,296 @@
+"""The DICOM side: Modality Worklist C-FIND SCP (with C-ECHO), over the worklist index.
+
+pynetdicom runs the server in its own threads: an accept thread, and threads per association.
+Handlers here run in the association's thread and only read the index (bridge.storage.index), whose
+lock is held for dictionary look-ups only; matching runs there too, never on the reactor.
+
+This module uses pynetdicom's public API only. What reaches below it (the bounds on what a peer
+may send, and the speed-ups of the answer path) is in bridge.net.pynetdicom_internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+
+from bridge.config import Settings
+from bridge.dicom.matching import AnswerEncoder, QueryError, SearchStopped, compile_query
+from bridge.net.pynetdicom_internals import (
+    FastSender,
+    Limits,
+    Server,
+    Tuning,
+    hang_up,
+    prepare_association,
+    skip_identifier_logging,
+    start_server,
+    stay_brisk,
+    wait_for_peer,
+)
+from bridge.storage.index import WorklistIndex
+from bridge.storage.mpps_store import MPPS_SOP_CLASS
+
+LOG = logging.getLogger("bridge.net.cfind")
+
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01  # a requested optional key is not supported for matching
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700  # max_answers exceeded, or the search ran out of time
+IDENTIFIER_ERROR = 0xA900  # identifier does not match the SOP class (bad key values)
+UNABLE_TO_PROCESS = 0xC312  # an answer could not be encoded (as pynetdicom reports it)
+
+# A-ASSOCIATE-RJ: result, source, reason.
+_REJECT_CALLING = (0x01, 0x01, 0x03)  # permanent, service user: calling AE title not recognised
+_REJECT_CALLED = (0x01, 0x01, 0x07)  # permanent, service user: called AE title not recognised
+_REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation): local limit
+
+
+def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
+    """An AE offering Modality Worklist FIND and Verification, with the settings' limits."""
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    if pynetdicom_log.level == logging.NOTSET:
+        pynetdicom_log.setLevel(logging.WARNING)  # it logs identifiers (patient data) at DEBUG
+    skip_identifier_logging(Tuning(settings.dicom_speedups))
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_supported_context(ModalityWorklistInformationFind)
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(MPPS_SOP_CLASS)  # its handlers: bridge.dicom.mpps
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    if settings.allowed_calling_aets:
+        ae.require_calling_aet = [t.strip() for t in settings.allowed_calling_aets]
+    return ae
+
+
+class WorklistSCP:
+    """The event handlers: association checks, C-ECHO and C-FIND."""
+
+    def __init__(
+        self, settings: Settings, index: WorklistIndex, on_query: Callable[..., None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self.on_query = on_query  # told of every C-FIND once answered (the translation log)
+        # Called before each search: a DICOM worker's index catches up with the writer there.
+        self.before_query: Callable[[], None] | None = None
+        self.per_ae = settings.worklist_layout == "per-ae"
+        self.allowed = {t.strip() for t in settings.allowed_calling_aets}
+        self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
+        self.tuning = Tuning(settings.dicom_speedups)
+        self.limits = Limits(
+            max_pdu=16382,  # what we advertise: the AE's maximum_pdu_size (pynetdicom's default)
+            max_associate_request=settings.max_associate_request_size,
+            max_message=settings.max_identifier_size,
+            acse_timeout=settings.acse_timeout,
+            network_timeout=settings.network_timeout,
+        )
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """(event, handler) pairs for the AE's server; add other services' handlers here."""
+        return [
+            (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_FIND, self.on_find),
+        ]
+
+    def on_open(self, event: Any) -> None:
+        prepare_association(event.assoc, self.tuning, self.limits)
+
+    def on_requested(self, event: Any) -> None:
+        """Refuse unknown calling AE titles, (per-ae) unknown called AE titles, and requests
+        past `max-associations`.
+
+        A called AE title is only ever compared with the names of the sub-folders that
+        exist, never joined into a path."""
+        assoc = event.assoc
+        stay_brisk(assoc)
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        if self.allowed and calling not in self.allowed:
+            LOG.warning("association from %s refused: calling AE title not allowed", calling)
+            assoc.acse.send_reject(*_REJECT_CALLING)
+            assoc.kill()
+            return
+        if self.per_ae:
+            if called not in self.index.ae_folders():
+                LOG.warning("association from %s refused: no worklist for called AE title %r",
+                            calling, called)  # fmt: skip
+                assoc.acse.send_reject(*_REJECT_CALLED)
+                assoc.kill()
+                return
+            assoc.acceptor.ae_title = called  # answer as the AE title that was called
+        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
+        if active > self.settings.max_associations:
+            LOG.warning("association from %s refused: %d associations open (max-associations)",
+                        calling, active - 1)  # fmt: skip
+            assoc.acse.send_reject(*_REJECT_BUSY)
+            assoc.kill()
+
+    def on_echo(self, event: Any) -> int:
+        stay_brisk(event.assoc)
+        return 0x0000
+
+    def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
+        started = time.perf_counter()
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        called = str(assoc.acceptor.ae_title).strip()
+        outcome = "success"
+        keys = "-"
+        sent = total = 0
+        try:
+            try:
+                identifier = event.identifier
+                query = compile_query(
+                    identifier,
+                    pn_case_insensitive=self.settings.pn_case_insensitive,
+                    hidden_statuses=self.hidden,
+                    station_aet=calling if self.settings.own_items_only else None,
+                )
+            except QueryError as exc:
+                outcome = f"refused ({exc})"
+                yield _failure(IDENTIFIER_ERROR, str(exc), exc.tag), None
+                return
+            except Exception as exc:  # an identifier pydicom cannot decode
+                outcome = f"refused (undecodable identifier: {exc})"
+                yield _failure(IDENTIFIER_ERROR, "cannot decode the identifier"), None
+                return
+            keys = " ".join(query.given) or "(universal)"
+            budget = self.settings.max_search_time
+            query.guard = _search_guard(event, time.monotonic() + budget)
+            if self.before_query is not None:
+                self.before_query()
+            try:
+                records = self.index.search(query, called if self.per_ae else None)
+            except SearchStopped as stop:
+                outcome = f"search stopped: {stop}"
+                if stop.reason == "cancelled":
+                    yield CANCEL, None
+                elif stop.reason == "budget":
+                    comment = f"search longer than {budget:g} s: narrow the query"
+                    yield _failure(OUT_OF_RESOURCES, comment), None
+                return
+            finally:
+                query.guard = None
+            total = len(records)
+            status = PENDING_WARNING if query.unsupported else PENDING
+            if query.unsupported:
+                outcome = "success; not matched on " + ",".join(query.unsupported)
+            limit = self.settings.max_answers
+            send = None
+            if records:
+                send = FastSender.create(
+                    event,
+                    self.tuning,
+                    lambda implicit: AnswerEncoder(query, implicit=implicit).encode,
+                    query.answer,
+                    status,
+                )
+            stalled = 0  # seconds the peer has not been reading our answers
+            for record in records:
+                stalled = stalled + 1 if wait_for_peer(assoc) else 0
+                if stalled >= max(self.settings.dimse_timeout, 1):
+                    # Answers would pile up in memory for a peer that stopped reading.
+                    outcome = "aborted: the peer stopped reading the answers"
+                    hang_up(assoc)
+                    return
+                if not assoc.is_established:
+                    outcome = "association ended"
+                    return
+                if event.is_cancelled:
+                    outcome = "cancelled"
+                    yield CANCEL, None
+                    return
+                if limit and sent >= limit:
+                    outcome = f"truncated at max_answers={limit}"
+                    comment = f"{total} matches, {limit} sent: narrow the query"
+                    yield _failure(OUT_OF_RESOURCES, comment), None
+                    return
+                if send is None:
+                    yield status, query.answer(record)  # pynetdicom encodes and sends it
+                elif not send(record):
+                    outcome = "failed: an answer could not be encoded"
+                    yield _failure(UNABLE_TO_PROCESS, "cannot encode an answer"), None
+                    return
+                else:
+                    stay_brisk(assoc)
+                sent += 1
+        finally:
+            stay_brisk(assoc)  # the release follows
+            LOG.info(
+                "C-FIND %s->%s keys: %s; %d answers (%d matched), %s, %.1f ms",
+                calling, called, keys, sent, total, outcome,
+                (time.perf_counter() - started) * 1000,
+            )  # fmt: skip
+            if self.on_query is not None:
+                self.on_query(calling=calling, called=called, keys=keys, answers=sent,
+                              matched=total, outcome=outcome,
+                              ms=(time.perf_counter() - started) * 1000)  # fmt: skip
+
+
+def _search_guard(event: Any, deadline: float) -> Callable[[], None]:
+    """The check a query runs every few records while searching: raises SearchStopped when
+    the search ran past `deadline`, the peer sent C-CANCEL, or the association ended."""
+    assoc = event.assoc
+
+    def guard() -> None:
+        if event.is_cancelled:
+            raise SearchStopped("cancelled")
+        if not assoc.is_established:
+            raise SearchStopped("association ended")
+        if time.monotonic() > deadline:
+            raise SearchStopped("budget")
+
+    return guard
+
+
+def _failure(code: int, comment: str, tag: int | None = None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]  # LO
+    if tag is not None:
+        status.OffendingElement = [tag]
+    return status
+
+
+def start_dicom_server(
+    settings: Settings,
+    index: WorklistIndex,
+    ssl_context: ssl.SSLContext | None = None,
+    extra_handlers: list | None = None,  # other services' handlers on the same AE
+    on_query: Callable[..., None] | None = None,
+    listening_socket: socket.socket | None = None,  # a DICOM worker's, shared with the others
+    before_query: Callable[[], None] | None = None,
+) -> Server:
+    """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
+    blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
+    ae = make_dicom_ae(settings, index)
+    scp = WorklistSCP(settings, index, on_query)
+    scp.before_query = before_query
+    scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
+    LOG.info("DICOM: %s", scp.tuning.describe())
+    if not scp.tuning.bounds:
+        LOG.warning("DICOM: PDU lengths are not bounded with this pynetdicom version")
+    return start_server(
+        ae,
+        (settings.host, settings.dicom_port),
+        scp.handlers() + (extra_handlers or []),
+        scp.tuning,
+        network_timeout=settings.network_timeout,
+        handshake_timeout=settings.acse_timeout,
+        ssl_context=ssl_context,
+        listening_socket=listening_socket,
+    )

@@ -1,0 +1,319 @@
+"""The DICOM service in worker processes (`dicom-workers` = N > 0), sharing one listening socket.
+
+Why: in one process, the reactor thread (HL7 intake, the worklist's one writer) shares one GIL with
+pynetdicom's two threads per association; under 20 querying modalities its ACKs waited for the
+GIL, and the C-FIND work could use one core at most. Here the main process makes the listening
+socket (bound, listening, backlog 512) and starts N worker processes that all accept from it;
+the kernel's one accept queue serves whichever worker is free.
+
+Each worker has its own WorklistIndex following the folder through inotify, like any other
+program's reader. Read-your-writes: before each C-FIND the worker applies the inotify events
+queued so far (`WorklistIndex.sync_now`, on its reactor thread); the main process renames an
+order's file into place before it sends the AA, and the rename queues the event, so a C-FIND that
+starts after the ACK finds the order, on every worker.
+
+The worklist keeps its one writer: a worker answers MPPS N-CREATE / N-SET by forwarding the
+request (the raw attribute list and its transfer syntax) over a pipe to the main process, which
+runs the same handlers as in-process and sends back their answer. The C-FIND lines of the
+translation log go the same way, so that file keeps one writer too.
+
+A worker stops with the main process: on its shutdown the main process sends SIGTERM and waits
+(SIGKILL after `WORKER_STOP_TIMEOUT`); a worker whose parent is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from bridge.config import Settings
+
+log = logging.getLogger("bridge.net.dicom_workers")
+
+LISTEN_BACKLOG = 512  # connection attempts the kernel queues while every worker is busy
+WORKER_START_TIMEOUT = 900.0  # seconds a worker may take to load the index (100,000s of items)
+WORKER_STOP_TIMEOUT = 10.0  # seconds a worker gets to close its associations at shutdown
+PARENT_CHECK_INTERVAL = 1.0  # seconds between a worker's checks that the main process lives
+
+
+class DicomWorkers:
+    """The main process's side: the listening socket, the worker processes, and one thread per
+    worker answering its MPPS requests and recording its queries."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        mpps_handlers: dict[str, Callable[[Any], tuple[Any, Any]]],
+        on_query: Callable[..., None] | None,
+    ) -> None:
+        self.settings = settings
+        self.mpps_handlers = mpps_handlers  # "n-create" / "n-set" -> handler(event)
+        self.on_query = on_query
+        self.socket: socket.socket | None = None
+        self.processes: list[Any] = []
+        self.threads: list[threading.Thread] = []
+        self.stopping = False
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
+
+    def start(self) -> None:
+        """Listen, then start the workers (OSError if the port cannot be had)."""
+        s = self.settings
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((s.host, s.dicom_port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        self.socket = sock
+        spawn = multiprocessing.get_context("spawn")  # no copy of the reactor's state
+        count = s.dicom_workers
+        links = []
+        for number in range(count):
+            parent_end, child_end = spawn.Pipe()
+            process = spawn.Process(
+                target=worker_main,
+                args=(s, sock, child_end, number, count),
+                name=f"wlbridge-dicom-{number}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self.processes.append(process)
+            links.append(parent_end)
+        for number, parent_end in enumerate(links):
+            self._wait_ready(parent_end, number)
+            thread = threading.Thread(
+                target=self._serve_worker, args=(parent_end, number), daemon=True,
+                name=f"dicom-worker-link-{number}",
+            )  # fmt: skip
+            thread.start()
+            self.threads.append(thread)
+        log.info("DICOM: %d worker process(es) share port %d", count, self.server_address[1])
+
+    def _wait_ready(self, link: Any, number: int) -> None:
+        """Until the worker serves (its index loaded): queries find the whole worklist."""
+        try:
+            if link.poll(WORKER_START_TIMEOUT) and link.recv() == ("ready",):
+                return
+        except (EOFError, OSError):
+            pass
+        self.stop()
+        raise OSError(f"DICOM worker {number} did not start (see its log lines above)")
+
+    def _serve_worker(self, link: Any, number: int) -> None:
+        while True:
+            try:
+                message = link.recv()
+            except (EOFError, OSError):
+                if not self.stopping:
+                    log.error("DICOM worker %d ended unexpectedly", number)
+                return
+            kind = message[0]
+            if kind == "query":
+                if self.on_query is not None:
+                    try:
+                        self.on_query(**message[1])
+                    except Exception as exc:
+                        log.error("cannot record a worker's C-FIND: %s", exc)
+                continue
+            answer: tuple[Any, Any]
+            try:
+                answer = self.mpps_handlers[kind](ForwardedEvent(*message[1:]))
+            except Exception as exc:  # answered, never left waiting
+                log.exception("MPPS from DICOM worker %d failed: %s", number, exc)
+                from bridge.dicom.mpps import PROCESSING_FAILURE
+
+                failure = _status_dataset(PROCESSING_FAILURE)
+                answer = (failure, None)
+            try:
+                link.send(answer)
+            except (OSError, ValueError):
+                return
+
+    def stop(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after WORKER_STOP_TIMEOUT) and close the
+        listening socket."""
+        self.stopping = True
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(WORKER_STOP_TIMEOUT)
+            if process.is_alive():
+                log.warning("DICOM worker %s did not stop: killed", process.pid)
+                process.kill()
+                process.join(5)
+        self.processes = []
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
+def _status_dataset(code: int) -> Any:
+    from pydicom import Dataset
+
+    status = Dataset()
+    status.Status = code
+    return status
+
+
+class ForwardedEvent:
+    """What the MPPS handlers (bridge.dicom.mpps) read of a pynetdicom event, rebuilt in the main
+    process from what a worker sent."""
+
+    def __init__(
+        self, calling: str, address: str, port: int, uids: dict[str, str], raw: bytes,
+        transfer_syntax: str, list_name: str,
+    ) -> None:  # fmt: skip
+        self.assoc = SimpleNamespace(
+            requestor=SimpleNamespace(ae_title=calling, address=address, port=port)
+        )
+        stream = io.BytesIO(raw) if raw else None
+        self.request = SimpleNamespace(
+            AffectedSOPInstanceUID=uids.get("affected") or None,
+            RequestedSOPInstanceUID=uids.get("requested") or None,
+            AttributeList=stream,
+            ModificationList=stream,
+        )
+        self._raw = raw
+        self._transfer_syntax = transfer_syntax
+        self._list_name = list_name
+
+    def _decode(self) -> Any:
+        from pydicom import Dataset
+        from pydicom.uid import UID
+        from pynetdicom.dsutils import decode
+
+        if not self._raw:
+            return Dataset()
+        ts = UID(self._transfer_syntax)
+        return decode(io.BytesIO(self._raw), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+    @property
+    def attribute_list(self) -> Any:
+        return self._decode()
+
+    @property
+    def modification_list(self) -> Any:
+        return self._decode()
+
+
+# ---- the worker process ----------------------------------------------------------------------
+
+
+class _Link:
+    """The worker's end of its pipe to the main process, shared by its association threads."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+
+    def call(self, *message: Any) -> Any:
+        with self.lock:
+            self.connection.send(message)
+            return self.connection.recv()
+
+    def notify(self, *message: Any) -> None:
+        with self.lock:
+            self.connection.send(message)
+
+
+def _forwarding_handlers(link: _Link) -> list[tuple[Any, Any, list[Any]]]:
+    from pynetdicom import evt
+
+    def forward(event: Any, kind: str, stream_name: str) -> tuple[Any, Any]:
+        request = event.request
+        stream = getattr(request, stream_name, None)
+        raw = stream.getvalue() if stream is not None else b""
+        requestor = event.assoc.requestor
+        uids = {
+            "affected": str(getattr(request, "AffectedSOPInstanceUID", "") or ""),
+            "requested": str(getattr(request, "RequestedSOPInstanceUID", "") or ""),
+        }
+        return link.call(
+            kind, str(requestor.ae_title), str(requestor.address), int(requestor.port or 0),
+            uids, raw, str(event.context.transfer_syntax), stream_name,
+        )  # fmt: skip
+
+    return [
+        (evt.EVT_N_CREATE, forward, ["n-create", "AttributeList"]),
+        (evt.EVT_N_SET, forward, ["n-set", "ModificationList"]),
+    ]
+
+
+def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
+                count: int) -> None:  # fmt: skip
+    """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
+    shared socket, MPPS and the query log forwarded to the main process."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s %(name)s[dicom-{number}] %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
+    from twisted.internet import reactor, task, threads
+
+    from bridge.net.cfind import start_dicom_server
+    from bridge.net.tls import dicom_ssl_context
+    from bridge.storage.index import WorklistIndex
+
+    # The association limit is the whole server's: each worker takes its share (never more:
+    # validate() makes sure there is one for each).
+    share = max(1, settings.max_associations // count)
+    settings = dataclasses.replace(settings, max_associations=share)
+    link = _Link(connection)
+    index = WorklistIndex(settings, log=logging.getLogger("bridge.storage.index"))
+    index.refresh_inline = True  # changes are read by whoever calls sync_now()
+    # Before the load: nothing written meanwhile is missed (events wait for sync_now).
+    index.start_watching(reactor, read_in_reactor=False)
+    index.load(save_cache=False)
+    parent = os.getppid()
+
+    def record_query(**fields: Any) -> None:
+        try:
+            link.notify("query", fields)
+        except (OSError, ValueError):
+            pass  # the main process is stopping
+
+    server = start_dicom_server(
+        settings,
+        index,
+        ssl_context=dicom_ssl_context(settings),
+        extra_handlers=_forwarding_handlers(link),
+        on_query=record_query,
+        listening_socket=sock,
+        before_query=index.sync_now,  # in the association's thread: no hand-over
+    )
+
+    def keep_up() -> Any:  # while no query comes, changes are applied all the same
+        return threads.deferToThread(index.sync_now).addErrback(
+            lambda f: log.error("worklist sync failed: %s", f.getErrorMessage())
+        )
+
+    def check_parent() -> None:
+        if os.getppid() != parent:
+            log.warning("the main process is gone: DICOM worker %d stops", number)
+            reactor.stop()
+
+    link.notify("ready")
+    checker = task.LoopingCall(check_parent)
+    checker.start(PARENT_CHECK_INTERVAL, now=False)
+    follower = task.LoopingCall(keep_up)
+    follower.start(PARENT_CHECK_INTERVAL, now=True)
+    # The index cache is the main process's to write: no stop_watching() here.
+    reactor.addSystemEventTrigger("before", "shutdown", server.ae.shutdown)
+    reactor.run()

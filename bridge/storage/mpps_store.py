@@ -1,0 +1,141 @@
+"""MPPS instances as DICOM files in their own folder (`mpps-dir`), each write durable.
+
+An instance is written to a temporary file, fsynced, renamed over its file and the folder
+fsynced before the MPPS SCP answers success, so an N-SET after a restart finds what the N-CREATE
+stored. File names are a hash of the SOP Instance UID: no peer content steers a path. The store
+is changed on the writer thread only; it keeps each instance's status and patient in memory
+(read at start) and reads the file itself when an N-SET needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from bridge.storage.store import StoreError
+
+log = logging.getLogger("bridge.storage.mpps_store")
+
+MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step
+TEMP_PREFIX = ".wlbridge-tmp-"
+SUFFIX = ".dcm"
+
+
+@dataclass
+class Known:
+    """What the store keeps in memory of one instance."""
+
+    status: str
+    patient_id: str
+    issuer: str
+
+
+class MPPSStore:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._known: dict[str, Known] = {}
+        self._counter = itertools.count()
+
+    def load(self) -> int:
+        """Create the folder, drop temporary files a crash left, read every instance's status.
+        Returns the number of instances."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in self.folder.iterdir():
+            if path.name.startswith(TEMP_PREFIX):
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix != SUFFIX:
+                continue
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+                uid = str(ds.SOPInstanceUID)
+            except Exception as exc:  # another program's file, or a damaged one
+                log.warning("skipping unreadable MPPS file %s: %s", path.name, exc)
+                continue
+            self._known[uid] = _known(ds)
+        return len(self._known)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._known
+
+    def status(self, uid: str) -> str | None:
+        known = self._known.get(uid)
+        return known.status if known is not None else None
+
+    def path_for(self, uid: str) -> Path:
+        return self.folder / (hashlib.sha256(uid.encode("utf-8")).hexdigest()[:32] + SUFFIX)
+
+    def get(self, uid: str) -> Dataset | None:
+        if uid not in self._known:
+            return None
+        return dcmread(self.path_for(uid))
+
+    def put(self, uid: str, dataset: Dataset) -> None:
+        """Write the instance durably (replacing an earlier version)."""
+        dataset.SOPClassUID = MPPS_SOP_CLASS
+        dataset.SOPInstanceUID = uid
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
+        meta.MediaStorageSOPInstanceUID = uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        dataset.file_meta = meta
+        buffer = io.BytesIO()
+        try:
+            dataset.save_as(buffer, enforce_file_format=True)
+        except Exception as exc:  # a value pydicom cannot write as the peer sent it
+            raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
+        path = self.path_for(uid)
+        temp = self.folder / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(buffer.getvalue())
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+            folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder_fd)
+            finally:
+                os.close(folder_fd)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+        self._known[uid] = _known(dataset)
+
+    def snapshot(self) -> dict[str, Known]:
+        """A copy of what the store knows (UID -> status, patient), for readers on other
+        threads (the HTTP API lists instances from it)."""
+        return dict(self._known)
+
+    def of_patient(self, patient_id: str, issuer: str = "") -> list[str]:
+        """The UIDs of the instances of a patient (with `issuer`: that issuer's or none)."""
+        return [
+            uid
+            for uid, known in self._known.items()
+            if known.patient_id == patient_id and (not issuer or known.issuer in ("", issuer))
+        ]
+
+
+def _known(ds: Dataset) -> Known:
+    return Known(
+        status=str(ds.get("PerformedProcedureStepStatus", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        issuer=str(ds.get("IssuerOfPatientID", "")),
+    )

@@ -1,0 +1,134 @@
+"""One connection to PostgreSQL, opened on demand and opened again after a failure."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+
+from bridge.storage.store import StoreError
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 5  # seconds: an unreachable database is an AR within a few seconds, not a hang
+STATEMENT_TIMEOUT_MS = 30_000  # a lock wait or a query that never ends fails instead
+
+
+class StoreUnavailable(StoreError):
+    """The database is down, unreachable, or refused the connection; the change was not made."""
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the PostgreSQL URL (unparsable)"
+    host = info.get("host", "localhost")
+    port = info.get("port", "5432")
+    return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
+
+
+def connect(dsn: str, autocommit: bool = False) -> psycopg.Connection:
+    """A new connection, or StoreUnavailable saying why not."""
+    try:
+        conn = psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            connect_timeout=CONNECT_TIMEOUT,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            application_name="wlbridge",
+            # A peer that vanished (a network cut, not a closed socket) is noticed in ~25 s.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot connect to {redacted(dsn)}: {_first_line(exc)}") from exc
+    return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Database:
+    """A connection shared by one store's callers (one at a time, under a lock).
+
+    `transaction()` gives a cursor inside a transaction that commits when the block ends. A
+    lost connection becomes StoreUnavailable and is dropped, so the next call connects again:
+    a restarted database needs no new object.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.RLock()
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.dsn)
+        return self._conn
+
+    def _begin(self) -> tuple[psycopg.Connection, ExitStack]:
+        """A connection with a transaction begun. A kept connection the server dropped since
+        (a restart, an idle timeout) fails at BEGIN, before anything was done: then once more
+        on a new connection, so the first change after a database restart is not refused."""
+        reused = self._conn is not None and not (self._conn.closed or self._conn.broken)
+        for last in (not reused, True):
+            conn = self._connection()
+            stack = ExitStack()
+            try:
+                stack.enter_context(conn.transaction())
+                return conn, stack
+            except psycopg.OperationalError as exc:
+                self._drop()
+                if last:
+                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Cursor]:
+        with self._lock:
+            conn, begun = self._begin()
+            try:
+                with begun, conn.cursor() as cursor:
+                    yield cursor
+            except psycopg.OperationalError as exc:
+                self._drop()
+                raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+            except psycopg.Error as exc:
+                if conn.closed or conn.broken:
+                    self._drop()
+                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                raise StoreError(f"database error: {_first_line(exc)}") from exc
+
+    def run(self, work: Callable[[psycopg.Cursor], T]) -> T:
+        """`work(cursor)` in one transaction."""
+        with self.transaction() as cursor:
+            return work(cursor)
+
+    def fetchall(self, sql: str, params: Any = None) -> list[tuple]:
+        with self.transaction() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()

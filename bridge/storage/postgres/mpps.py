@@ -1,0 +1,87 @@
+"""MPPS instances in PostgreSQL: the same calls as bridge.storage.mpps_store.MPPSStore, shared by
+every bridge (an N-SET may reach another bridge than its N-CREATE)."""
+
+from __future__ import annotations
+
+import io
+
+import psycopg
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from bridge.storage.mpps_store import MPPS_SOP_CLASS
+from bridge.storage.postgres.connection import Database
+from bridge.storage.store import StoreError
+
+
+class PostgresMPPSStore:
+    def __init__(self, dsn: str) -> None:
+        self.db = Database(dsn)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def load(self) -> int:
+        return len(self)
+
+    def __len__(self) -> int:
+        return self.db.fetchall("SELECT count(*) FROM mpps_instances")[0][0]
+
+    def __contains__(self, uid: str) -> bool:
+        return self.status(uid) is not None
+
+    def status(self, uid: str) -> str | None:
+        rows = self.db.fetchall("SELECT status FROM mpps_instances WHERE uid = %s", (uid,))
+        return rows[0][0] if rows else None
+
+    def get(self, uid: str) -> Dataset | None:
+        rows = self.db.fetchall("SELECT data FROM mpps_instances WHERE uid = %s", (uid,))
+        return dcmread(io.BytesIO(bytes(rows[0][0]))) if rows else None
+
+    def put(self, uid: str, dataset: Dataset) -> None:
+        """Store the instance (replacing an earlier version), committed before returning."""
+        dataset.SOPClassUID = MPPS_SOP_CLASS
+        dataset.SOPInstanceUID = uid
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
+        meta.MediaStorageSOPInstanceUID = uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        dataset.file_meta = meta
+        buffer = io.BytesIO()
+        try:
+            dataset.save_as(buffer, enforce_file_format=True)
+        except Exception as exc:  # a value pydicom cannot write as the peer sent it
+            raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
+
+        def upsert(cursor: psycopg.Cursor) -> None:
+            cursor.execute(
+                "INSERT INTO mpps_instances (uid, status, patient_id, issuer, data)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (uid) DO UPDATE SET"
+                " status = EXCLUDED.status, patient_id = EXCLUDED.patient_id,"
+                " issuer = EXCLUDED.issuer, data = EXCLUDED.data, updated_at = now()",
+                (
+                    uid,
+                    str(dataset.get("PerformedProcedureStepStatus", "")),
+                    str(dataset.get("PatientID", "")),
+                    str(dataset.get("IssuerOfPatientID", "")),
+                    buffer.getvalue(),
+                ),
+            )
+
+        self.db.run(upsert)
+
+    def of_patient(self, patient_id: str, issuer: str = "") -> list[str]:
+        if issuer:
+            rows = self.db.fetchall(
+                "SELECT uid FROM mpps_instances WHERE patient_id = %s AND issuer IN ('', %s)"
+                " ORDER BY uid",
+                (patient_id, issuer),
+            )
+        else:
+            rows = self.db.fetchall(
+                "SELECT uid FROM mpps_instances WHERE patient_id = %s ORDER BY uid",
+                (patient_id,),
+            )
+        return [uid for (uid,) in rows]

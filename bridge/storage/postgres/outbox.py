@@ -1,0 +1,154 @@
+"""The outbox in PostgreSQL: order status messages, each sent by one bridge at a time.
+
+A bridge claims the head of a receiver's queue for a lease (`claimed_by`, `lease_until`). The
+claim locks the receiver's lane row with `FOR UPDATE SKIP LOCKED`, so two bridges claiming at
+once never wait on each other, and only the head is ever claimed, so a receiver hears its
+messages in order. The message stays claimed while its lease runs; a bridge that dies stops
+renewing it and another takes the message over when it expires: at least once, with the same
+bytes (MSH-10 included). A parked message holds the later messages of its own order (same
+accession, placer or filler number) and lets the others go, as the folder outbox does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from bridge.storage.postgres.connection import Database
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    receiver: str
+    control_id: str
+    data: bytes
+    attempts: int
+
+
+class PostgresOutbox:
+    def __init__(self, dsn: str, bridge_id: str) -> None:
+        self.db = Database(dsn)
+        self.bridge_id = bridge_id  # who holds a claim: one name per bridge process
+
+    def close(self) -> None:
+        self.db.close()
+
+    def next_control_number(self) -> int:
+        """A number no other bridge gets: for MSH-10 of the messages this bridge builds."""
+        return self.db.fetchall("SELECT nextval('outbox_control_seq')")[0][0]
+
+    def enqueue(
+        self, receiver: str, control_id: str, data: bytes, order_keys: set[str] | list[str] = ()
+    ) -> int:
+        """Write a message durably (committed before returning); returns its id."""
+
+        def insert(cursor: psycopg.Cursor) -> int:
+            cursor.execute(
+                "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING",
+                (receiver,),
+            )
+            cursor.execute(
+                "INSERT INTO outbox_messages (receiver, control_id, data, order_keys)"
+                " VALUES (%s, %s, %s, %s) RETURNING id",
+                (receiver, control_id, data, sorted(order_keys)),
+            )
+            return cursor.fetchone()[0]
+
+        return self.db.run(insert)
+
+    def claim(self, receiver: str, lease: float) -> Claim | None:
+        """The head of the receiver's queue, claimed for `lease` seconds; None when there is
+        none due, another bridge holds it, or another bridge is claiming right now."""
+
+        def take(cursor: psycopg.Cursor) -> Claim | None:
+            cursor.execute(
+                "SELECT receiver FROM outbox_lanes WHERE receiver = %s FOR UPDATE SKIP LOCKED",
+                (receiver,),
+            )
+            if cursor.fetchone() is None:
+                return None
+            cursor.execute(
+                "SELECT id, claimed_by, lease_until > now(), next_attempt_at <= now()"
+                " FROM outbox_messages m WHERE receiver = %s AND NOT parked"
+                " AND NOT EXISTS (SELECT 1 FROM outbox_messages p WHERE p.receiver = m.receiver"
+                "   AND p.parked AND p.order_keys && m.order_keys)"
+                " ORDER BY id LIMIT 1",
+                (receiver,),
+            )
+            head = cursor.fetchone()
+            if head is None:
+                return None
+            message_id, holder, leased, due = head
+            if leased and holder != self.bridge_id:
+                return None  # in flight on another bridge
+            if not due and not leased:
+                return None  # waiting out its backoff
+            cursor.execute(
+                "UPDATE outbox_messages SET claimed_by = %s,"
+                " lease_until = now() + make_interval(secs => %s), attempts = attempts + 1"
+                " WHERE id = %s RETURNING id, receiver, control_id, data, attempts",
+                (self.bridge_id, lease, message_id),
+            )
+            row = cursor.fetchone()
+            return Claim(row[0], row[1], row[2], bytes(row[3]), row[4])
+
+        return self.db.run(take)
+
+    def renew(self, claim: Claim, lease: float) -> bool:
+        """Extend our lease (a slow receiver); False when it was lost to another bridge."""
+        return self._update(
+            "UPDATE outbox_messages SET lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = %s AND claimed_by = %s",
+            (lease, claim.id, self.bridge_id),
+        )
+
+    def complete(self, claim: Claim) -> bool:
+        """The receiver acknowledged: the message is done. False when another bridge took it
+        over meanwhile (it may be sent twice: at least once, never lost)."""
+        return self._update(
+            "DELETE FROM outbox_messages WHERE id = %s AND claimed_by = %s",
+            (claim.id, self.bridge_id),
+        )
+
+    def retry_later(self, claim: Claim, delay: float, reason: str = "") -> bool:
+        """Release the claim; the message is due again after `delay` seconds."""
+        return self._update(
+            "UPDATE outbox_messages SET claimed_by = NULL, lease_until = NULL,"
+            " next_attempt_at = now() + make_interval(secs => %s), reason = %s"
+            " WHERE id = %s AND claimed_by = %s",
+            (delay, reason, claim.id, self.bridge_id),
+        )
+
+    def park(self, claim: Claim, reason: str) -> bool:
+        return self._update(
+            "UPDATE outbox_messages SET parked = true, claimed_by = NULL, lease_until = NULL,"
+            " reason = %s WHERE id = %s AND claimed_by = %s",
+            (reason, claim.id, self.bridge_id),
+        )
+
+    def unpark(self, message_id: int) -> bool:
+        """`wlbridge outbox retry`: back in its place, due now."""
+        return self._update(
+            "UPDATE outbox_messages SET parked = false, next_attempt_at = now()"
+            " WHERE id = %s AND parked",
+            (message_id,),
+        )
+
+    def drop(self, message_id: int) -> bool:
+        return self._update("DELETE FROM outbox_messages WHERE id = %s", (message_id,))
+
+    def depth(self, receiver: str | None = None) -> int:
+        if receiver is None:
+            return self.db.fetchall("SELECT count(*) FROM outbox_messages")[0][0]
+        return self.db.fetchall(
+            "SELECT count(*) FROM outbox_messages WHERE receiver = %s", (receiver,)
+        )[0][0]
+
+    def _update(self, sql: str, params: tuple) -> bool:
+        def change(cursor: psycopg.Cursor) -> bool:
+            cursor.execute(sql, params)
+            return cursor.rowcount > 0
+
+        return self.db.run(change)

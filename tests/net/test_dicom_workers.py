@@ -1,0 +1,227 @@
+"""`dicom-workers`: the DICOM service in worker processes sharing the port, against a real
+`wlbridge serve`: read-your-writes on every worker, MPPS reaching the one writer, shutdown
+leaving no worker behind, and bursts of connections accepted (none dropped at the listen queue)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+from bench.cfind import _associate_rq
+from bench.load import listen_drops
+from bridge.net.client import worklist_query
+from tests.conftest import start_bridge
+from tests.dicom.test_mpps import in_progress, mpps_records, n_create, statuses, stored_statuses
+from tests.messages import orm
+from tests.test_end_to_end import msa, raw_send
+
+WORKER_LINE = re.compile(r"bridge\.net\.cfind\[dicom-(\d+)\] C-FIND")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The DICOM workers among `pid`'s children (multiprocessing's resource tracker is not)."""
+    out = []
+    for child in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+        except OSError:
+            pass
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # exited (a zombie waits for a reaper that is not ours)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(gone(p) for p in pids):
+        time.sleep(0.05)  # no event tells us about another process's children
+    return [p for p in pids if not gone(p)]
+
+
+def test_an_acknowledged_order_is_found_at_once_on_every_worker(tmp_path):
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "40")
+    held = []
+    try:
+        # Associations held open for the whole test: each is served by one worker, and with a
+        # dozen of them both workers hold some (the log lines say which answered).
+        ae = AE(ae_title="RYW")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        for _ in range(12):
+            assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+            assert assoc.is_established
+            held.append(assoc)
+        for n in range(8):
+            accession = f"RYW{n:04d}"
+            ack = raw_send(running.mllp_port, orm(control_id=f"R{n}", accession=accession,
+                                                  placer=f"P{n}", filler=f"F{n}"))  # fmt: skip
+            assert msa(ack)[0] == "AA"
+            for assoc in held:  # each C-FIND starts after the ACK
+                answers = [
+                    ds for status, ds in assoc.send_c_find(
+                        worklist_query(accession=accession), ModalityWorklistInformationFind
+                    ) if status is not None and status.Status in (0xFF00, 0xFF01)
+                ]  # fmt: skip
+                assert [a.AccessionNumber for a in answers] == [accession]
+    finally:
+        for assoc in held:
+            assoc.release()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    answered_by = {m.group(1) for line in running.stderr_lines if (m := WORKER_LINE.search(line))}
+    assert answered_by == {"0", "1"}, "".join(running.stderr_lines[-40:])
+    # The query lines of the translation log are written by the main process, every one.
+    assert len(running.log_records(queries=True)) - len(running.log_records()) == 8 * 12
+
+
+def test_mpps_through_a_worker_changes_the_worklist_in_the_main_process(tmp_path):
+    running = start_bridge(tmp_path, "--dicom-workers", "2")
+    try:
+        assert msa(raw_send(running.mllp_port, orm(control_id="M1")))[0] == "AA"
+        assert statuses(running, patient_id="PAT001") == ["SCHEDULED"]
+        uid = generate_uid()
+        status, _ = n_create(running, in_progress(), uid)
+        assert status.Status == 0x0000
+        assert stored_statuses(running) == ["STARTED"]  # the file, written by the writer
+        assert statuses(running, patient_id="PAT001") == []  # hidden: every worker sees it
+        (create,) = mpps_records(running)
+        assert create["type"] == "MPPS^N-CREATE" and create["outcome"] == "started"
+        assert create["mpps_uid"] == uid and create["calling_ae"] == "CT1"
+        # A duplicate is refused by the same one writer (0x0111), through a worker.
+        assert n_create(running, in_progress(), uid)[0].Status == 0x0111
+    finally:
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    assert not any(
+        "bridge.dicom.mpps" in line and "[dicom-" in line for line in running.stderr_lines
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_leaves_no_worker_behind(tmp_path, sig):
+    running = start_bridge(tmp_path, "--dicom-workers", "3")
+    try:
+        assert len(worker_pids(running.process.pid)) == 3
+        pids = children(running.process.pid)
+    finally:
+        code = running.stop(sig)
+    assert code == 0, "".join(running.stderr_lines)
+    assert wait_gone(pids, timeout=30) == []  # workers and any helper process alike
+
+
+def test_workers_stop_by_themselves_when_the_main_process_is_killed(tmp_path):
+    running = start_bridge(tmp_path, "--dicom-workers", "2")
+    try:
+        pids = worker_pids(running.process.pid)
+        assert len(pids) == 2
+    finally:
+        running.process.kill()
+    running.process.wait(timeout=20)
+    assert wait_gone(pids, timeout=30) == []
+
+
+def _burst(port: int, called: str, count: int) -> list[int]:
+    """`count` connections opened at once, then an A-ASSOCIATE-RQ on each: the PDU type of
+    each answer (2: accepted, 3: rejected; 0: none)."""
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(count)]
+    answers = []
+    try:
+        for n, sock in enumerate(sockets):
+            sock.sendall(_associate_rq(called, f"BURST{n:03d}"))
+        for sock in sockets:
+            try:
+                header = sock.recv(6, socket.MSG_WAITALL)
+                answers.append(struct.unpack(">BxI", header)[0] if len(header) == 6 else 0)
+            except OSError:
+                answers.append(0)
+    finally:
+        for sock in sockets:
+            try:
+                sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT
+            except OSError:
+                pass
+            sock.close()
+    return answers
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_burst_of_300_connections_is_accepted_and_refusals_are_clean(tmp_path, workers):
+    running = start_bridge(tmp_path, "--dicom-workers", workers, "--max-associations", "50")
+    try:
+        for _attempt in range(2):  # the drop counters are machine-wide: others' traffic too
+            before = listen_drops()
+            answers = _burst(running.dicom_port, running.ae_title, 300)
+            dropped = listen_drops() - before
+            # Every connection got an answer: accepted (up to the limit) or A-ASSOCIATE-RJ.
+            assert sorted(set(answers)) <= [2, 3], answers
+            assert 1 <= answers.count(2) <= 50
+            if dropped == 0:
+                break
+        assert dropped == 0, f"{dropped} connection attempts dropped at a listen queue"
+    finally:
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    refusals = [line for line in running.stderr_lines if "refused" in line and "BURST" in line]
+    assert refusals and all("max-associations" in line for line in refusals)
+    assert len(refusals) >= answers.count(3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--dicom-workers", "-1"], ["--dicom-workers", "3", "--max-associations", "2"]],
+)
+def test_a_dicom_workers_mistake_is_a_sentence_naming_it(tmp_path, options):
+    with pytest.raises(RuntimeError, match="dicom-workers") as failed:
+        start_bridge(tmp_path, *options)
+    assert "Traceback" not in str(failed.value)
+
+
+def test_mpps_over_tls_through_a_worker(tmp_path):
+    """Each worker makes its own TLS context from the settings; MPPS completed through TLS on
+    a worker removes the item (retention 0) in the main process."""
+    from pynetdicom import AE as MppsAE
+
+    from tests.dicom.test_mpps import MPPS, final, order
+    from tests.net.test_tls import make_pki
+
+    pki = make_pki(tmp_path)
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--dicom-tls-cert",
+                           str(pki.server_cert), "--dicom-tls-key", str(pki.server_key),
+                           "--dicom-tls-ca", str(pki.ca))  # fmt: skip
+    try:
+        order(running, control_id="T1")
+        ae = MppsAE(ae_title="CT1")
+        ae.add_requested_context(MPPS)
+        plain = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+        assert not plain.is_established  # plain TCP gets no association
+        assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title,
+                             tls_args=(pki.client_context(), "localhost"))  # fmt: skip
+        assert assoc.is_established
+        try:
+            uid = generate_uid()
+            assert assoc.send_n_create(in_progress(), MPPS, uid)[0].Status == 0
+            assert assoc.send_n_set(final(), MPPS, uid)[0].Status == 0
+        finally:
+            assoc.release()
+        assert running.wl_files() == []
+    finally:
+        assert running.stop() == 0

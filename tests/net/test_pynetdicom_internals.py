@@ -1,0 +1,100 @@
+"""Contract tests: what bridge.net.pynetdicom_internals copied from, or relies on in, pynetdicom is
+still what the installed pynetdicom has. An upgrade that changes any of it fails here first;
+then re-read the upstream code, adapt the copy, and update the version and the hashes."""
+
+from __future__ import annotations
+
+import logging
+
+import pynetdicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from bench.worklist_items import generate
+from bridge.config import Settings
+from bridge.net import pynetdicom_internals as internals
+from tests.net.test_cfind import bridge
+
+
+def test_the_installed_pynetdicom_is_the_version_the_copies_were_taken_from():
+    assert pynetdicom.__version__ == internals.PYNETDICOM_VERSION
+    assert internals.VERSION_MATCHES
+
+
+@pytest.mark.parametrize("name", sorted(internals.UPSTREAM_SOURCES))
+def test_the_upstream_functions_are_unchanged(name):
+    assert internals.upstream_source_hash(name) == internals.UPSTREAM_SOURCES[name], (
+        f"{name} changed upstream: compare it with the copy in bridge/pynetdicom_internals.py"
+    )
+
+
+def test_the_private_attributes_used_exist():
+    assert internals.missing_private_attributes() == []
+
+
+def test_another_version_turns_everything_off(monkeypatch):
+    monkeypatch.setattr(internals, "VERSION_MATCHES", False)
+    tuning = internals.Tuning(speedups=True)
+    assert not tuning.bounds and not tuning.speedups
+    assert "speed-ups and PDU bounds are off" in tuning.describe()
+    assert internals.Tuning(speedups=False).describe()
+
+
+def test_start_up_says_whether_the_speedups_are_on(tmp_path, caplog):
+    generate(tmp_path, 1)
+    with caplog.at_level(logging.INFO, logger="bridge.net.cfind"):
+        with bridge(tmp_path):
+            pass
+        with bridge(tmp_path, dicom_speedups=False):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DICOM:")]
+    assert lines == [
+        f"DICOM: pynetdicom {internals.PYNETDICOM_VERSION}: PDU bounds on, speed-ups on",
+        f"DICOM: pynetdicom {internals.PYNETDICOM_VERSION}: PDU bounds on, speed-ups off "
+        "(dicom-speedups = false)",
+    ]
+
+
+def test_without_speedups_associations_keep_pynetdicoms_classes_but_get_the_bounds(
+    tmp_path, monkeypatch
+):
+    import bridge.net.cfind as cfind
+
+    seen = []
+    original = internals.prepare_association
+
+    def spy(assoc, tuning, limits):
+        original(assoc, tuning, limits)
+        seen.append((type(assoc), type(assoc.dul)))
+
+    monkeypatch.setattr(cfind, "prepare_association", spy)
+    generate(tmp_path, 1)
+    with bridge(tmp_path, dicom_speedups=False) as port:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="WLBRIDGE")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    assert seen == [(Association, internals._BoundedDUL)]
+
+
+def test_settings_default_to_the_speedups_on():
+    assert Settings().dicom_speedups is True
+
+
+def test_a_source_refused_again_and_again_is_closed_at_once_for_a_while():
+    now = [100.0]
+    penalties = internals.Penalties(limit=3, window=2.0, most_sources=2, clock=lambda: now[0])
+    for _ in range(2):
+        penalties.note("10.0.0.9")
+    assert not penalties.penalised("10.0.0.9")
+    penalties.note("10.0.0.9")
+    assert penalties.penalised("10.0.0.9")
+    assert not penalties.penalised("10.0.0.10")  # other sources are not affected
+    now[0] += 2.5
+    assert not penalties.penalised("10.0.0.9")  # the window passed
+    for host in ("a", "b", "c"):  # the table never holds more than most_sources
+        penalties.note(host)
+    assert len(penalties.refusals) <= 2
