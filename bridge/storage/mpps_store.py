@@ -39,6 +39,25 @@ class Known:
     issuer: str
 
 
+def encode_instance(uid: str, dataset: Dataset) -> bytes:
+    """An MPPS instance as Part 10 bytes (Explicit VR Little Endian), its UIDs set; StoreError
+    for a value pydicom cannot write as the peer sent it. Shared by every MPPS backend."""
+    dataset.SOPClassUID = MPPS_SOP_CLASS
+    dataset.SOPInstanceUID = uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    dataset.file_meta = meta
+    buffer = io.BytesIO()
+    try:
+        dataset.save_as(buffer, enforce_file_format=True)
+    except Exception as exc:
+        raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
+    return buffer.getvalue()
+
+
 class MPPSStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -84,25 +103,13 @@ class MPPSStore:
 
     def put(self, uid: str, dataset: Dataset) -> None:
         """Write the instance durably (replacing an earlier version)."""
-        dataset.SOPClassUID = MPPS_SOP_CLASS
-        dataset.SOPInstanceUID = uid
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
-        meta.MediaStorageSOPInstanceUID = uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        dataset.file_meta = meta
-        buffer = io.BytesIO()
-        try:
-            dataset.save_as(buffer, enforce_file_format=True)
-        except Exception as exc:  # a value pydicom cannot write as the peer sent it
-            raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
+        data = encode_instance(uid, dataset)
         path = self.path_for(uid)
         temp = self.folder / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(buffer.getvalue())
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)

@@ -7,12 +7,9 @@ import io
 
 import psycopg
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from bridge.storage.mpps_store import MPPS_SOP_CLASS
+from bridge.storage.mpps_store import encode_instance
 from bridge.storage.postgres.connection import Database
-from bridge.storage.store import StoreError
 
 
 class PostgresMPPSStore:
@@ -41,19 +38,7 @@ class PostgresMPPSStore:
 
     def put(self, uid: str, dataset: Dataset) -> None:
         """Store the instance (replacing an earlier version), committed before returning."""
-        dataset.SOPClassUID = MPPS_SOP_CLASS
-        dataset.SOPInstanceUID = uid
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
-        meta.MediaStorageSOPInstanceUID = uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        dataset.file_meta = meta
-        buffer = io.BytesIO()
-        try:
-            dataset.save_as(buffer, enforce_file_format=True)
-        except Exception as exc:  # a value pydicom cannot write as the peer sent it
-            raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
+        data = encode_instance(uid, dataset)
 
         def upsert(cursor: psycopg.Cursor) -> None:
             cursor.execute(
@@ -66,7 +51,7 @@ class PostgresMPPSStore:
                     str(dataset.get("PerformedProcedureStepStatus", "")),
                     str(dataset.get("PatientID", "")),
                     str(dataset.get("IssuerOfPatientID", "")),
-                    buffer.getvalue(),
+                    data,
                 ),
             )
 
