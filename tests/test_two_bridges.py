@@ -182,3 +182,20 @@ def test_a_store_without_schema_or_database_stops_start_up_with_a_sentence(tmp_p
     assert "secret" not in nobody.stderr and "Traceback" not in nobody.stderr
     not_a_url = serve("mysql://x@y/z")
     assert not_a_url.returncode == 2 and "store" in not_a_url.stderr
+
+
+def test_dicom_workers_follow_the_database_and_read_their_own_writes(tmp_path, dsn):
+    a = serve_on(tmp_path, "a", dsn, "--dicom-workers", "2")
+    b = serve_on(tmp_path, "b", dsn)
+    try:
+        for n in range(4):  # each C-FIND right after the ACK, on whichever worker accepts it
+            ack = send(a.mllp_port, orm(control_id=f"W{n}", accession=f"ACCW{n}"))
+            assert ack_code(ack) == "AA"
+            assert f"ACCW{n}" in accessions(a, tmp_path / "fa")
+        assert ack_code(send(b.mllp_port, orm(control_id="B1", accession="ACCB1"))) == "AA"
+        wanted = {"ACCW0", "ACCW1", "ACCW2", "ACCW3", "ACCB1"}
+        for _ in range(4):  # both workers have it
+            assert set(wait_for(a, tmp_path / "fa", lambda f: set(f) == wanted)) == wanted
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)

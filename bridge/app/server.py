@@ -294,6 +294,14 @@ class BridgeServer:
             query_recorder(self.translation_log),
         )
         workers.start()
+        if self.shared_store:  # the workers' read-your-writes: our last commit's number
+            from bridge.core.events import ItemRemoved, ItemWritten
+
+            def committed(_event: object) -> None:
+                workers.committed.value = self.storage.worklist.last_seq
+
+            self.events.subscribe(ItemWritten, committed)
+            self.events.subscribe(ItemRemoved, committed)
         return workers
 
     def startup_line(self) -> str:

@@ -92,6 +92,8 @@ class PostgresStorage:
         self.per_ae = settings.worklist_layout == "per-ae"
         self._applied: dict[ItemKey, int] = {}  # key -> newest change number applied here
         self._applied_lock = threading.Lock()
+        self.delivered_seq = 0  # the newest change number of another writer's delivered change
+        self._delivered = threading.Condition()
         self._ping_db = Database(settings.store)  # its own connection: never waits on a change
         self._health: dict[str, Any] = {"ok": False, "error": "not checked yet", "at": 0.0}
 
@@ -297,11 +299,24 @@ class PostgresStorage:
     def _deliver(
         self, callback: Callable[[StorageChange], None], key: ItemKey, record: Any, seq: int
     ) -> None:
-        with self._applied_lock:
-            if self._applied.get(key, 0) >= seq:
-                return  # this bridge has applied a newer version of the item already
-            self._applied[key] = seq
-        callback(StorageChange(key, record))
+        try:
+            with self._applied_lock:
+                if self._applied.get(key, 0) >= seq:
+                    return  # this bridge has applied a newer version of the item already
+                self._applied[key] = seq
+            callback(StorageChange(key, record))
+        finally:
+            with self._delivered:
+                self.delivered_seq = max(self.delivered_seq, seq)
+                self._delivered.notify_all()
+
+    def wait_delivered(self, seq: int, timeout: float) -> bool:
+        """Until every change up to number `seq` was delivered (read-your-writes for a reader
+        that follows another process's writes: a DICOM worker); False after `timeout`."""
+        if self.delivered_seq >= seq:
+            return True
+        with self._delivered:
+            return self._delivered.wait_for(lambda: self.delivered_seq >= seq, timeout)
 
     def _mark(self, key: ItemKey, seq: int) -> None:
         with self._applied_lock:
@@ -325,6 +340,36 @@ class PostgresStorage:
         if removed:
             self._mark(key, self.worklist.last_seq)
         return removed
+
+
+READ_YOUR_WRITES_WAIT = 2.0  # seconds a C-FIND waits for a change the main process committed
+
+
+def follow_in_worker(settings: Settings, index: Any, committed: Any) -> Callable[[], None]:
+    """A DICOM worker's index on a PostgreSQL store: loaded from the database, kept in step by
+    the worker's own change stream (on the listener's thread: the index locks itself). Returns
+    the worker's `sync_now`: before a C-FIND, wait until the worker has applied every change
+    the main process committed so far (`committed.value`, a shared change number the main
+    process sets before each ACK), so a C-FIND after an ACK finds the order."""
+    storage = PostgresStorage(settings)
+    storage.prepare()
+    index.load_records((storage.path_of(key), record) for key, record in storage.scan())
+
+    def apply(change: StorageChange) -> None:
+        path = storage.path_of(change.key)
+        if change.record is None:
+            index.discard(path)
+        else:
+            index.put_record(path, change.record)
+
+    storage.watch(apply)
+
+    def sync_now() -> None:
+        target = committed.value if committed is not None else 0
+        if not storage.wait_delivered(target, READ_YOUR_WRITES_WAIT):
+            log.warning("C-FIND answered before change %d reached this DICOM worker", target)
+
+    return sync_now
 
 
 class RoundLock:
