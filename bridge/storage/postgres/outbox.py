@@ -185,9 +185,10 @@ class PostgresOutbox:
         )
 
     def park(self, claim: Claim, reason: str) -> bool:
+        """Set the message aside after the refusal that reached max-attempts (counted)."""
         return self._update(
             "UPDATE outbox_messages SET parked = true, claimed_by = NULL, lease_until = NULL,"
-            " reason = %s WHERE id = %s AND claimed_by = %s",
+            " refusals = refusals + 1, reason = %s WHERE id = %s AND claimed_by = %s",
             (reason, claim.id, self.bridge_id),
         )
 
