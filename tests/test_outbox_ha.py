@@ -232,3 +232,23 @@ def test_a_database_down_fails_the_enqueue_in_seconds_and_the_next_one_reconnect
     assert [e.accession for e in outbox.list()] == ["D1", "D3"]
     assert not (tmp_path / "outbox").exists()  # nothing went to the folder
     outbox.queue.close()
+
+
+def test_after_a_database_restart_the_bridge_queues_and_delivers_again(
+    tmp_path,
+    postgres,  # noqa: F811
+    ris,
+):
+    upgrade(postgres.dsn)
+    one = OutboxProcess(bridge_config(tmp_path / "one", postgres.dsn, ris.port, retry_max=1.0))
+    try:
+        one.publish("R1", "STARTED")
+        assert summary(ris.wait_for(1, timeout=WAIT)) == [("R1", "IP")]
+        postgres.stop()  # every connection the bridge holds is broken now
+        postgres.start()
+        one.publish("R1", "COMPLETED")  # the writer's connection comes back by itself
+        got = ris.wait_for(2, timeout=WAIT)
+        assert summary(got) == [("R1", "IP"), ("R1", "CM")]
+        eventually(lambda: outbox_rows(postgres.dsn) == [], "an empty outbox table")
+    finally:
+        one.stop()

@@ -948,12 +948,14 @@ class Outbox:
         d.addErrback(self._cannot_start, lane)
 
     def _cannot_start(self, failure, lane: _Lane) -> None:
-        # An unreadable file, a certificate gone bad, the database down: try again later.
+        # An unreadable file, a certificate gone bad, the database down: try again later. A
+        # message whose outcome could not be recorded stays claimed: it is sent again (same
+        # MSH-10) once its lease ends, by this bridge or another.
         if failure.check(StoreError):
-            log.warning("outbox %s: cannot start a delivery: %s", lane.receiver.name, failure.value)
+            log.warning("outbox %s: delivery interrupted: %s", lane.receiver.name, failure.value)
         else:
             log.error(
-                "outbox %s: cannot start a delivery",
+                "outbox %s: delivery interrupted",
                 lane.receiver.name,
                 exc_info=(failure.type, failure.value, failure.getTracebackObject()),
             )
