@@ -134,6 +134,16 @@ class Settings:
         "folder of order status messages waiting for their receiver (one sub-folder each)",
         default=Path("./outbox"),
     )
+    store: str = _opt(
+        "where the worklist, MPPS instances and outbox live: empty for the folders, or a "
+        "postgresql://user@host/db URL shared by several bridges",
+        default="",
+    )
+    outbox_lease: float = _opt(
+        "seconds a bridge holds a claimed outbound message (PostgreSQL store; renewed while "
+        "sending): another bridge sends it once a dead bridge's lease ends",
+        default=30.0,
+    )
 
     # Order status back to the RIS
     outbound: list[OutboundReceiver] = _opt(
@@ -763,6 +773,8 @@ def validate(settings: Settings, checks: Iterable[SettingCheck] = ()) -> None:
             fail(name, f"{getattr(settings, name)} is too small: it must be at least 1024 bytes")
     if settings.max_search_time <= 0:
         fail("max_search_time", "must be more than 0 seconds")
+    if settings.outbox_lease < 1:
+        fail("outbox_lease", "must be at least 1 second")
     for name, check in checks:  # the checks of the modules that own the values
         try:
             check(settings)

@@ -212,22 +212,32 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _outbox(args: argparse.Namespace) -> int:
-    """List, retry or drop the order status messages waiting in the outbox folder."""
-    from bridge.net.outbox import OutboxError, OutboxFolder
+    """List, retry or drop the order status messages waiting in the outbox (the folder, or the
+    PostgreSQL store of --store or the config's `store`)."""
+    from bridge.net.outbox import OutboxError, OutboxFolder, PostgresQueue
+    from bridge.storage.postgres import is_postgres_url
+    from bridge.storage.store import StoreError
 
     overrides = {"outbox_dir": args.outbox_dir} if args.outbox_dir else {}
+    if args.store:
+        overrides["store"] = args.store
     try:
         settings = load_settings(args.config, overrides)
     except (OSError, ValueError) as exc:
         print(f"wlbridge: {exc}", file=sys.stderr)
         return 2
+    if settings.store and not is_postgres_url(settings.store):
+        print("wlbridge: --store must be a postgresql://user@host/db URL", file=sys.stderr)
+        return 2
+    queue = PostgresQueue(settings.store, "wlbridge-outbox-command") if settings.store else None
     folder = OutboxFolder(settings.outbox_dir)
     try:
         if args.action == "list":
-            entries = folder.entries()
+            entries = queue.entries() if queue else folder.entries()
             for e in entries:
                 line = f"{e.id}  {e.state:<7}  {e.control_id}  ORC-5={e.order_status or '?'}"
                 line += f"  accession={e.accession or '-'}  age={e.age:.0f}s"
+                line += f"  attempts={e.attempts}" if queue else ""
                 print(line + (f"  {e.reason}" if e.reason else ""))
             parked = sum(e.state == "parked" for e in entries)
             print(f"{len(entries)} message(s), {parked} parked")
@@ -236,11 +246,20 @@ def _outbox(args: argparse.Namespace) -> int:
             print(f"wlbridge: outbox {args.action} needs the NAME of a message", file=sys.stderr)
             return 2
         for name in args.name:
-            done = folder.retry(name) if args.action == "retry" else folder.drop(name)
+            if queue is None:
+                done = folder.retry(name) if args.action == "retry" else folder.drop(name)
+            else:  # a bridge's next poll sends it (a waiting one: its backoff ends now)
+                done = queue.retry(name)[0] if args.action == "retry" else queue.drop(name)
             print(f"{done}: {'queued again' if args.action == 'retry' else 'dropped'}")
     except OutboxError as exc:
         print(f"wlbridge: {exc}", file=sys.stderr)
         return 1
+    except StoreError as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if queue is not None:
+            queue.close()
     return 0
 
 
@@ -403,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = sub.add_parser("outbox", help="list, retry or drop order status messages to send")
     outbox.add_argument("action", choices=("list", "retry", "drop"))
     outbox.add_argument("name", nargs="*", help="message id (receiver/sequence) or control ID")
-    outbox.add_argument("--config", type=Path, help="TOML config file (for outbox-dir)")
+    outbox.add_argument("--config", type=Path, help="TOML config file (outbox-dir, store)")
     outbox.add_argument("--outbox-dir", type=Path, help="the outbox folder (default ./outbox)")
+    outbox.add_argument(
+        "--store", help="the PostgreSQL store (postgresql://user@host/db); default: the config's"
+    )
     outbox.set_defaults(func=_outbox)
     mapping = sub.add_parser("mapping", help="print the HL7 -> DICOM field map in effect")
     mapping.add_argument("--config", type=Path, help="TOML config file ([mapping], [code-tables])")

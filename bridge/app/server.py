@@ -30,12 +30,12 @@ from bridge.hl7.pipeline import Bridge
 from bridge.net.cfind import start_dicom_server
 from bridge.net.dicom_workers import DicomWorkers
 from bridge.net.mllp import MLLPFactory
-from bridge.net.outbox import Outbox
+from bridge.net.outbox import outbox_for
 from bridge.net.tls import dicom_ssl_context, mllp_tls_options
 from bridge.ops.housekeeping import Housekeeping
 from bridge.ops.translation_log import TranslationLog, query_recorder
 from bridge.storage.index import WorklistIndex
-from bridge.storage.mpps_store import MPPSStore
+from bridge.storage.mpps_store import mpps_store_for
 from bridge.storage.protocol import FolderStorage, StorageChange
 from bridge.storage.store import StoreError, WorklistStore
 
@@ -124,13 +124,13 @@ class BridgeServer:
             retry_memory=retry_memory,
             rejected_store=rejected_store,
         )
-        self.mpps_store = MPPSStore(settings.mpps_dir)
+        self.mpps_store = mpps_store_for(settings)
         self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
         self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
         self.housekeeping = Housekeeping(settings, self.worklist, self.translation_log)
         self._housekeeper: task.LoopingCall | None = None
         # Order status updates to the receivers: queued durably inside the publication.
-        self.outbox = Outbox(settings, reactor, self.translation_log)
+        self.outbox = outbox_for(settings, reactor, self.translation_log)
         self.events.subscribe(StatusChange, self.outbox.on_status_change)
         self.mllp_port = None
         self.dicom_server = None

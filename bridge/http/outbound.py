@@ -1,24 +1,24 @@
 """What the API and the web view show of the outbox and the MPPS store, and the outbox actions.
 
 The outbox (bridge.net.outbox.Outbox) is changed on the reactor thread, where it delivers, so a
-retry or a drop never races a delivery; a listing reads every message file, so it runs in the
-thread pool (a file sent meanwhile is left out). MPPS instances are files too: they are read in
-the thread pool from a snapshot of the store's UIDs taken on the reactor thread (where the
-store is written).
+retry or a drop never races a delivery; a listing reads every message file (or the outbox
+table, with the PostgreSQL store), so it runs in the thread pool (a message sent meanwhile is
+left out). MPPS instances are read in the thread pool from a snapshot of the store's UIDs taken
+on the reactor thread (where the store is written).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 
 from bridge.http.actions import ActionError
-from bridge.net.outbox import PARKED, RECEIVER_NAME, SUFFIX, OutboxEntry, OutboxError, message_facts
+from bridge.net.outbox import RECEIVER_NAME, OutboxError, message_facts
+from bridge.storage.store import StoreError
 
 SEQUENCE = re.compile(r"^[0-9]{1,20}$")
 MAX_MESSAGE_SHOWN = 256 * 1024  # bytes of an outbound message returned by its detail
@@ -48,14 +48,17 @@ def entries(outbox: Any, state: str = "", receiver: str = "", accession: str = "
     """The outbox's messages, receiver by receiver, waiting then parked, each oldest first,
     filtered. Reads every file
     (~1 ms each): run it in the thread pool, not on the reactor."""
-    for _ in range(3):
-        try:
+    try:
+        for _ in range(3):
+            try:
+                listed = outbox.list()
+                break
+            except FileNotFoundError:  # a file moved by a delivery or a retry meanwhile: again
+                continue
+        else:
             listed = outbox.list()
-            break
-        except FileNotFoundError:  # a file moved by a delivery or a retry meanwhile: again
-            continue
-    else:
-        listed = outbox.list()
+    except StoreError as exc:  # the database is down
+        raise ActionError(503, str(exc)) from None
     return [
         entry.as_dict()
         for entry in listed
@@ -66,51 +69,33 @@ def entries(outbox: Any, state: str = "", receiver: str = "", accession: str = "
 
 
 def resolve(outbox: Any, ident: str) -> str:
-    """A control ID (MSH-10) as the message's `<receiver>/<sequence>` (reads every file: in the
-    thread pool); an id is returned as it is."""
+    """A control ID (MSH-10) as the message's `<receiver>/<sequence>` (reads every file, or asks
+    the database: in the thread pool); an id is returned as it is."""
     if "/" in ident:
         return ident
     try:
-        return outbox.folder.entry_id(outbox.folder.find(ident))
+        return outbox.resolve(ident)
     except OutboxError as exc:
         raise ActionError(404, str(exc)) from None
+    except StoreError as exc:  # the database is down
+        raise ActionError(503, str(exc)) from None
 
 
-def find(outbox: Any, ident: str) -> tuple[Path, dict[str, Any]]:
-    """(the message's file, its listing entry) by `<receiver>/<sequence>`, or ActionError 404;
-    reads that one file only."""
-    receiver, _, sequence = ident.partition("/")
-    folder = outbox.folder
-    for path, state in (
-        (folder.root / receiver / f"{sequence}{SUFFIX}", "pending"),
-        (folder.root / receiver / PARKED / f"{sequence}{SUFFIX}", "parked"),
-    ):
-        try:
-            data = path.read_bytes()
-            age = max(0.0, time.time() - path.stat().st_mtime)
-            reason = ""
-            if state == "parked" and path.with_suffix(".reason").exists():
-                reason = path.with_suffix(".reason").read_text("utf-8", "replace").strip()
-        except FileNotFoundError:
-            continue
-        facts = message_facts(data)
-        found = folder.entry_id(path)
-        entry = OutboxEntry(
-            id=found, receiver=receiver, state=state, control_id=facts.control_id,
-            order_status=facts.order_status, accession=facts.accession, age=round(age, 1),
-            attempts=outbox.tries.get(found, 0), reason=reason,
-        )  # fmt: skip
-        return path, entry.as_dict()
-    raise ActionError(404, f"no message {ident!r} in the outbox")
+def find(outbox: Any, ident: str) -> tuple[bytes, dict[str, Any]]:
+    """(the message's bytes, its listing entry) by `<receiver>/<sequence>`, or ActionError 404;
+    reads that one file (or row) only."""
+    try:
+        entry, data = outbox.lookup(ident)
+    except OutboxError:
+        raise ActionError(404, f"no message {ident!r} in the outbox") from None
+    except StoreError as exc:  # the database is down
+        raise ActionError(503, str(exc)) from None
+    return data, entry.as_dict()
 
 
 def detail(outbox: Any, ident: str) -> dict[str, Any]:
-    path, entry = find(outbox, resolve(outbox, ident))
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MESSAGE_SHOWN)
-    except FileNotFoundError:
-        raise ActionError(404, f"no message {ident!r} in the outbox") from None
+    data, entry = find(outbox, resolve(outbox, ident))
+    data = data[:MAX_MESSAGE_SHOWN]
     # Segments one a line: HL7 ends them with CR, which a terminal or a page would overprint.
     return {**entry, "message": data.decode("utf-8", "replace").replace("\r", "\n")}
 
@@ -120,17 +105,16 @@ def act(server: Any, ident: str, action: str, who: str) -> dict[str, Any]:
     outbox delivers; the translation log says who did it, naming the message's receiver,
     control ID and accession (so the item's history shows it)."""
     outbox = server.outbox
-    path, entry = find(outbox, ident)
-    try:
-        facts = message_facts(path.read_bytes())
-    except FileNotFoundError:
-        raise ActionError(404, f"no message {ident!r} in the outbox") from None
+    data, entry = find(outbox, ident)
+    facts = message_facts(data)
     try:
         done = outbox.retry(entry["id"]) if action == "retry" else outbox.drop(entry["id"])
     except OutboxError as exc:
         raise ActionError(404, str(exc)) from None
     except OSError as exc:
         raise ActionError(500, f"outbox {entry['id']}: {exc.strerror or exc}") from None
+    except StoreError as exc:  # the database is down
+        raise ActionError(503, f"outbox {entry['id']}: {exc}") from None
     was = entry["state"]
     note = {
         ("retry", "parked"): "parked message put back in the queue",
@@ -150,26 +134,23 @@ def mpps_listing(
     store: Any, known: dict[str, Any], status: str, patient_id: str, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
     """(the newest `limit` instances that pass the filters, how many pass); in a thread."""
-    chosen = []
-    for uid, facts in known.items():
-        if status and facts.status != status:
-            continue
-        if patient_id and facts.patient_id != patient_id:
-            continue
-        path = store.path_for(uid)
-        try:
-            chosen.append((path.stat().st_mtime, uid, path))
-        except FileNotFoundError:
-            continue
-    chosen.sort(reverse=True)
+    wanted = [
+        uid
+        for uid, facts in known.items()
+        if (not status or facts.status == status)
+        and (not patient_id or facts.patient_id == patient_id)
+    ]
+    times = store.stored_times(wanted)
+    chosen = sorted(((mtime, uid) for uid, mtime in times.items()), reverse=True)
     listed = []
-    for mtime, uid, path in chosen[:limit]:
+    for _mtime, uid in chosen[:limit]:
         try:
-            ds = dcmread(path, stop_before_pixels=True)
+            found = store.stored(uid)
         except Exception as exc:  # a damaged file: listed, with why it cannot be read
             listed.append({"uid": uid, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        listed.append(mpps_summary(uid, ds, mtime))
+        if found is not None:
+            listed.append(mpps_summary(uid, *found))
     return listed, len(chosen)
 
 
@@ -191,12 +172,10 @@ def mpps_summary(uid: str, ds: Dataset, mtime: float | None = None) -> dict[str,
 
 def mpps_detail(store: Any, uid: str) -> dict[str, Any]:
     """Every attribute of one instance (in a thread)."""
-    path = store.path_for(uid)
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        raise ActionError(404, f"no MPPS instance {uid}") from None
+    found = store.stored(uid)
+    if found is None:
+        raise ActionError(404, f"no MPPS instance {uid}")
+    ds, mtime = found
     return {**mpps_summary(uid, ds, mtime), "attributes": dataset_json(ds)}
 
 

@@ -26,13 +26,14 @@ import itertools
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, task, threads
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
@@ -474,127 +475,65 @@ def send_message(reactor, receiver: OutboundReceiver, message: bytes) -> _Sender
 
 
 # ---------------------------------------------------------------------------------------------
-# The outbox
+# The queues: where the messages wait (the folder, or PostgreSQL shared by several bridges)
 
 
-class _Lane:
-    """One receiver's queue: one message in flight, retries waiting on a timer."""
+@dataclass(frozen=True)
+class Queued:
+    """The head message of a receiver's queue, taken for one delivery attempt."""
 
-    def __init__(self, receiver: OutboundReceiver) -> None:
-        self.receiver = receiver
-        self.in_flight: _SenderFactory | None = None
-        self.in_flight_path: Path | None = None
-        self.retry_timer = None
-        self.failures = 0  # consecutive failed attempts, for the backoff
+    id: str  # `<receiver>/<sequence>`
+    receiver: str
+    data: bytes
+    attempt: int  # the number of this try (1 for the first)
+    refusals: int  # earlier tries the receiver refused (they lead to parking)
+    handle: Any = None  # the queue's own reference (a path, a claim)
 
 
-class Outbox:
-    """Queues status updates durably and delivers them; see the module's docstring."""
+class FolderQueue:
+    """The outbox folder (`outbox-dir`), for one bridge. Attempt counts live in memory: a
+    restarted bridge counts again from 1."""
 
-    def __init__(self, settings: Settings, reactor, translation_log=None) -> None:
-        self.settings = settings
-        self.reactor = reactor
-        self.translation_log = translation_log
-        self.folder = OutboxFolder(settings.outbox_dir)
-        self.lanes = {r.name: _Lane(r) for r in settings.outbound}
+    in_thread = False  # file operations are quick: they run where they are called
+    leases = False
+
+    def __init__(self, root: Path) -> None:
+        self.folder = OutboxFolder(root)
         self.tries: dict[str, int] = {}  # entry id -> delivery attempts so far (this run)
         self.refusals: dict[str, int] = {}  # entry id -> attempts that count toward parking
-        self._control_ids = itertools.count(1)
-        self._poller: task.LoopingCall | None = None
-        self._running = False
+        self._numbers = itertools.count(1)
 
-    # -- enqueue (the writer's thread) --------------------------------------------------------
+    def describe(self) -> str:
+        return str(self.folder.root)
 
-    def prepare(self) -> None:
-        removed = self.folder.prepare(list(self.lanes))
-        if removed:
-            log.warning("removed %d unfinished outbox write(s)", len(removed))
+    def prepare(self, receivers: list[str]) -> int:
+        return len(self.folder.prepare(receivers))
 
-    def wants(self, receiver: OutboundReceiver, change: StatusChange) -> bool:
-        if order_status(change.new_status) is None or change.old_status == change.new_status:
-            return False
-        if change.cause == "housekeeping":
-            return receiver.send_housekeeping
-        return change.cause in REPORTED_CAUSES
+    def enqueue(self, receiver: str, build) -> tuple[str, bytes]:
+        """`build(number)` -> (control ID, message, order keys); returns (entry id, message)."""
+        _control_id, data, _keys = build(next(self._numbers))
+        path = self.folder.enqueue(receiver, data)
+        return self.folder.entry_id(path), data
 
-    def on_status_change(self, change: StatusChange) -> None:
-        """Write the change's message for every receiver that hears it, durably, then return.
-        Raises when a message cannot be written (the change must then not be acknowledged)."""
-        now = datetime.now()
-        for lane in self.lanes.values():
-            receiver = lane.receiver
-            if not self.wants(receiver, change):
-                continue
-            control_id = self._next_control_id()
-            data = build_status_message(change, receiver, control_id, now)
+    def take(self, receiver: str, lease: float) -> Queued | None:
+        for _ in range(100):  # a file dropped between the listing and the read: the next one
+            path = self._head(receiver)
+            if path is None:
+                return None
             try:
-                path = self.folder.enqueue(receiver.name, data)
-            except OSError as exc:
-                log.error("outbox %s: cannot queue a status message: %s", receiver.name, exc)
-                raise OutboxWriteError(
-                    f"outbox {receiver.name}: cannot write: {exc.strerror or exc}"
-                ) from exc
-            self._log(receiver, message_facts(data), "queued", file=self.folder.entry_id(path))
-        if self._running:
-            self.reactor.callFromThread(self.kick)
-
-    def _next_control_id(self) -> str:
-        # Unique across restarts (milliseconds) and within one (the counter): at most 20
-        # characters, MSH-10's length in 2.3.1 and 2.5.1.
-        return f"WB{int(time.time() * 1000):013d}{next(self._control_ids) % 100000:05d}"
-
-    # -- delivery (the reactor) ---------------------------------------------------------------
-
-    def start(self) -> None:
-        self._running = True
-        if self.lanes:
-            self._poller = task.LoopingCall(self.kick)
-            self._poller.clock = self.reactor
-            self._poller.start(POLL_INTERVAL, now=True)
-
-    def stop(self) -> None:
-        """Stop delivering; a message in flight stays queued and is sent again next time."""
-        self._running = False
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
-        for lane in self.lanes.values():
-            if lane.retry_timer is not None and lane.retry_timer.active():
-                lane.retry_timer.cancel()
-            if lane.in_flight is not None:
-                lane.in_flight.abort()
-
-    def kick(self) -> None:
-        """Start the next delivery on every idle receiver."""
-        for lane in self.lanes.values():
-            self._next(lane)
-
-    def _next(self, lane: _Lane) -> None:
-        try:
-            self._start_next(lane)
-        except Exception:  # an unreadable file, a certificate gone bad: try again later
-            log.exception("outbox %s: cannot start a delivery", lane.receiver.name)
-            lane.in_flight = None
-            if self._running and (lane.retry_timer is None or not lane.retry_timer.active()):
-                lane.retry_timer = self.reactor.callLater(
-                    lane.receiver.retry_max, self._retry_now, lane
-                )
-
-    def _start_next(self, lane: _Lane) -> None:
-        if not self._running or lane.in_flight is not None:
-            return
-        if lane.retry_timer is not None and lane.retry_timer.active():
-            return
-        path = self._head(lane.receiver.name)
-        if path is None:
-            return
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:  # dropped meanwhile
-            self.reactor.callLater(0, self._next, lane)
-            return
-        lane.in_flight_path = path
-        lane.in_flight = send_message(self.reactor, lane.receiver, data)
-        lane.in_flight.result.addCallback(self._done, lane, path, data)
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            entry_id = self.folder.entry_id(path)
+            return Queued(
+                entry_id,
+                receiver,
+                data,
+                self.tries.get(entry_id, 0) + 1,
+                self.refusals.get(entry_id, 0),
+                path,
+            )
+        return None
 
     def _head(self, receiver: str) -> Path | None:
         """The oldest pending message not held behind a parked one of the same order."""
@@ -615,51 +554,549 @@ class Outbox:
                 return path
         return None
 
-    def _done(self, attempt: Attempt, lane: _Lane, path: Path, data: bytes) -> None:
-        lane.in_flight = None
-        lane.in_flight_path = None
-        receiver = lane.receiver
-        facts = message_facts(data)
-        entry_id = self.folder.entry_id(path)
-        if not self._running and attempt.failure == "the bridge stopped":
+    def renew(self, message: Queued, lease: float) -> bool:
+        return True
+
+    def complete(self, message: Queued) -> None:
+        message.handle.unlink(missing_ok=True)
+        _fsync_folder(message.handle.parent)
+        self._forget(message.id)
+
+    def retry_later(self, message: Queued, delay: float, reason: str, refused: bool) -> None:
+        self.tries[message.id] = message.attempt
+        if refused:
+            self.refusals[message.id] = message.refusals + 1
+
+    def park(self, message: Queued, reason: str) -> bool:
+        if not message.handle.exists():
+            return False  # dropped meanwhile
+        self.folder.park(message.handle, reason)
+        self._forget(message.id)
+        return True
+
+    def release(self, message: Queued) -> None:
+        pass  # the file is still there: sent again next time
+
+    def _forget(self, entry_id: str) -> None:
+        self.tries.pop(entry_id, None)
+        self.refusals.pop(entry_id, None)
+
+    # -- what `wlbridge outbox`, the API and the metrics see
+
+    def entries(self) -> list[OutboxEntry]:
+        return self.folder.entries(self.tries)
+
+    def lookup(self, name: str) -> tuple[OutboxEntry, bytes]:
+        """A message by id or control ID: its listing entry and its bytes; OutboxError."""
+        receiver, _, sequence = name.partition("/")
+        if not sequence:
+            return self.lookup(self.folder.entry_id(self.folder.find(name)))
+        for path, state in (
+            (self.folder.root / receiver / f"{sequence}{SUFFIX}", "pending"),
+            (self.folder.root / receiver / PARKED / f"{sequence}{SUFFIX}", "parked"),
+        ):
+            try:
+                data = path.read_bytes()
+                age = max(0.0, time.time() - path.stat().st_mtime)
+                reason = ""
+                if state == "parked" and path.with_suffix(".reason").exists():
+                    reason = path.with_suffix(".reason").read_text("utf-8", "replace").strip()
+            except FileNotFoundError:
+                continue
+            facts = message_facts(data)
+            found = self.folder.entry_id(path)
+            entry = OutboxEntry(
+                id=found,
+                receiver=receiver,
+                state=state,
+                control_id=facts.control_id,
+                order_status=facts.order_status,
+                accession=facts.accession,
+                age=round(age, 1),
+                attempts=self.tries.get(found, 0),
+                reason=reason,
+            )
+            return entry, data
+        raise OutboxError(f"no message {name!r} in the outbox")
+
+    def retry(self, name: str) -> tuple[str, str]:
+        """(entry id, receiver): a parked message back in its place, or a waiting one as it is."""
+        path = self.folder.find(name)
+        receiver = path.parent.parent.name if path.parent.name == PARKED else path.parent.name
+        if path.parent.name == PARKED:
+            return self.folder.retry(name), receiver
+        return self.folder.entry_id(path), receiver
+
+    def drop(self, name: str) -> str:
+        found = self.folder.drop(name)
+        self._forget(found)
+        return found
+
+    def refresh(self) -> None:
+        pass  # read when asked: a listing of each folder
+
+    def state(self, receivers: list[str]) -> dict[str, dict[str, Any]]:
+        now = time.time()
+        state = {}
+        for name in sorted(set(receivers) | set(self.folder.receivers())):
+            pending = self.folder.pending(name)  # one listing of the folder: scraped often
+            oldest = 0.0
+            for path in pending[:1]:
+                try:
+                    oldest = max(0.0, now - path.stat().st_mtime)
+                except FileNotFoundError:  # sent meanwhile
+                    pass
+            parked = len(self.folder.parked(name))
+            state[name] = {"depth": len(pending), "parked": parked, "oldest_age": round(oldest, 1)}
+        return state
+
+    def close(self) -> None:
+        pass
+
+
+class OutboxStateError(OSError):
+    """The outbox's state could not be read (the database is down): metrics say so."""
+
+
+class PostgresQueue:
+    """The outbox table in PostgreSQL, shared by every bridge of the store: a bridge claims a
+    receiver's head message for a lease (bridge.storage.postgres.outbox). Attempt and refusal
+    counts are kept in the table, so a bridge that takes a message over continues them.
+
+    Two connections: the writer's (enqueue, on the worklist writer's thread, never waiting
+    behind a delivery's call) and the deliveries' (claims, outcomes, listings, in threads)."""
+
+    in_thread = True  # a database call can wait up to the connect timeout: never on the reactor
+    leases = True
+
+    def __init__(self, dsn: str, bridge_id: str | None = None) -> None:
+        from bridge.storage.postgres.outbox import PostgresOutbox
+
+        self.bridge_id = bridge_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.writer = PostgresOutbox(dsn, self.bridge_id)
+        self.worker = PostgresOutbox(dsn, self.bridge_id)
+        self._state: dict[str, Any] = {}
+        self._state_at = 0.0  # time.monotonic() of the last refresh
+        self._state_error = ""
+
+    def describe(self) -> str:
+        from bridge.storage.postgres.connection import redacted
+
+        return redacted(self.writer.db.dsn)
+
+    def prepare(self, receivers: list[str]) -> int:
+        return 0  # nothing half-written: a transaction commits whole or not at all
+
+    def enqueue(self, receiver: str, build) -> tuple[str, bytes]:
+        built: list[bytes] = []
+
+        def build_once(number: int) -> tuple[str, bytes, set[str]]:
+            control_id, data, keys = build(number)
+            built[:] = [data]
+            return control_id, data, keys
+
+        message_id = self.writer.enqueue_built(receiver, build_once)
+        return _pg_id(receiver, message_id), built[0]
+
+    def take(self, receiver: str, lease: float) -> Queued | None:
+        claim = self.worker.claim(receiver, lease)
+        if claim is None:
+            return None
+        return Queued(
+            _pg_id(receiver, claim.id), receiver, claim.data, claim.attempts, claim.refusals, claim
+        )
+
+    def renew(self, message: Queued, lease: float) -> bool:
+        return self.worker.renew(message.handle, lease)
+
+    def complete(self, message: Queued) -> None:
+        if not self.worker.complete(message.handle):
+            log.warning(
+                "outbox %s: %s was taken over by another bridge before its ACK came "
+                "(it may reach the receiver twice)",
+                message.receiver,
+                message.id,
+            )
+
+    def retry_later(self, message: Queued, delay: float, reason: str, refused: bool) -> None:
+        self.worker.retry_later(message.handle, delay, reason, refused)
+
+    def park(self, message: Queued, reason: str) -> bool:
+        return self.worker.park(message.handle, reason)
+
+    def release(self, message: Queued) -> None:
+        self.worker.release(message.handle)
+
+    # -- what `wlbridge outbox`, the API and the metrics see
+
+    def entries(self) -> list[OutboxEntry]:
+        return [_pg_entry(m) for m in self.worker.messages()]
+
+    def _find(self, name: str):
+        receiver, _, number = name.partition("/")
+        if number:
+            found = self.worker.message(int(number)) if number.isdigit() else None
+            if found is not None and found.receiver == receiver:
+                return found
+        else:
+            found = self.worker.by_control_id(name)
+            if found is not None:
+                return found
+        raise OutboxError(f"no message {name!r} in the outbox {self.describe()}")
+
+    def lookup(self, name: str) -> tuple[OutboxEntry, bytes]:
+        found = self._find(name)
+        return _pg_entry(found), found.data
+
+    def retry(self, name: str) -> tuple[str, str]:
+        found = self._find(name)
+        if found.parked:
+            self.worker.unpark(found.id)
+        else:
+            self.worker.due_now(found.id)
+        return _pg_id(found.receiver, found.id), found.receiver
+
+    def drop(self, name: str) -> str:
+        found = self._find(name)
+        if not self.worker.drop(found.id):
+            raise OutboxError(f"no message {name!r} in the outbox {self.describe()}")
+        return _pg_id(found.receiver, found.id)
+
+    def refresh(self) -> None:
+        """Read the per-receiver counts (in a thread, at each poll): `state()` answers from
+        them without a database call, so a metrics scrape never waits on the database."""
+        try:
+            summary = self.worker.summary()
+        except StoreError as exc:
+            self._state_error = str(exc)
             return
+        self._state = {name: dataclasses.asdict(s) for name, s in summary.items()}
+        self._state_at = time.monotonic()
+        self._state_error = ""
+
+    def state(self, receivers: list[str]) -> dict[str, dict[str, Any]]:
+        if self._state_error:
+            raise OutboxStateError(f"outbox {self.describe()}: {self._state_error}")
+        since = time.monotonic() - self._state_at
+        state = {}
+        for name in sorted(set(receivers) | set(self._state)):
+            known = self._state.get(name, {"depth": 0, "parked": 0, "oldest_age": 0.0})
+            oldest = known["oldest_age"] + since if known["depth"] else 0.0
+            state[name] = {
+                "depth": known["depth"],
+                "parked": known["parked"],
+                "oldest_age": round(oldest, 1),
+            }
+        return state
+
+    def close(self) -> None:
+        self.writer.close()
+        self.worker.close()
+
+
+def _pg_id(receiver: str, message_id: int) -> str:
+    return f"{receiver}/{message_id:012d}"
+
+
+def _pg_entry(message) -> OutboxEntry:
+    facts = message_facts(message.data)
+    return OutboxEntry(
+        id=_pg_id(message.receiver, message.id),
+        receiver=message.receiver,
+        state="parked" if message.parked else "pending",
+        control_id=message.control_id,
+        order_status=facts.order_status,
+        accession=facts.accession,
+        age=round(message.age, 1),
+        attempts=message.attempts,
+        reason=message.reason if message.parked else "",
+    )
+
+
+def queue_for(settings: Settings):
+    """The folder queue, or the PostgreSQL one when `store` is a PostgreSQL URL."""
+    from bridge.storage.postgres import is_postgres_url
+
+    if is_postgres_url(settings.store):
+        return PostgresQueue(settings.store)
+    return FolderQueue(settings.outbox_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The outbox
+
+
+class _Lane:
+    """One receiver's queue: one message in flight, retries waiting on a timer."""
+
+    def __init__(self, receiver: OutboundReceiver) -> None:
+        self.receiver = receiver
+        self.busy = False  # taking the head, sending it, or recording how it went
+        self.in_flight: _SenderFactory | None = None
+        self.in_flight_message: Queued | None = None
+        self.renewer: task.LoopingCall | None = None
+        self.retry_timer = None
+        self.failures = 0  # consecutive failed attempts, for the backoff
+
+
+class Outbox:
+    """Queues status updates durably and delivers them; see the module's docstring. The
+    queue is the folder or PostgreSQL (`queue_for`); delivery is the same over both."""
+
+    def __init__(self, settings: Settings, reactor, translation_log=None, queue=None) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.translation_log = translation_log
+        self.queue = queue if queue is not None else FolderQueue(settings.outbox_dir)
+        self.lanes = {r.name: _Lane(r) for r in settings.outbound}
+        self._poller: task.LoopingCall | None = None
+        self._running = False
+
+    @property
+    def folder(self) -> OutboxFolder | None:
+        """The outbox folder (None on PostgreSQL)."""
+        return getattr(self.queue, "folder", None)
+
+    # -- enqueue (the writer's thread) --------------------------------------------------------
+
+    def prepare(self) -> None:
+        removed = self.queue.prepare(list(self.lanes))
+        if removed:
+            log.warning("removed %d unfinished outbox write(s)", removed)
+
+    def wants(self, receiver: OutboundReceiver, change: StatusChange) -> bool:
+        if order_status(change.new_status) is None or change.old_status == change.new_status:
+            return False
+        if change.cause == "housekeeping":
+            return receiver.send_housekeeping
+        return change.cause in REPORTED_CAUSES
+
+    def on_status_change(self, change: StatusChange) -> None:
+        """Write the change's message for every receiver that hears it, durably, then return.
+        Raises when a message cannot be written (the change must then not be acknowledged)."""
+        now = datetime.now()
+        for lane in self.lanes.values():
+            receiver = lane.receiver
+            if not self.wants(receiver, change):
+                continue
+
+            def build(number: int, receiver=receiver) -> tuple[str, bytes, set[str]]:
+                control_id = _control_id(number)
+                data = build_status_message(change, receiver, control_id, now)
+                return control_id, data, message_facts(data).order_keys
+
+            try:
+                entry_id, data = self.queue.enqueue(receiver.name, build)
+            except (OSError, StoreError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                log.error("outbox %s: cannot queue a status message: %s", receiver.name, exc)
+                raise OutboxWriteError(f"outbox {receiver.name}: cannot write: {why}") from exc
+            self._log(receiver, message_facts(data), "queued", file=entry_id)
+        if self._running:
+            self.reactor.callFromThread(self.kick)
+
+    # -- delivery (the reactor) ---------------------------------------------------------------
+
+    def _io(self, function, *args) -> defer.Deferred:
+        """Call the queue: in a thread for PostgreSQL, at once for the folder."""
+        if self.queue.in_thread:
+            return threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), function, *args
+            )
+        return defer.maybeDeferred(function, *args)
+
+    def start(self) -> None:
+        self._running = True
+        if self.lanes:
+            self._poller = task.LoopingCall(self._poll)
+            self._poller.clock = self.reactor
+            self._poller.start(POLL_INTERVAL, now=True)
+
+    def stop(self) -> None:
+        """Stop delivering; a message in flight stays queued and is sent again next time."""
+        self._running = False
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        for lane in self.lanes.values():
+            if lane.retry_timer is not None and lane.retry_timer.active():
+                lane.retry_timer.cancel()
+            if lane.in_flight is not None:
+                lane.in_flight.abort()
+        self.queue.close()  # a later call connects again (a restarted server)
+
+    def _poll(self) -> None:
+        # The folder is looked at for `wlbridge outbox retry`; PostgreSQL for the messages other
+        # bridges queued, leases that ended and backoffs that ran out: a short poll (one claim
+        # per idle receiver), not LISTEN/NOTIFY, since an ended lease or backoff notifies nobody.
+        self.kick()
+        if self.queue.in_thread:
+            self._io(self.queue.refresh).addErrback(lambda f: log.warning("%s", f.value))
+
+    def kick(self) -> None:
+        """Start the next delivery on every idle receiver."""
+        for lane in self.lanes.values():
+            self._next(lane)
+
+    def _next(self, lane: _Lane) -> None:
+        if not self._running or lane.busy:
+            return
+        if lane.retry_timer is not None and lane.retry_timer.active():
+            return
+        lane.busy = True
+        d = self._io(self.queue.take, lane.receiver.name, self.settings.outbox_lease)
+        d.addCallback(self._send, lane)
+        d.addErrback(self._cannot_start, lane)
+
+    def _cannot_start(self, failure, lane: _Lane) -> None:
+        # An unreadable file, a certificate gone bad, the database down: try again later. A
+        # message whose outcome could not be recorded stays claimed: it is sent again (same
+        # MSH-10) once its lease ends, by this bridge or another.
+        if failure.check(StoreError):
+            log.warning("outbox %s: delivery interrupted: %s", lane.receiver.name, failure.value)
+        else:
+            log.error(
+                "outbox %s: delivery interrupted",
+                lane.receiver.name,
+                exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+            )
+        lane.busy = False
+        lane.in_flight = None
+        lane.in_flight_message = None
+        self._stop_renewing(lane)
+        if self._running and (lane.retry_timer is None or not lane.retry_timer.active()):
+            lane.retry_timer = self.reactor.callLater(
+                lane.receiver.retry_max, self._retry_now, lane
+            )
+
+    def _send(self, message: Queued | None, lane: _Lane) -> None:
+        if message is None:
+            lane.busy = False
+            return
+        if not self._running:  # stopped while the head was being taken
+            lane.busy = False
+            self._io(self.queue.release, message).addErrback(lambda f: None)
+            return
+        lane.failures = max(lane.failures, message.attempt - 1)  # continued from another bridge
+        lane.in_flight_message = message
+        lane.in_flight = send_message(self.reactor, lane.receiver, message.data)
+        if self.queue.leases:
+            lease = self.settings.outbox_lease
+            lane.renewer = task.LoopingCall(self._renew, lane, message)
+            lane.renewer.clock = self.reactor
+            lane.renewer.start(lease / 3, now=False)
+        lane.in_flight.result.addCallback(self._done, lane, message)
+        lane.in_flight.result.addErrback(self._cannot_start, lane)
+
+    def _renew(self, lane: _Lane, message: Queued) -> None:
+        def renewed(kept: bool) -> None:
+            if not kept:
+                log.warning(
+                    "outbox %s: the lease of %s was lost to another bridge (it may "
+                    "reach the receiver twice)",
+                    lane.receiver.name,
+                    message.id,
+                )
+
+        d = self._io(self.queue.renew, message, self.settings.outbox_lease)
+        d.addCallbacks(
+            renewed,
+            lambda f: log.warning(
+                "outbox %s: cannot renew the lease of %s: %s",
+                lane.receiver.name,
+                message.id,
+                f.value,
+            ),
+        )
+
+    def _stop_renewing(self, lane: _Lane) -> None:
+        if lane.renewer is not None and lane.renewer.running:
+            lane.renewer.stop()
+        lane.renewer = None
+
+    def _done(self, attempt: Attempt, lane: _Lane, message: Queued) -> defer.Deferred | None:
+        lane.in_flight = None
+        lane.in_flight_message = None
+        self._stop_renewing(lane)
+        receiver = lane.receiver
+        facts = message_facts(message.data)
+        entry_id = message.id
+        if not self._running and attempt.failure == "the bridge stopped":
+            lane.busy = False
+            if self.queue.in_thread:  # give the claim up: another bridge need not wait
+                try:
+                    self.queue.release(message)
+                except StoreError:
+                    pass  # its lease ends by itself
+            return None
         accepted = attempt.ack_code in ("AA", "CA") and attempt.ack_control_id == facts.control_id
         if attempt.ack_code in ("AA", "CA") and not accepted:
             attempt = dataclasses.replace(
                 attempt, failure=f"the ACK is for control ID {attempt.ack_control_id!r}"
             )
-        number = self.tries.get(entry_id, 0) + 1  # every try of this message, this run
-        self.tries[entry_id] = number
+        number = message.attempt  # every try of this message
         if accepted:
-            path.unlink(missing_ok=True)
-            _fsync_folder(path.parent)
-            self._forget(entry_id)
-            lane.failures = 0
-            self._log(receiver, facts, "sent", ack=attempt.ack_code, attempt=number, file=entry_id)
-            self.reactor.callLater(0, self._next, lane)
-            return
+
+            def sent(_: object) -> None:
+                lane.failures = 0
+                self._log(
+                    receiver, facts, "sent", ack=attempt.ack_code, attempt=number, file=entry_id
+                )
+                self._after(lane, 0)
+
+            return self._io(self.queue.complete, message).addCallback(sent)
         lane.failures += 1
         failure = attempt.failure or f"answered {attempt.ack_code}"
-        if attempt.written:
-            refusals = self.refusals.get(entry_id, 0) + 1
-            self.refusals[entry_id] = refusals
-            if refusals >= receiver.max_attempts and path.exists():
-                self.folder.park(path, f"{failure} (refused {refusals} times, {number} tries)")
-                self._forget(entry_id)
-                lane.failures = 0
-                self._log(receiver, facts, "parked", ack=attempt.ack_code, reason=failure,
-                          attempt=number, file=entry_id)  # fmt: skip
-                self.reactor.callLater(0, self._next, lane)
-                return
+        refusals = message.refusals + (1 if attempt.written else 0)
         delay = min(receiver.retry_max, receiver.retry_initial * 2 ** (lane.failures - 1))
-        self._log(receiver, facts, "retrying", ack=attempt.ack_code, reason=failure,
-                  attempt=number, file=entry_id, note=f"next try in {delay:g} s")  # fmt: skip
-        if self._running:
-            lane.retry_timer = self.reactor.callLater(delay, self._retry_now, lane)
 
-    def _forget(self, entry_id: str) -> None:
-        self.tries.pop(entry_id, None)
-        self.refusals.pop(entry_id, None)
+        def retrying(_: object) -> None:
+            self._log(
+                receiver,
+                facts,
+                "retrying",
+                ack=attempt.ack_code,
+                reason=failure,
+                attempt=number,
+                file=entry_id,
+                note=f"next try in {delay:g} s",
+            )
+            self._after(lane, delay)
+
+        def later(_: object = None) -> defer.Deferred:
+            d = self._io(self.queue.retry_later, message, delay, failure, attempt.written)
+            return d.addCallback(retrying)
+
+        if attempt.written and refusals >= receiver.max_attempts:
+            why = f"{failure} (refused {refusals} times, {number} tries)"
+
+            def parked(done: bool) -> defer.Deferred | None:
+                if not done:  # dropped (or taken over) meanwhile
+                    return later()
+                lane.failures = 0
+                self._log(
+                    receiver,
+                    facts,
+                    "parked",
+                    ack=attempt.ack_code,
+                    reason=failure,
+                    attempt=number,
+                    file=entry_id,
+                )
+                self._after(lane, 0)
+                return None
+
+            return self._io(self.queue.park, message, why).addCallback(parked)
+        return later()
+
+    def _after(self, lane: _Lane, delay: float) -> None:
+        """The attempt is recorded: the lane is free, its next message due after `delay`."""
+        lane.busy = False
+        if not self._running:
+            return
+        if delay:
+            lane.retry_timer = self.reactor.callLater(delay, self._retry_now, lane)
+        else:
+            self.reactor.callLater(0, self._next, lane)
 
     def _retry_now(self, lane: _Lane) -> None:
         lane.retry_timer = None
@@ -681,17 +1118,22 @@ class Outbox:
             **fields,
         )
 
-    # -- for the CLI and a later HTTP API -----------------------------------------------------
+    # -- for the CLI and the HTTP API (in a thread for PostgreSQL) -----------------------------
 
     def list(self) -> list[OutboxEntry]:
-        return self.folder.entries(self.tries)
+        return self.queue.entries()
+
+    def lookup(self, entry_id: str) -> tuple[OutboxEntry, bytes]:
+        """(its listing entry, its bytes) by id or control ID; OutboxError when not there."""
+        return self.queue.lookup(entry_id)
+
+    def resolve(self, name: str) -> str:
+        """The `<receiver>/<sequence>` id of a message named by id or control ID."""
+        return self.queue.lookup(name)[0].id
 
     def retry(self, entry_id: str) -> str:
         """Send a parked message again (in its place in the queue), or a waiting one now."""
-        path = self.folder.find(entry_id)
-        receiver = path.parent.parent.name if path.parent.name == PARKED else path.parent.name
-        parked = path.parent.name == PARKED
-        found = self.folder.retry(entry_id) if parked else self.folder.entry_id(path)
+        found, receiver = self.queue.retry(entry_id)
         lane = self.lanes.get(receiver)
         if lane is not None:
             if lane.retry_timer is not None and lane.retry_timer.active():
@@ -703,43 +1145,36 @@ class Outbox:
         return found
 
     def drop(self, entry_id: str) -> str:
-        found = self.folder.drop(entry_id)
-        self._forget(found)
+        found = self.queue.drop(entry_id)
         if self._running:
             self.reactor.callLater(0, self.kick)  # it may have held others
         return found
 
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per receiver (configured, or with messages left in the outbox): messages waiting,
+        messages parked, and the seconds the oldest waiting one has waited."""
+        return self.queue.state(list(self.lanes))
+
     def depth(self, receiver: str | None = None) -> int:
         """Messages waiting to be sent (not parked), for one receiver or all."""
-        names = [receiver] if receiver else self.folder.receivers()
-        return sum(len(self.folder.pending(name)) for name in names)
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        """Per receiver (configured, or with files left in the outbox): messages waiting,
-        messages parked, and the seconds the oldest waiting one has waited."""
-        now = time.time()
-        state = {}
-        for name in sorted(set(self.lanes) | set(self.folder.receivers())):
-            pending = self.folder.pending(name)  # one listing of the folder: scraped often
-            oldest = 0.0
-            for path in pending[:1]:
-                try:
-                    oldest = max(0.0, now - path.stat().st_mtime)
-                except FileNotFoundError:  # sent meanwhile
-                    pass
-            parked = len(self.folder.parked(name))
-            state[name] = {"depth": len(pending), "parked": parked, "oldest_age": round(oldest, 1)}
-        return state
+        state = self.state()
+        return sum(s["depth"] for name, s in state.items() if receiver in (None, name))
 
     def oldest_age(self, receiver: str | None = None) -> float:
         """Seconds the oldest waiting message has waited; 0 when none waits."""
-        names = [receiver] if receiver else self.folder.receivers()
-        oldest = None
-        for name in names:
-            for path in self.folder.pending(name)[:1]:
-                try:
-                    mtime = path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                oldest = mtime if oldest is None else min(oldest, mtime)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+        state = self.state()
+        return max(
+            (s["oldest_age"] for name, s in state.items() if receiver in (None, name)), default=0.0
+        )
+
+
+def _control_id(number: int) -> str:
+    # Unique across restarts (milliseconds) and within one (the number: a counter, or on
+    # PostgreSQL a sequence no other bridge shares): at most 20 characters, MSH-10's length
+    # in 2.3.1 and 2.5.1.
+    return f"WB{int(time.time() * 1000):013d}{number % 100000:05d}"
+
+
+def outbox_for(settings: Settings, reactor, translation_log=None) -> Outbox:
+    """The server's outbox: over the folder, or over PostgreSQL when `store` is a URL."""
+    return Outbox(settings, reactor, translation_log, queue=queue_for(settings))

@@ -126,6 +126,25 @@ class MPPSStore:
             raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         self._known[uid] = _known(dataset)
 
+    def stored(self, uid: str) -> tuple[Dataset, float] | None:
+        """The instance (without pixel data) and when it was stored (seconds since the epoch);
+        None when there is none. Safe on any thread: it reads the file."""
+        path = self.path_for(uid)
+        try:
+            return dcmread(path, stop_before_pixels=True), path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def stored_times(self, uids: list[str]) -> dict[str, float]:
+        """When each instance still there was stored (seconds since the epoch)."""
+        times = {}
+        for uid in uids:
+            try:
+                times[uid] = self.path_for(uid).stat().st_mtime
+            except FileNotFoundError:
+                continue
+        return times
+
     def snapshot(self) -> dict[str, Known]:
         """A copy of what the store knows (UID -> status, patient), for readers on other
         threads (the HTTP API lists instances from it)."""
@@ -146,3 +165,15 @@ def _known(ds: Dataset) -> Known:
         patient_id=str(ds.get("PatientID", "")),
         issuer=str(ds.get("IssuerOfPatientID", "")),
     )
+
+
+def mpps_store_for(settings):
+    """The MPPS store of the settings: the folder (`mpps-dir`), or PostgreSQL when `store` is
+    a PostgreSQL URL (shared by every bridge of that store)."""
+    from bridge.storage.postgres import is_postgres_url
+
+    if is_postgres_url(settings.store):
+        from bridge.storage.postgres.mpps import PostgresMPPSStore
+
+        return PostgresMPPSStore(settings.store)
+    return MPPSStore(settings.mpps_dir)

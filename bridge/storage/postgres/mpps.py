@@ -1,5 +1,7 @@
 """MPPS instances in PostgreSQL: the same calls as bridge.storage.mpps_store.MPPSStore, shared by
-every bridge (an N-SET may reach another bridge than its N-CREATE)."""
+every bridge (an N-SET may reach another bridge than its N-CREATE). Nothing is cached: every
+call reads the table, so an instance another bridge stored is seen at once. A call that cannot
+reach the database raises StoreUnavailable (the MPPS is answered 0110)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import io
 import psycopg
 from pydicom import Dataset, dcmread
 
-from bridge.storage.mpps_store import encode_instance
-from bridge.storage.postgres.connection import Database
+from bridge.storage.mpps_store import Known, encode_instance
+from bridge.storage.postgres.connection import Database, redacted
 
 
 class PostgresMPPSStore:
     def __init__(self, dsn: str) -> None:
         self.db = Database(dsn)
+        self.folder = redacted(dsn)  # where the instances are, for the log at start
 
     def close(self) -> None:
         self.db.close()
@@ -70,3 +73,27 @@ class PostgresMPPSStore:
                 (patient_id,),
             )
         return [uid for (uid,) in rows]
+
+    def stored(self, uid: str) -> tuple[Dataset, float] | None:
+        """The instance and when it was stored (seconds since the epoch), or None."""
+        rows = self.db.fetchall(
+            "SELECT data, extract(epoch FROM updated_at)::float8 FROM mpps_instances"
+            " WHERE uid = %s",
+            (uid,),
+        )
+        if not rows:
+            return None
+        return dcmread(io.BytesIO(bytes(rows[0][0])), stop_before_pixels=True), rows[0][1]
+
+    def stored_times(self, uids: list[str]) -> dict[str, float]:
+        rows = self.db.fetchall(
+            "SELECT uid, extract(epoch FROM updated_at)::float8 FROM mpps_instances"
+            " WHERE uid = ANY(%s)",
+            (list(uids),),
+        )
+        return dict(rows)
+
+    def snapshot(self) -> dict[str, Known]:
+        """UID -> status and patient of every instance (one query), for the HTTP listings."""
+        rows = self.db.fetchall("SELECT uid, status, patient_id, issuer FROM mpps_instances")
+        return {uid: Known(status, patient, issuer) for uid, status, patient, issuer in rows}

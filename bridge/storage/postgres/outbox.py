@@ -11,6 +11,7 @@ accession, placer or filler number) and lets the others go, as the folder outbox
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -24,7 +25,36 @@ class Claim:
     receiver: str
     control_id: str
     data: bytes
+    attempts: int  # every try so far, this one included
+    refusals: int = 0  # tries the receiver refused (AE/AR, no ACK...): they lead to parking
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message as `wlbridge outbox list` and the HTTP API show it."""
+
+    id: int
+    receiver: str
+    control_id: str
+    data: bytes
+    parked: bool
+    age: float  # seconds since it was queued (the database's clock)
     attempts: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class LaneSummary:
+    depth: int  # waiting, not parked
+    parked: int
+    oldest_age: float  # seconds the oldest waiting message has waited (0: none)
+
+
+_STORED = (
+    "SELECT id, receiver, control_id, data, parked,"
+    " greatest(0, extract(epoch FROM now() - created_at))::float8, attempts, reason"
+    " FROM outbox_messages"
+)
 
 
 class PostgresOutbox:
@@ -45,6 +75,28 @@ class PostgresOutbox:
         """Write a message durably (committed before returning); returns its id."""
 
         def insert(cursor: psycopg.Cursor) -> int:
+            cursor.execute(
+                "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING",
+                (receiver,),
+            )
+            cursor.execute(
+                "INSERT INTO outbox_messages (receiver, control_id, data, order_keys)"
+                " VALUES (%s, %s, %s, %s) RETURNING id",
+                (receiver, control_id, data, sorted(order_keys)),
+            )
+            return cursor.fetchone()[0]
+
+        return self.db.run(insert)
+
+    def enqueue_built(
+        self, receiver: str, build: Callable[[int], tuple[str, bytes, set[str]]]
+    ) -> int:
+        """`build(number)` -> (control ID, message, order keys), `number` from the shared
+        sequence (no other bridge gets it), written in the same transaction; returns its id."""
+
+        def insert(cursor: psycopg.Cursor) -> int:
+            cursor.execute("SELECT nextval('outbox_control_seq')")
+            control_id, data, order_keys = build(cursor.fetchone()[0])
             cursor.execute(
                 "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING",
                 (receiver,),
@@ -88,11 +140,11 @@ class PostgresOutbox:
             cursor.execute(
                 "UPDATE outbox_messages SET claimed_by = %s,"
                 " lease_until = now() + make_interval(secs => %s), attempts = attempts + 1"
-                " WHERE id = %s RETURNING id, receiver, control_id, data, attempts",
+                " WHERE id = %s RETURNING id, receiver, control_id, data, attempts, refusals",
                 (self.bridge_id, lease, message_id),
             )
             row = cursor.fetchone()
-            return Claim(row[0], row[1], row[2], bytes(row[3]), row[4])
+            return Claim(row[0], row[1], row[2], bytes(row[3]), row[4], row[5])
 
         return self.db.run(take)
 
@@ -112,27 +164,47 @@ class PostgresOutbox:
             (claim.id, self.bridge_id),
         )
 
-    def retry_later(self, claim: Claim, delay: float, reason: str = "") -> bool:
-        """Release the claim; the message is due again after `delay` seconds."""
+    def retry_later(
+        self, claim: Claim, delay: float, reason: str = "", refused: bool = False
+    ) -> bool:
+        """Release the claim; the message is due again after `delay` seconds. `refused`: the
+        try counts toward parking."""
         return self._update(
             "UPDATE outbox_messages SET claimed_by = NULL, lease_until = NULL,"
-            " next_attempt_at = now() + make_interval(secs => %s), reason = %s"
+            " next_attempt_at = now() + make_interval(secs => %s), reason = %s,"
+            " refusals = refusals + %s WHERE id = %s AND claimed_by = %s",
+            (delay, reason, 1 if refused else 0, claim.id, self.bridge_id),
+        )
+
+    def release(self, claim: Claim) -> bool:
+        """Give the claim up unfinished (the bridge stops): due again at once, for any bridge."""
+        return self._update(
+            "UPDATE outbox_messages SET claimed_by = NULL, lease_until = NULL"
             " WHERE id = %s AND claimed_by = %s",
-            (delay, reason, claim.id, self.bridge_id),
+            (claim.id, self.bridge_id),
         )
 
     def park(self, claim: Claim, reason: str) -> bool:
+        """Set the message aside after the refusal that reached max-attempts (counted)."""
         return self._update(
             "UPDATE outbox_messages SET parked = true, claimed_by = NULL, lease_until = NULL,"
-            " reason = %s WHERE id = %s AND claimed_by = %s",
+            " refusals = refusals + 1, reason = %s WHERE id = %s AND claimed_by = %s",
             (reason, claim.id, self.bridge_id),
         )
 
     def unpark(self, message_id: int) -> bool:
-        """`wlbridge outbox retry`: back in its place, due now."""
+        """`wlbridge outbox retry`: back in its place, due now, its tries forgotten (as the
+        folder outbox does)."""
         return self._update(
-            "UPDATE outbox_messages SET parked = false, next_attempt_at = now()"
-            " WHERE id = %s AND parked",
+            "UPDATE outbox_messages SET parked = false, next_attempt_at = now(), refusals = 0,"
+            " attempts = 0, reason = '' WHERE id = %s AND parked",
+            (message_id,),
+        )
+
+    def due_now(self, message_id: int) -> bool:
+        """A waiting message's backoff ended now (`wlbridge outbox retry` of a waiting one)."""
+        return self._update(
+            "UPDATE outbox_messages SET next_attempt_at = now() WHERE id = %s AND NOT parked",
             (message_id,),
         )
 
@@ -140,11 +212,36 @@ class PostgresOutbox:
         return self._update("DELETE FROM outbox_messages WHERE id = %s", (message_id,))
 
     def depth(self, receiver: str | None = None) -> int:
+        """Messages waiting to be sent (not parked)."""
         if receiver is None:
-            return self.db.fetchall("SELECT count(*) FROM outbox_messages")[0][0]
+            return self.db.fetchall("SELECT count(*) FROM outbox_messages WHERE NOT parked")[0][0]
         return self.db.fetchall(
-            "SELECT count(*) FROM outbox_messages WHERE receiver = %s", (receiver,)
+            "SELECT count(*) FROM outbox_messages WHERE receiver = %s AND NOT parked",
+            (receiver,),
         )[0][0]
+
+    def summary(self) -> dict[str, LaneSummary]:
+        """Per receiver with messages: waiting, parked, the oldest waiting one's age."""
+        rows = self.db.fetchall(
+            "SELECT receiver, count(*) FILTER (WHERE NOT parked), count(*) FILTER (WHERE parked),"
+            " coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT parked)), 0)"
+            "::float8 FROM outbox_messages GROUP BY receiver"
+        )
+        return {r: LaneSummary(int(d), int(p), max(0.0, float(a))) for r, d, p, a in rows}
+
+    def messages(self) -> list[StoredMessage]:
+        """Every message, receiver by receiver, waiting then parked, each oldest first."""
+        rows = self.db.fetchall(_STORED + " ORDER BY receiver, parked, id")
+        return [_stored(row) for row in rows]
+
+    def message(self, message_id: int) -> StoredMessage | None:
+        rows = self.db.fetchall(_STORED + " WHERE id = %s", (message_id,))
+        return _stored(rows[0]) if rows else None
+
+    def by_control_id(self, control_id: str) -> StoredMessage | None:
+        rows = self.db.fetchall(_STORED + " WHERE control_id = %s ORDER BY id LIMIT 1",
+                                (control_id,))  # fmt: skip
+        return _stored(rows[0]) if rows else None
 
     def _update(self, sql: str, params: tuple) -> bool:
         def change(cursor: psycopg.Cursor) -> bool:
@@ -152,3 +249,9 @@ class PostgresOutbox:
             return cursor.rowcount > 0
 
         return self.db.run(change)
+
+
+def _stored(row: tuple) -> StoredMessage:
+    ident, receiver, control_id, data, parked, age, attempts, reason = row
+    return StoredMessage(ident, receiver, control_id, bytes(data), parked, float(age),
+                         attempts, reason)  # fmt: skip

@@ -104,6 +104,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "outbox refusals (the attempts that count toward parking)",
+        """
+        ALTER TABLE outbox_messages ADD COLUMN refusals integer NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
