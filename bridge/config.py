@@ -109,8 +109,9 @@ class Settings:
     # Files
     worklist_dir: Path = _opt("folder of .wl files served by C-FIND", default=Path("./worklists"))
     store: str = _opt(
-        "where worklist items are kept: empty for the worklist-dir folder; a "
-        "postgresql://user@host/db URL to share one worklist between bridges "
+        "where the worklist, MPPS instances, the outbox, the retry memory and kept rejected "
+        "messages live: empty for the folders; a postgresql://user@host/db URL to share them "
+        "between bridges "
         "(run `wlbridge db upgrade --store URL` first)",
         default="",
     )
@@ -133,11 +134,6 @@ class Settings:
     outbox_dir: Path = _opt(
         "folder of order status messages waiting for their receiver (one sub-folder each)",
         default=Path("./outbox"),
-    )
-    store: str = _opt(
-        "where the worklist, MPPS instances and outbox live: empty for the folders, or a "
-        "postgresql://user@host/db URL shared by several bridges",
-        default="",
     )
     outbox_lease: float = _opt(
         "seconds a bridge holds a claimed outbound message (PostgreSQL store; renewed while "
