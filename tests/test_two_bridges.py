@@ -11,6 +11,7 @@ import pytest
 
 from bridge.storage.postgres.schema import upgrade
 from tests.conftest import RunningBridge, start_bridge
+from tests.http_helpers import start_http_bridge
 from tests.messages import orm
 from tests.peers import findscu, read_answers, require_tool
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
@@ -136,11 +137,28 @@ def test_orders_get_ar_while_the_database_is_down_and_aa_once_it_is_back(
 ):
     require_tool("findscu")
     upgrade(postgres.dsn)
-    a = serve_on(tmp_path, "a", postgres.dsn)
+    (tmp_path / "a").mkdir()
+    web = start_http_bridge(tmp_path / "a", "--store", postgres.dsn)
+    a = web.bridge
     b = serve_on(tmp_path, "b", postgres.dsn)
+
+    def ready() -> tuple[int, dict]:
+        answer = web.call("GET", "/readyz", token=None)
+        return answer.status, answer.json()
+
+    def until(predicate, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the store check runs every 2 s in the bridge: no event to await
+        return predicate()
+
     try:
+        assert until(lambda: ready()[0] == 200), ready()
         assert ack_code(send(a.mllp_port, orm(control_id="M1", accession="ACC1"))) == "AA"
         postgres.stop()
+        assert until(lambda: ready()[0] == 503), ready()
+        status, body = ready()
+        assert body["checks"]["store"]["ok"] is False, body
         for n, bridge in enumerate((a, b, a)):
             ack = send(bridge.mllp_port, orm(control_id=f"D{n}", accession=f"ACCD{n}"))
             assert ack_code(ack) in ("AR", "AE"), ack
@@ -148,6 +166,7 @@ def test_orders_get_ar_while_the_database_is_down_and_aa_once_it_is_back(
         # C-FIND goes on from the index meanwhile.
         assert accessions(a, tmp_path / "fa") == {"ACC1": "SCHEDULED"}
         postgres.start()
+        assert until(lambda: ready()[0] == 200), ready()
         for n, bridge in enumerate((a, b)):
             ack = send(bridge.mllp_port, orm(control_id=f"U{n}", accession=f"ACCU{n}"))
             assert ack_code(ack) == "AA", ack
