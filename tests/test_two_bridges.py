@@ -40,14 +40,17 @@ def ack_code(ack: bytes) -> str:
     raise AssertionError(f"no MSA in {ack!r}")
 
 
-def accessions(bridge: RunningBridge, out: Path) -> dict[str, str]:
-    """Accession number -> first step's status of what the bridge's C-FIND answers."""
+def accessions(
+    bridge: RunningBridge, out: Path, attribute: str = "ScheduledProcedureStepStatus"
+) -> dict[str, str]:
+    """Accession number -> the first step's `attribute` of what the bridge's C-FIND answers
+    (one answer per accession number: one item per order)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rsp*.dcm"):
         old.unlink()
     result = findscu(
         bridge.dicom_port,
-        ["AccessionNumber", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus"],
+        ["AccessionNumber", f"ScheduledProcedureStepSequence[0].{attribute}"],
         called_aet=bridge.ae_title,
         out_dir=out,
     )
@@ -55,8 +58,9 @@ def accessions(bridge: RunningBridge, out: Path) -> dict[str, str]:
     found = {}
     for answer in read_answers(out):
         steps = answer.get("ScheduledProcedureStepSequence") or []
-        status = str(steps[0].get("ScheduledProcedureStepStatus", "")) if steps else ""
-        found[str(answer.AccessionNumber)] = status
+        value = str(steps[0].get(attribute, "")) if steps else ""
+        assert str(answer.AccessionNumber) not in found, "one item per order"
+        found[str(answer.AccessionNumber)] = value
     return found
 
 
@@ -215,6 +219,49 @@ def test_dicom_workers_follow_the_database_and_read_their_own_writes(tmp_path, d
         wanted = {"ACCW0", "ACCW1", "ACCW2", "ACCW3", "ACCB1"}
         for _ in range(4):  # both workers have it
             assert set(wait_for(a, tmp_path / "fa", lambda f: set(f) == wanted)) == wanted
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_the_same_orders_sent_to_both_bridges_at_once_converge_to_one_item_each(tmp_path, dsn):
+    import threading
+
+    a = serve_on(tmp_path, "a", dsn)
+    b = serve_on(tmp_path, "b", dsn)
+    orders = 15
+    acks: dict[str, list[str]] = {"a": [], "b": []}
+
+    def stream(name: str, bridge: RunningBridge, modality: str) -> None:
+        for n in range(orders):
+            for control, kind in (("NW", "NW"), ("XO", "XO")):
+                message = orm(control_id=f"{name}{kind}{n}", order_control=control,
+                              accession=f"SAME{n}", modality=modality)  # fmt: skip
+                acks[name].append(ack_code(send(bridge.mllp_port, message)))
+
+    senders = [
+        threading.Thread(target=stream, args=("a", a, "CT")),
+        threading.Thread(target=stream, args=("b", b, "MR")),
+    ]
+    try:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(120)
+        assert acks["a"] == ["AA"] * 2 * orders and acks["b"] == ["AA"] * 2 * orders, acks
+        wanted = {f"SAME{n}" for n in range(orders)}
+        # one item per order on both (the two bridges' versions of an order replaced each
+        # other under its lock), the same set on both
+        assert set(wait_for(a, tmp_path / "fa", lambda f: set(f) == wanted)) == wanted
+        assert set(wait_for(b, tmp_path / "fb", lambda f: set(f) == wanted)) == wanted
+        # and the same version of each order on both: the last one committed
+        in_db = accessions(a, tmp_path / "fa", "Modality")
+        assert set(in_db.values()) <= {"CT", "MR"}
+        deadline = time.monotonic() + FOLLOW_TIMEOUT
+        while accessions(b, tmp_path / "fb", "Modality") != in_db:
+            assert time.monotonic() < deadline, "the bridges disagree on an order's version"
+            time.sleep(0.1)  # another process's answers: no event to wait on
+            in_db = accessions(a, tmp_path / "fa", "Modality")
     finally:
         for bridge in (a, b):
             assert bridge.stop() == 0, "".join(bridge.stderr_lines)
