@@ -75,10 +75,12 @@ def wait_for(bridge: RunningBridge, out: Path, predicate, timeout: float = FOLLO
         time.sleep(0.1)  # polling another process's C-FIND answers: no event to wait on
 
 
-def serve_on(tmp_path: Path, name: str, dsn: str, *extra: str) -> RunningBridge:
+def serve_on(tmp_path: Path, name: str, dsn: str, *extra: str, **options) -> RunningBridge:
     folder = tmp_path / name
     folder.mkdir()
-    return start_bridge(folder, "--store", dsn, *extra, worklist_dir=folder / "worklists")
+    return start_bridge(
+        folder, "--store", dsn, *extra, worklist_dir=folder / "worklists", **options
+    )
 
 
 @pytest.fixture
@@ -262,6 +264,32 @@ def test_the_same_orders_sent_to_both_bridges_at_once_converge_to_one_item_each(
             assert time.monotonic() < deadline, "the bridges disagree on an order's version"
             time.sleep(0.1)  # another process's answers: no event to wait on
             in_db = accessions(a, tmp_path / "fa", "Modality")
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_per_ae_layout_and_an_operator_s_status_change_over_http(tmp_path, dsn):
+    (tmp_path / "a").mkdir()
+    extra = ("--store", dsn, "--worklist-layout", "per-ae", "--ae-title", "CT_WL")
+    web = start_http_bridge(tmp_path / "a", *extra)
+    a = web.bridge
+    a.ae_title = "CT_WL"  # the later --ae-title wins
+    b = serve_on(tmp_path, "b", dsn, "--worklist-layout", "per-ae", ae_title="CT_WL")
+    try:
+        assert ack_code(send(b.mllp_port, orm(control_id="P1", accession="ACCP1"))) == "AA"
+        assert wait_for(a, tmp_path / "fa", lambda f: "ACCP1" in f) == {"ACCP1": "SCHEDULED"}
+        # the called AE title's partition is served though no sub-folder exists
+        assert not (tmp_path / "a" / "worklists").exists() or not any(
+            (tmp_path / "a" / "worklists").rglob("*.wl")
+        )
+        listed = web.call("GET", "/api/items?include_hidden=1").json()["items"]
+        [item] = [i for i in listed if i.get("accession") == "ACCP1" or "ACCP1" in str(i)]
+        answer = web.call("POST", f"/api/items/{item['id']}/status", body={"status": "ARRIVED"})
+        assert answer.status == 200, answer.body
+        assert wait_for(b, tmp_path / "fb", lambda f: f.get("ACCP1") == "ARRIVED") == {
+            "ACCP1": "ARRIVED"
+        }
     finally:
         for bridge in (a, b):
             assert bridge.stop() == 0, "".join(bridge.stderr_lines)

@@ -375,7 +375,10 @@ def follow_in_worker(settings: Settings, index: Any, committed: Any) -> Callable
     process sets before each ACK), so a C-FIND after an ACK finds the order."""
     storage = PostgresStorage(settings)
     storage.prepare()
-    index.load_records((storage.path_of(key), record) for key, record in storage.scan())
+    index.load_records(
+        ((storage.path_of(key), record) for key, record in storage.scan()),
+        [storage.own_partition],
+    )
 
     def apply(change: StorageChange) -> None:
         path = storage.path_of(change.key)
