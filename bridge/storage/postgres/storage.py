@@ -272,6 +272,13 @@ class PostgresStorage:
             found.append(ItemKey(partition, name))
         return found
 
+    def find_by_study_and_step(self, study_uid: str, sps_id: str) -> list[ItemKey]:
+        """The items of a Study Instance UID and (first) step ID: how an MPPS finds its item."""
+        return self._keys("study_uid = %s AND sps_id = %s", (study_uid, sps_id))
+
+    def find_by_accession(self, accession: str) -> list[ItemKey]:
+        return self._keys("accession = %s", (accession,))
+
     def items_of_patient(
         self, patient_id: str, issuer: str | None = None
     ) -> list[tuple[Path, Dataset]]:
