@@ -293,3 +293,23 @@ def test_per_ae_layout_and_an_operator_s_status_change_over_http(tmp_path, dsn):
     finally:
         for bridge in (a, b):
             assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_an_mpps_received_by_one_bridge_changes_the_item_the_other_created(tmp_path, dsn):
+    from pydicom.uid import generate_uid
+
+    from tests.dicom.test_mpps import in_progress, n_create
+
+    a = serve_on(tmp_path, "a", dsn)
+    b = serve_on(tmp_path, "b", dsn)
+    try:
+        assert ack_code(send(a.mllp_port, orm(control_id="Q1"))) == "AA"  # ACC0001, SPS0001
+        assert wait_for(b, tmp_path / "fb", lambda f: "ACC0001" in f) == {"ACC0001": "SCHEDULED"}
+        status, _reply = n_create(b, in_progress(), generate_uid())
+        assert status.Status == 0x0000
+        # STARTED is hidden from C-FIND by default: gone from both once the change is in
+        assert "ACC0001" not in accessions(b, tmp_path / "fb")
+        assert wait_for(a, tmp_path / "fa", lambda f: "ACC0001" not in f) == {}
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
