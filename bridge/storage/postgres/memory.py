@@ -19,7 +19,8 @@ class RetryMemory:
     """lookup(key) -> (digest, ack) of the answer given to a control ID, on any bridge."""
 
     def __init__(self, dsn: str, keep: int = RECENT_MESSAGES, hours: float = RECENT_HOURS) -> None:
-        self.db = Database(dsn)
+        # its own session, whose commits do not wait for the disk (see remember())
+        self.db = Database(dsn, settings={"synchronous_commit": "off"})
         self.keep = keep
         self.hours = hours
 
@@ -31,17 +32,18 @@ class RetryMemory:
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def remember(self, key: str, digest: str, ack: bytes) -> None:
-        """Committed before returning: the ACK it remembers is sent after it."""
-
-        def upsert(cursor: psycopg.Cursor) -> None:
-            cursor.execute(
-                "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
-                " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
-                " ack = EXCLUDED.ack, at = now()",
-                (key, digest, ack),
-            )
-
-        self.db.run(upsert)
+        """Committed before returning: the ACK it remembers is sent after it, and every bridge
+        sees it from then on. Not waiting for the disk (synchronous_commit off for this one
+        transaction, which saves a flush per message): a database crash may forget the last
+        answers of a fraction of a second, and a retry of one of those is then evaluated
+        afresh (the worklist change it answered is durable, and applying it again is a
+        no-op for the item)."""
+        self.db.execute(
+            "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
+            " ack = EXCLUDED.ack, at = now()",
+            (key, digest, ack),
+        )
 
     def prune(self) -> int:
         """Forget answers older than `hours`, and all but the newest `keep`."""
