@@ -17,6 +17,11 @@ reactor, one message in flight per receiver, oldest first:
 
 Layout: `<outbox-dir>/<receiver>/<sequence>.hl7` (the message as sent, MSH-10 included, so a
 restart re-sends the same control ID) and `<receiver>/parked/<sequence>.hl7` + `.reason`.
+
+With the PostgreSQL store the messages wait in a table shared by several bridges instead
+(`PostgresQueue`): each bridge claims a receiver's head message for a lease, so one bridge
+sends it, and another once a dead bridge's lease ends (same bytes, same MSH-10). The delivery
+logic above is the same over both queues (`Outbox`); `outbox_for(settings, ...)` picks one.
 """
 
 from __future__ import annotations
