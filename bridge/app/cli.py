@@ -226,10 +226,11 @@ def _outbox(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"wlbridge: {exc}", file=sys.stderr)
         return 2
-    if settings.store and not is_postgres_url(settings.store):
+    if args.store and not is_postgres_url(args.store):
         print("wlbridge: --store must be a postgresql://user@host/db URL", file=sys.stderr)
         return 2
-    queue = PostgresQueue(settings.store, "wlbridge-outbox-command") if settings.store else None
+    on_postgres = is_postgres_url(settings.store)  # else the folder (`outbox-dir`)
+    queue = PostgresQueue(settings.store, "wlbridge-outbox-command") if on_postgres else None
     folder = OutboxFolder(settings.outbox_dir)
     try:
         if args.action == "list":

@@ -17,6 +17,11 @@ reactor, one message in flight per receiver, oldest first:
 
 Layout: `<outbox-dir>/<receiver>/<sequence>.hl7` (the message as sent, MSH-10 included, so a
 restart re-sends the same control ID) and `<receiver>/parked/<sequence>.hl7` + `.reason`.
+
+With the PostgreSQL store the messages wait in a table shared by several bridges instead
+(`PostgresQueue`): each bridge claims a receiver's head message for a lease, so one bridge
+sends it, and another once a dead bridge's lease ends (same bytes, same MSH-10). The delivery
+logic above is the same over both queues (`Outbox`); `outbox_for(settings, ...)` picks one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -837,6 +843,9 @@ class _Lane:
         self.renewer: task.LoopingCall | None = None
         self.retry_timer = None
         self.failures = 0  # consecutive failed attempts, for the backoff
+        # An acknowledged message whose removal failed (the database down): removed before
+        # anything else is sent, rather than sent again, while this bridge still holds it.
+        self.unrecorded: tuple[Queued, Callable[[object], None]] | None = None
 
 
 class Outbox:
@@ -943,9 +952,21 @@ class Outbox:
         if lane.retry_timer is not None and lane.retry_timer.active():
             return
         lane.busy = True
+        if lane.unrecorded is not None:
+            message, sent = lane.unrecorded
+            lane.unrecorded = None
+            self._record_sent(lane, message, sent)
+            return
         d = self._io(self.queue.take, lane.receiver.name, self.settings.outbox_lease)
         d.addCallback(self._send, lane)
         d.addErrback(self._cannot_start, lane)
+
+    def _record_sent(self, lane: _Lane, message: Queued, sent: Callable[[object], None]) -> None:
+        def unrecorded(failure) -> None:
+            lane.unrecorded = (message, sent)
+            self._cannot_start(failure, lane)
+
+        self._io(self.queue.complete, message).addCallbacks(sent, unrecorded)
 
     def _cannot_start(self, failure, lane: _Lane) -> None:
         # An unreadable file, a certificate gone bad, the database down: try again later. A
@@ -1043,7 +1064,8 @@ class Outbox:
                 )
                 self._after(lane, 0)
 
-            return self._io(self.queue.complete, message).addCallback(sent)
+            self._record_sent(lane, message, sent)
+            return None
         lane.failures += 1
         failure = attempt.failure or f"answered {attempt.ack_code}"
         refusals = message.refusals + (1 if attempt.written else 0)
