@@ -261,9 +261,10 @@ def build_elements(message: HL7Message, order: OrderMessage, step: ProcedureStep
     for keyword, value in values.items():
         if keyword not in _VR or keyword == "ScheduledProcedureStepSequence":
             continue  # values the mapping keeps for itself
-        location = step.locations.get(keyword) or patient.locations.get(keyword, "")
-        value = _fit_any(value, keyword, location, message, settings)
-        _collect_texts(value, texts)
+        if value != "":  # fitting "" gives "" (no note, no error): most keys are empty
+            location = step.locations.get(keyword) or patient.locations.get(keyword, "")
+            value = _fit_any(value, keyword, location, message, settings)
+            _collect_texts(value, texts)
         _set(sps if keyword in _SPS_KEYS else top, keyword, value)
     if patient.other_ids:
         top[_OTHER_IDS] = (_OTHER_IDS, "SQ", _other_id_items(patient))

@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python import failure
 
 START = b"\x0b"
 END = b"\x1c"
@@ -134,10 +135,20 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         while self._queue and self.connected and not self.transport.disconnecting:
             message = self._queue.popleft()
             self._busy = True
-            d = defer.maybeDeferred(self.factory.handler, message, self.peer)
-            d.addCallbacks(self._answer, self._failed)
-            if not d.called:
-                d.addBoth(self._resume)
+            try:
+                answer = self.factory.handler(message, self.peer)
+            except Exception:
+                self._busy = False
+                self._failed(failure.Failure())
+                continue
+            if not isinstance(answer, defer.Deferred):
+                # answered at once (the usual case): no Deferred to build for it
+                self._busy = False
+                self._answer(answer)
+                continue
+            answer.addCallbacks(self._answer, self._failed)
+            if not answer.called:
+                answer.addBoth(self._resume)
                 return
             self._busy = False
 

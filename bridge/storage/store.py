@@ -12,6 +12,7 @@ import hashlib
 import io
 import itertools
 import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -229,6 +230,7 @@ class WorklistStore:
         self.index = index
         self._counter = itertools.count()
         self._resolved_root: Path | None = None
+        self._folder_inside = False  # our folder, resolved once, is inside the root
 
     def prepare(self) -> list[Path]:
         """Create the folder and its lockfile; remove temporary files a crash left behind."""
@@ -348,7 +350,20 @@ class WorklistStore:
         # Items of other programs may be rewritten (ADT updates), but only inside the folder.
         if self._resolved_root is None:  # resolved once: it costs a system call per component
             self._resolved_root = self.root.resolve()
-        if not path.resolve().is_relative_to(self._resolved_root) or path.suffix != ".wl":
+            self._folder_inside = self.folder.resolve().is_relative_to(self._resolved_root)
+        if path.suffix != ".wl":
+            raise StoreError(f"refusing to write outside the worklist folder: {path}")
+        if self._folder_inside and path.parent == self.folder:
+            # A file of our own folder (resolved once, like the root): only the name itself
+            # could lead elsewhere, as a symbolic link; one lstat instead of one a component.
+            try:
+                if not stat.S_ISLNK(os.lstat(path).st_mode):
+                    return
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass  # resolved in full below, as before
+        if not path.resolve().is_relative_to(self._resolved_root):
             raise StoreError(f"refusing to write outside the worklist folder: {path}")
 
     def _fsync_folder(self, folder: Path | None = None) -> None:
