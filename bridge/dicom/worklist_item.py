@@ -150,10 +150,18 @@ def _code_items(items: list[dict]) -> list[list[Element]]:
     return [[(tag, vr, code[keyword]) for keyword, tag, vr in _CODE_TAGS] for code in items]
 
 
+# Keys kept when empty (Type 1 and 2); an empty 1C or optional key is left out. Worked out once:
+# _set runs for every key of every item.
+_KEPT_EMPTY = frozenset(
+    keyword
+    for keyword in (*REQUIRED_KEYS, *SPS_REQUIRED_KEYS)
+    if (REQUIRED_KEYS.get(keyword) or SPS_REQUIRED_KEYS.get(keyword)) not in ("1C", None)
+)
+
+
 def _set(elements: dict[int, Element], keyword: str, value) -> None:
     """Set one attribute; "" and [] give an empty (Type 2) value, 1C keys stay absent."""
-    kind = REQUIRED_KEYS.get(keyword) or SPS_REQUIRED_KEYS.get(keyword)
-    if kind in ("1C", None) and not value:
+    if not value and keyword not in _KEPT_EMPTY:
         return  # an empty 1C or optional key is left out
     if keyword.endswith("Sequence"):
         value = _code_items(value) if value else []

@@ -90,7 +90,9 @@ _ITEM = b"\xfe\xff\x00\xe0"
 
 
 def _text_value(value, codec: str) -> bytes:
-    if isinstance(value, MultiValue | list | tuple):
+    if type(value) is str:  # the usual case first
+        data = value.encode(codec)
+    elif isinstance(value, MultiValue | list | tuple):
         data = b"\\".join(str(v).encode(codec) for v in value)
     else:
         data = str(value).encode(codec)
@@ -146,8 +148,16 @@ def _plain_element(tag: int, vr: str, value: bytes) -> bytes:
     return _head(tag, vr) + struct.pack("<H", len(value)) + value
 
 
+_PACK_SHORT = struct.Struct("<H").pack
+_PACK_LONG = struct.Struct("<HI").pack
+_PACK_ITEM = struct.Struct("<I").pack
+
+
 def _encode_plain(elements: list, codec: str) -> bytes:
-    out = []
+    # _plain_element's bytes, with its look-ups and packing inlined: this runs for every
+    # element of every new item.
+    out: list[bytes] = []
+    heads = _HEADS
     for tag, vr, value in elements:
         if tag >> 16 == 0x0002:
             raise LookupError("file meta element")
@@ -155,22 +165,29 @@ def _encode_plain(elements: list, codec: str) -> bytes:
             items = []
             for item in value:
                 data = _encode_plain(item, codec)
-                items.append(_ITEM + struct.pack("<I", len(data)) + data)
-            out.append(_plain_element(tag, vr, b"".join(items)))
+                items.append(_ITEM + _PACK_ITEM(len(data)) + data)
+            data = b"".join(items)
         elif value is None or value == "" or (isinstance(value, list) and not value):
-            out.append(_plain_element(tag, vr, b""))
+            data = b""
         elif vr in _CHARSET_VRS:
-            out.append(_plain_element(tag, vr, _text_value(value, codec)))
+            data = _text_value(value, codec)
         elif vr in _ASCII_VRS:
-            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
+            data = _text_value(value, "latin-1")
         elif vr == "UI" and isinstance(value, str):
-            out.append(_plain_element(tag, vr, _uid_bytes(value.strip())))  # as pydicom's UID
+            data = _uid_bytes(value.strip())  # as pydicom's UID
         elif vr == "US" and isinstance(value, int):
-            out.append(_plain_element(tag, vr, struct.pack("<H", value)))
+            data = _PACK_SHORT(value)
         elif vr in ("DS", "IS") and isinstance(value, str):  # our own text: written as it is
-            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
+            data = _text_value(value, "latin-1")
         else:  # numbers as text keep their original text in pydicom, several UIDs...: pydicom
             raise LookupError(vr)
+        head = heads.get((tag, vr)) or _head(tag, vr)
+        if vr in _LONG_LENGTH_VRS:
+            out += (head, _PACK_LONG(0, len(data)), data)
+        elif len(data) > 0xFFFF:
+            raise OverflowError(vr)
+        else:
+            out += (head, _PACK_SHORT(len(data)), data)
     return b"".join(out)
 
 
