@@ -290,7 +290,9 @@ class WorklistStore:
                 data = encode_file(dataset, uid)
             else:
                 data = _file_meta(uid) + body
-        temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
+        # plain strings: pathlib's joins cost more than the system calls they name
+        folder = os.path.dirname(os.fspath(path)) or "."
+        temp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -302,11 +304,11 @@ class WorklistStore:
             finally:
                 os.close(fd)
             os.replace(temp, path)
-            self._fsync_folder(path.parent)
+            self._fsync_folder(folder)
         except OSError as exc:
             try:
-                temp.unlink(missing_ok=True)
-            except OSError:
+                os.unlink(temp)
+            except OSError:  # FileNotFoundError included: nothing was created
                 pass
             raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         if self.index is not None:
@@ -383,7 +385,7 @@ class WorklistStore:
         if not path.resolve().is_relative_to(self._resolved_root):
             raise StoreError(f"refusing to write outside the worklist folder: {path}")
 
-    def _fsync_folder(self, folder: Path | None = None) -> None:
+    def _fsync_folder(self, folder: Path | str | None = None) -> None:
         fd = os.open(folder or self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
