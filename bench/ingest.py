@@ -403,8 +403,12 @@ def bench_orthanc_tools(
                 name, mode, server.port, server.proc.pid, messages, clients,
                 per_connection,
             )  # fmt: skip
-            time.sleep(0.5)  # it answers before its file is written (its handler thread goes on)
+            # it answers before its file is written (its handler thread goes on): wait for them
+            deadline = time.monotonic() + 10
             files = len(list(server.worklists.glob("*.wl")))
+            while files < orders and time.monotonic() < deadline:
+                time.sleep(0.1)
+                files = len(list(server.worklists.glob("*.wl")))
             result.checked = f"{files}/{orders} .wl files written"
             if files != orders:
                 result.problems.append(f"{orders - files} orders without a .wl file")
