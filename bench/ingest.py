@@ -290,18 +290,43 @@ class BridgeProcess:
         return code
 
 
+# The same set-up as its command line (`hl7_worklist_server_for_orthanc`), run as a library
+# with logging at WARNING: its command line logs every message at INFO, which is most of its cost.
+ORTHANC_TOOLS_LIBRARY = """
+import logging, sys, time
+from orthanc_tools import MLLPServer, DicomWorklistBuilder, Hl7WorklistParser
+from orthanc_tools import Hl7OrmWorklistMsgHandler
+logging.basicConfig(level=logging.WARNING)
+handler = Hl7OrmWorklistMsgHandler(
+    parser=Hl7WorklistParser(), builder=DicomWorklistBuilder(folder=sys.argv[2])
+)
+handlers = {
+    "ORM^O01": (handler.handle_orm_message,),
+    "ORM^O01^ORM_O01": (handler.handle_orm_message,),
+}
+with MLLPServer(host="127.0.0.1", port=int(sys.argv[1]), handlers=handlers):
+    while True:
+        time.sleep(1)
+"""
+
+
 class OrthancToolsProcess:
-    """The orthanc-tools HL7 worklist server writing .wl files into `root`/worklists."""
+    """The orthanc-tools HL7 worklist server writing .wl files into `root`/worklists.
+
+    `library`: run it as a library with WARNING logging instead of its command line (INFO)."""
 
     MODULE = "orthanc_tools.hl7_worklist_server_for_orthanc"
 
-    def __init__(self, root: Path, python: str) -> None:
+    def __init__(self, root: Path, python: str, library: bool = False) -> None:
         self.port = _free_port()
         self.worklists = root / "worklists"
         self.worklists.mkdir(parents=True)
         self.log = open(root / "server.log", "wb")
-        cmd = [python, "-m", self.MODULE, "--port", str(self.port)]
-        cmd += ["--folder", str(self.worklists)]
+        if library:
+            cmd = [python, "-c", ORTHANC_TOOLS_LIBRARY, str(self.port), str(self.worklists)]
+        else:
+            cmd = [python, "-m", self.MODULE, "--port", str(self.port)]
+            cmd += ["--folder", str(self.worklists)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         _wait_port(self.port, self.proc)
 
@@ -362,21 +387,28 @@ def bench_bridge(orders: int, workdir: Path, profile: Path | None = None) -> lis
     return results
 
 
-def bench_orthanc_tools(orders: int, workdir: Path, python: str) -> list[Result]:
+def bench_orthanc_tools(
+    orders: int, workdir: Path, python: str, library: bool = False
+) -> list[Result]:
     results = []
     for i, (mode, clients, per_connection) in enumerate(ORTHANC_MODES):
-        run = f"O{i}"
+        run = f"{'L' if library else 'O'}{i}"
         messages = [order_message(run, n) for n in range(orders)]
-        root = workdir / f"orthanc-tools-{i}"
+        name = "orthanc-tools (library, WARNING)" if library else "orthanc-tools"
+        root = workdir / f"orthanc-tools-{'library-' if library else ''}{i}"
         root.mkdir()
-        server = OrthancToolsProcess(root, python)
+        server = OrthancToolsProcess(root, python, library)
         try:
             result = run_load(
-                "orthanc-tools", mode, server.port, server.proc.pid, messages, clients,
+                name, mode, server.port, server.proc.pid, messages, clients,
                 per_connection,
             )  # fmt: skip
-            time.sleep(0.5)  # it answers before its file is written (its handler thread goes on)
+            # it answers before its file is written (its handler thread goes on): wait for them
+            deadline = time.monotonic() + 10
             files = len(list(server.worklists.glob("*.wl")))
+            while files < orders and time.monotonic() < deadline:
+                time.sleep(0.1)
+                files = len(list(server.worklists.glob("*.wl")))
             result.checked = f"{files}/{orders} .wl files written"
             if files != orders:
                 result.problems.append(f"{orders - files} orders without a .wl file")
@@ -450,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the Python with orthanc-tools installed (it pins hl7==0.4.2, which the tests' "
         "python-hl7 0.4.5 conflicts with: a separate venv keeps both); default: this one",
     )
+    parser.add_argument(
+        "--orthanc-cli",
+        action="store_true",
+        help="also run orthanc-tools' own command line (it logs every message at INFO); by "
+        "default only its library set-up with WARNING logging, the faster of the two, is run",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument(
         "--profile",
@@ -468,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         results = bench_bridge(args.orders, workdir, args.profile)
         if not args.no_orthanc and args.profile is None:
             if orthanc_tools_available(args.orthanc_python):
-                results += bench_orthanc_tools(args.orders, workdir, args.orthanc_python)
+                results += bench_orthanc_tools(args.orders, workdir, args.orthanc_python, True)
+                if args.orthanc_cli:
+                    results += bench_orthanc_tools(args.orders, workdir, args.orthanc_python)
             else:
                 print("orthanc-tools not installed (pip install orthanc-tools): not compared")
     finally:

@@ -150,10 +150,18 @@ def _code_items(items: list[dict]) -> list[list[Element]]:
     return [[(tag, vr, code[keyword]) for keyword, tag, vr in _CODE_TAGS] for code in items]
 
 
+# Keys kept when empty (Type 1 and 2); an empty 1C or optional key is left out. Worked out once:
+# _set runs for every key of every item.
+_KEPT_EMPTY = frozenset(
+    keyword
+    for keyword in (*REQUIRED_KEYS, *SPS_REQUIRED_KEYS)
+    if (REQUIRED_KEYS.get(keyword) or SPS_REQUIRED_KEYS.get(keyword)) not in ("1C", None)
+)
+
+
 def _set(elements: dict[int, Element], keyword: str, value) -> None:
     """Set one attribute; "" and [] give an empty (Type 2) value, 1C keys stay absent."""
-    kind = REQUIRED_KEYS.get(keyword) or SPS_REQUIRED_KEYS.get(keyword)
-    if kind in ("1C", None) and not value:
+    if not value and keyword not in _KEPT_EMPTY:
         return  # an empty 1C or optional key is left out
     if keyword.endswith("Sequence"):
         value = _code_items(value) if value else []
@@ -261,9 +269,10 @@ def build_elements(message: HL7Message, order: OrderMessage, step: ProcedureStep
     for keyword, value in values.items():
         if keyword not in _VR or keyword == "ScheduledProcedureStepSequence":
             continue  # values the mapping keeps for itself
-        location = step.locations.get(keyword) or patient.locations.get(keyword, "")
-        value = _fit_any(value, keyword, location, message, settings)
-        _collect_texts(value, texts)
+        if value != "":  # fitting "" gives "" (no note, no error): most keys are empty
+            location = step.locations.get(keyword) or patient.locations.get(keyword, "")
+            value = _fit_any(value, keyword, location, message, settings)
+            _collect_texts(value, texts)
         _set(sps if keyword in _SPS_KEYS else top, keyword, value)
     if patient.other_ids:
         top[_OTHER_IDS] = (_OTHER_IDS, "SQ", _other_id_items(patient))

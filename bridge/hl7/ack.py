@@ -14,8 +14,8 @@ received control ID; ERR segments carry the errors in the layout of the message'
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
-from datetime import datetime
 
 from bridge.hl7.errors import HL7Error
 from bridge.hl7.message import Delimiters, MessageHeader, header_codec
@@ -107,7 +107,7 @@ def _msh(header: MessageHeader, version: str) -> str:
         header.receiving_facility,
         header.sending_application,
         header.sending_facility,
-        datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z"),
+        time.strftime("%Y%m%d%H%M%S%z"),  # local time, as datetime.astimezone() gives
         "",
         msg_type,
         new_control_id(),

@@ -428,10 +428,26 @@ def check_charset_settings(default_charset: str, fallback: dict[str, str]) -> No
             raise ValueError(f"charset_fallback: {label!r} = {codec!r} names no known charset")
 
 
+# The last header read, by its trimmed bytes: the pipeline reads a message's header for its
+# retry key, then parse_message reads it again. Headers are never changed once read.
+_last_header: tuple[bytes, MessageHeader | None] = (b"", None)
+
+
 def read_header(raw: bytes) -> MessageHeader | None:
     """MSH fields for an ACK, from bytes that may not parse; None when there is no usable MSH."""
+    global _last_header
+    raw = _trim(raw)
+    last = _last_header
+    if last[0] == raw and raw:
+        return last[1]
+    header = _read_header(raw)
+    _last_header = (raw, header)
+    return header
+
+
+def _read_header(raw: bytes) -> MessageHeader | None:
     try:
-        delims, fields = _split_header_bytes(_trim(raw))
+        delims, fields = _split_header_bytes(raw)
     except HL7Error:
         return None
 

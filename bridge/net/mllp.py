@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python import failure
 
 START = b"\x0b"
 END = b"\x1c"
@@ -70,18 +71,19 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
                 if start < 0:
                     break  # noise between frames is discarded
                 self._in_frame = True
-                self._start_frame_timer()
-                pos = start + 1
+                pos = start + 1  # its frame timer starts below unless it ends in this read
             end = data.find(END, pos)
             restart = data.find(START, pos, end if end >= 0 else size)
             if restart >= 0:
                 # A new frame began before this one ended: the unfinished one is dropped.
                 self._buffer += memoryview(data)[pos:restart][: self.factory.max_frame_size]
                 self._drop_unfinished("a new frame began before it ended")
-                self._start_frame_timer()
+                self._stop_frame_timer()  # the new frame's starts below unless it ends here
                 pos = restart + 1
                 continue
             if end < 0:
+                if self._frame_timer is None:  # the frame goes on past this read: timed from now
+                    self._start_frame_timer()
                 self._buffer += memoryview(data)[pos:]
                 if len(self._buffer) > self.factory.max_frame_size:
                     self._refuse_oversized()
@@ -134,10 +136,20 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
         while self._queue and self.connected and not self.transport.disconnecting:
             message = self._queue.popleft()
             self._busy = True
-            d = defer.maybeDeferred(self.factory.handler, message, self.peer)
-            d.addCallbacks(self._answer, self._failed)
-            if not d.called:
-                d.addBoth(self._resume)
+            try:
+                answer = self.factory.handler(message, self.peer)
+            except Exception:
+                self._busy = False
+                self._failed(failure.Failure())
+                continue
+            if not isinstance(answer, defer.Deferred):
+                # answered at once (the usual case): no Deferred to build for it
+                self._busy = False
+                self._answer(answer)
+                continue
+            answer.addCallbacks(self._answer, self._failed)
+            if not answer.called:
+                answer.addBoth(self._resume)
                 return
             self._busy = False
 

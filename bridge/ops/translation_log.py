@@ -68,9 +68,12 @@ def terminal_safe(text: str, keep: str = "") -> str:
     return "".join(c if c.isprintable() or c in keep else _escape_char(c) for c in text)
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _logfmt_value(value: Any) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\\') and text.isprintable():
+    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
         return text
     escaped = (
         text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")

@@ -12,6 +12,7 @@ import hashlib
 import io
 import itertools
 import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -89,7 +90,9 @@ _ITEM = b"\xfe\xff\x00\xe0"
 
 
 def _text_value(value, codec: str) -> bytes:
-    if isinstance(value, MultiValue | list | tuple):
+    if type(value) is str:  # the usual case first
+        data = value.encode(codec)
+    elif isinstance(value, MultiValue | list | tuple):
         data = b"\\".join(str(v).encode(codec) for v in value)
     else:
         data = str(value).encode(codec)
@@ -145,8 +148,16 @@ def _plain_element(tag: int, vr: str, value: bytes) -> bytes:
     return _head(tag, vr) + struct.pack("<H", len(value)) + value
 
 
+_PACK_SHORT = struct.Struct("<H").pack
+_PACK_LONG = struct.Struct("<HI").pack
+_PACK_ITEM = struct.Struct("<I").pack
+
+
 def _encode_plain(elements: list, codec: str) -> bytes:
-    out = []
+    # _plain_element's bytes, with its look-ups and packing inlined: this runs for every
+    # element of every new item.
+    out: list[bytes] = []
+    heads = _HEADS
     for tag, vr, value in elements:
         if tag >> 16 == 0x0002:
             raise LookupError("file meta element")
@@ -154,22 +165,29 @@ def _encode_plain(elements: list, codec: str) -> bytes:
             items = []
             for item in value:
                 data = _encode_plain(item, codec)
-                items.append(_ITEM + struct.pack("<I", len(data)) + data)
-            out.append(_plain_element(tag, vr, b"".join(items)))
+                items.append(_ITEM + _PACK_ITEM(len(data)) + data)
+            data = b"".join(items)
         elif value is None or value == "" or (isinstance(value, list) and not value):
-            out.append(_plain_element(tag, vr, b""))
+            data = b""
         elif vr in _CHARSET_VRS:
-            out.append(_plain_element(tag, vr, _text_value(value, codec)))
+            data = _text_value(value, codec)
         elif vr in _ASCII_VRS:
-            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
+            data = _text_value(value, "latin-1")
         elif vr == "UI" and isinstance(value, str):
-            out.append(_plain_element(tag, vr, _uid_bytes(value.strip())))  # as pydicom's UID
+            data = _uid_bytes(value.strip())  # as pydicom's UID
         elif vr == "US" and isinstance(value, int):
-            out.append(_plain_element(tag, vr, struct.pack("<H", value)))
+            data = _PACK_SHORT(value)
         elif vr in ("DS", "IS") and isinstance(value, str):  # our own text: written as it is
-            out.append(_plain_element(tag, vr, _text_value(value, "latin-1")))
+            data = _text_value(value, "latin-1")
         else:  # numbers as text keep their original text in pydicom, several UIDs...: pydicom
             raise LookupError(vr)
+        head = heads.get((tag, vr)) or _head(tag, vr)
+        if vr in _LONG_LENGTH_VRS:
+            out += (head, _PACK_LONG(0, len(data)), data)
+        elif len(data) > 0xFFFF:
+            raise OverflowError(vr)
+        else:
+            out += (head, _PACK_SHORT(len(data)), data)
     return b"".join(out)
 
 
@@ -229,6 +247,7 @@ class WorklistStore:
         self.index = index
         self._counter = itertools.count()
         self._resolved_root: Path | None = None
+        self._folder_inside = False  # our folder, resolved once, is inside the root
 
     def prepare(self) -> list[Path]:
         """Create the folder and its lockfile; remove temporary files a crash left behind."""
@@ -271,7 +290,9 @@ class WorklistStore:
                 data = encode_file(dataset, uid)
             else:
                 data = _file_meta(uid) + body
-        temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}"
+        # plain strings: pathlib's joins cost more than the system calls they name
+        folder = os.path.dirname(os.fspath(path)) or "."
+        temp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{next(self._counter)}")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -283,11 +304,11 @@ class WorklistStore:
             finally:
                 os.close(fd)
             os.replace(temp, path)
-            self._fsync_folder(path.parent)
+            self._fsync_folder(folder)
         except OSError as exc:
             try:
-                temp.unlink(missing_ok=True)
-            except OSError:
+                os.unlink(temp)
+            except OSError:  # FileNotFoundError included: nothing was created
                 pass
             raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         if self.index is not None:
@@ -348,10 +369,23 @@ class WorklistStore:
         # Items of other programs may be rewritten (ADT updates), but only inside the folder.
         if self._resolved_root is None:  # resolved once: it costs a system call per component
             self._resolved_root = self.root.resolve()
-        if not path.resolve().is_relative_to(self._resolved_root) or path.suffix != ".wl":
+            self._folder_inside = self.folder.resolve().is_relative_to(self._resolved_root)
+        if path.suffix != ".wl":
+            raise StoreError(f"refusing to write outside the worklist folder: {path}")
+        if self._folder_inside and path.parent == self.folder:
+            # A file of our own folder (resolved once, like the root): only the name itself
+            # could lead elsewhere, as a symbolic link; one lstat instead of one a component.
+            try:
+                if not stat.S_ISLNK(os.lstat(path).st_mode):
+                    return
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass  # resolved in full below, as before
+        if not path.resolve().is_relative_to(self._resolved_root):
             raise StoreError(f"refusing to write outside the worklist folder: {path}")
 
-    def _fsync_folder(self, folder: Path | None = None) -> None:
+    def _fsync_folder(self, folder: Path | str | None = None) -> None:
         fd = os.open(folder or self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

@@ -402,3 +402,14 @@ def test_charset_labels_written_another_way_are_read_with_a_note(label, codec):
     assert m.first("PID").value(5).startswith("Müller") and m.codec == codec
     assert any("is not an HL7 character set" in n for n in m.notes)
     assert error_of(build("PID|||1", charset=label).encode(), STRICT).code == "103"
+
+
+def test_headers_read_one_after_the_other_are_each_their_own():
+    # read_header keeps the last header it read: another message must never get it
+    first = b"MSH|^~\\&|A|B|C|D|20260101||ORM^O01|ONE|P|2.5.1\rPID|1"
+    second = b"MSH|^~\\&|A|B|C|D|20260101||ORM^O01|TWO|P|2.5.1\rPID|1"
+    for raw, control in ((first, "ONE"), (second, "TWO"), (first, "ONE"), (first, "ONE")):
+        assert read_header(raw).control_id == control
+        assert parse_message(raw).header.control_id == control
+    assert read_header(b"") is None and read_header(b"not HL7") is None
+    assert read_header(first).control_id == "ONE"

@@ -223,6 +223,23 @@ def test_frames_that_end_in_time_keep_the_connection_open():
     assert len(handler.messages) == 10 and not transport.disconnecting
 
 
+def test_only_a_frame_that_goes_on_past_its_read_is_timed():
+    handler, dropped = Recorder(), []
+    clock, proto, transport = clocked(
+        handler, frame_timeout=5, on_dropped=lambda head, peer, why: dropped.append(why)
+    )
+    proto.dataReceived(START + b"MSH|1" + END + b"\r")  # whole in one read: nothing to time
+    assert clock.getDelayedCalls() == [] and len(handler.messages) == 1
+    # a frame dropped for a new one that then goes on: the new one is timed from this read
+    proto.dataReceived(START + b"MSH|2" + START + b"MSH|3")
+    assert len(clock.getDelayedCalls()) == 1 and "a new frame began" in dropped[0]
+    clock.advance(4)
+    proto.dataReceived(b"more")  # its next read does not restart its timer
+    clock.advance(1.5)
+    assert transport.disconnecting and len(handler.messages) == 1
+    assert "frame timeout of 5 s" in dropped[1]
+
+
 def test_per_source_connection_limit_and_refusals_are_reported():
     refused = []
     factory = MLLPFactory(

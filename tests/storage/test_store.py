@@ -91,6 +91,24 @@ def test_paths_outside_the_folder_are_refused(tmp_path):
         store.write(store.folder / "../escape.wl", item())
 
 
+def test_a_link_in_the_folder_is_followed_for_the_check_and_refused_if_it_leads_out(tmp_path):
+    store, _ = make_store(tmp_path)
+    outside = tmp_path / "outside.wl"
+    outside.write_bytes(b"someone else's file")
+    link = store.folder / "link.wl"
+    link.symlink_to(outside)
+    with pytest.raises(StoreError, match="outside the worklist folder"):
+        store.write(link, item())
+    assert outside.read_bytes() == b"someone else's file" and link.is_symlink()
+    inside = store.folder / "target.wl"
+    store.write(inside, item("A2"))
+    (store.folder / "inner.wl").symlink_to(inside)
+    store.write(store.folder / "inner.wl", item("A3"))  # a link that stays inside is written
+    assert pydicom.dcmread(store.folder / "inner.wl").AccessionNumber == "A3"
+    store.write(store.folder / "new.wl", item("A4"))  # a new name: written
+    assert pydicom.dcmread(store.folder / "new.wl").AccessionNumber == "A4"
+
+
 def test_a_write_that_cannot_be_made_is_a_store_error_and_leaves_nothing(tmp_path):
     store, index = make_store(tmp_path)
     for child in store.folder.iterdir():
