@@ -47,7 +47,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 LOG = logging.getLogger("bridge.net.cfind")
 
@@ -72,6 +72,10 @@ UPSTREAM_SOURCES: dict[str, str] = {
     ),
     "pynetdicom.dul.DULServiceProvider.run_reactor": (
         "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803"
+    ),
+    # every PDU the upper layer sends goes through it (the send lock relies on that)
+    "pynetdicom.transport.AssociationSocket.send": (
+        "1ea8158c0b51facac667a0340b93f495b947fdc4f55663946fb30d456c804e09"
     ),
     "pynetdicom.transport.AssociationServer.service_actions": (
         "0a0853a3615ac7c5260a57dcdc8b0e9908d655919b7d64737c89534869758873"
@@ -537,10 +541,27 @@ def prepare_association(assoc: Any, tuning: Tuning, limits: Limits) -> None:
     dul.__dict__["_wlb_limits"] = limits
     if not tuning.speedups:
         return
+    _lock_sends(dul.socket)
     stay_brisk(assoc)
     if _reactor_is_known(assoc):
         assoc.__class__ = _BriskAssociation
     _quiet_logging(assoc)
+
+
+def _lock_sends(association_socket: Any) -> None:
+    """Make every send of the upper layer take a lock, which `FastSender.write` also takes to
+    write answers from the association's thread: PDUs are never interleaved."""
+    send = getattr(association_socket, "send", None)
+    if type(association_socket) is not AssociationSocket or not callable(send):
+        return
+    lock = threading.Lock()
+
+    def locked_send(bytestream: bytes) -> None:
+        with lock:
+            send(bytestream)
+
+    association_socket.send = locked_send
+    association_socket.__dict__["_wlb_send_lock"] = lock
 
 
 # pynetdicom binds handlers to every association that format log lines for each PDU and DIMSE
@@ -615,6 +636,16 @@ class FastSender:
         self.max_pdu = max_pdu  # the peer's maximum PDU length, 0 for no limit
         self.to_bytes = to_bytes
         self.p_data = p_data
+        # The plain TCP socket, when answers may be written to it from the association's
+        # thread (`pdu`, `write`); None with TLS (an SSL object is not to be written by one
+        # thread while another reads it) or without the send lock of `prepare_association`.
+        self.raw: socket.socket | None = None
+        self.send_lock: Any = None
+        sock = getattr(dul, "socket", None)
+        lock = getattr(sock, "__dict__", {}).get("_wlb_send_lock")
+        raw = getattr(sock, "socket", None)
+        if lock is not None and type(raw) is socket.socket:
+            self.raw, self.send_lock = raw, lock
 
     @classmethod
     def create(
@@ -685,6 +716,66 @@ class FastSender:
         primitive = self.p_data()
         primitive.presentation_data_value_list = pdvs
         self.dul.send_pdu(primitive)
+
+    def pdu(self, record: Any) -> bytes | None:
+        """The P-DATA-TF PDU(s) of the pending response for `record`, as pynetdicom would
+        encode them from `__call__`'s PDVs; None if it cannot be encoded."""
+        data = self.to_bytes(record)
+        if data is None:
+            return None
+        cx, command, room = self.context_id, self.command, self.max_pdu
+        command_pdv = _PDV_HEADER.pack(len(command) + 1, cx) + command
+        if not room or len(command_pdv) + 6 + len(data) <= room:
+            data_pdv = _PDV_HEADER.pack(len(data) + 2, cx) + b"\x02" + data
+            return _PDU_HEADER.pack(4, 0, len(command_pdv) + len(data_pdv)) + command_pdv + data_pdv
+        parts = [_PDU_HEADER.pack(4, 0, len(command_pdv)), command_pdv]
+        step = room - 6
+        for start in range(0, len(data), step):
+            piece = data[start : start + step]
+            header = b"\x02" if start + step >= len(data) else b"\x00"
+            parts += [_PDU_HEADER.pack(4, 0, len(piece) + 6),
+                      _PDV_HEADER.pack(len(piece) + 2, cx), header, piece]  # fmt: skip
+        return b"".join(parts)
+
+    def write(self, data: bytes, stall_limit: float) -> str:
+        """Write `data` (whole PDUs, from `pdu`) to the peer from the calling thread, under
+        the lock every send of the upper layer takes: no PDU of its own comes in between.
+        Returns "" once written, "stalled" when the peer took nothing for `stall_limit`
+        seconds, "closed" when the connection is gone.
+
+        The socket's timeout is not relied upon (the upper layer's reads change it): the
+        writes wait for room with poll(), then send what fits."""
+        raw = self.raw
+        view = memoryview(data)
+        waiter = select.poll()
+        try:
+            waiter.register(raw, select.POLLOUT)
+        except (OSError, ValueError):
+            return "closed"
+        with self.send_lock:
+            progress = time.monotonic()
+            while view:
+                sent = 0
+                try:
+                    if waiter.poll(1000):
+                        sent = raw.send(view)
+                except (BlockingIOError, InterruptedError, TimeoutError):
+                    pass
+                except (OSError, ValueError):
+                    return "closed"
+                if sent:
+                    view = view[sent:]
+                    progress = time.monotonic()
+                elif time.monotonic() - progress >= stall_limit:
+                    return "stalled"
+        timer = getattr(self.dul, "_idle_timer", None)
+        if timer is not None:
+            timer.restart()  # what the upper layer does for the PDUs it sends
+        return ""
+
+
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+_PDV_HEADER = struct.Struct(">LB")  # item length, presentation context ID (control byte follows)
 
 
 @functools.lru_cache(maxsize=256)
