@@ -255,6 +255,19 @@ def _forwarding_handlers(link: _Link) -> list[tuple[Any, Any, list[Any]]]:
     ]
 
 
+WORKER_NICE = 10  # how much less CPU priority a worker has than the main process
+
+
+def _lower_priority() -> None:
+    """The main process (HL7 intake, the one writer) wins the CPU over the workers: under
+    query load its ACKs then wait for no C-FIND. A nice level of 10 gives a worker about a
+    tenth of a busy main process's share of a contended core; idle cores serve the workers."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError as exc:
+        log.warning("DICOM worker keeps the main process's priority: %s", exc)
+
+
 def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
                 count: int) -> None:  # fmt: skip
     """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
@@ -265,6 +278,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         format=f"%(asctime)s %(levelname)s %(name)s[dicom-{number}] %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
+    _lower_priority()
     from twisted.internet import reactor, task, threads
 
     from bridge.net.cfind import start_dicom_server
