@@ -1,4 +1,5 @@
-"""The DICOM service in worker processes (`dicom-workers` = N > 0), sharing one listening socket.
+"""The DICOM service in worker processes (`dicom-workers` = N > 0, or -1: one per CPU), sharing one
+listening socket.
 
 Why: in one process, the reactor thread (HL7 intake, the worklist's one writer) shares one GIL with
 pynetdicom's two threads per association; under 20 querying modalities its ACKs waited for the
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from bridge.config import Settings
+from bridge.config import Settings, dicom_worker_count
 
 log = logging.getLogger("bridge.net.dicom_workers")
 
@@ -80,7 +81,7 @@ class DicomWorkers:
             raise
         self.socket = sock
         spawn = multiprocessing.get_context("spawn")  # no copy of the reactor's state
-        count = s.dicom_workers
+        count = dicom_worker_count(s)
         links = []
         for number in range(count):
             parent_end, child_end = spawn.Pipe()
