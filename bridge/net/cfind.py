@@ -35,7 +35,6 @@ from bridge.net.pynetdicom_internals import (
     prepare_association,
     skip_identifier_logging,
     start_server,
-    stay_brisk,
     wait_for_peer,
 )
 from bridge.storage.index import WorklistIndex
@@ -118,7 +117,6 @@ class WorklistSCP:
         A called AE title is only ever compared with the names of the sub-folders that
         exist, never joined into a path."""
         assoc = event.assoc
-        stay_brisk(assoc)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -143,7 +141,6 @@ class WorklistSCP:
             assoc.kill()
 
     def on_echo(self, event: Any) -> int:
-        stay_brisk(event.assoc)
         return 0x0000
 
     def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
@@ -229,11 +226,8 @@ class WorklistSCP:
                     outcome = "failed: an answer could not be encoded"
                     yield _failure(UNABLE_TO_PROCESS, "cannot encode an answer"), None
                     return
-                else:
-                    stay_brisk(assoc)
                 sent += 1
         finally:
-            stay_brisk(assoc)  # the release follows
             LOG.info(
                 "C-FIND %s->%s keys: %s; %d answers (%d matched), %s, %.1f ms",
                 calling, called, keys, sent, total, outcome,
@@ -276,7 +270,6 @@ class WorklistSCP:
             if problem:
                 return "association ended", sent, None
             sent += len(pdus)
-            stay_brisk(assoc)
             if failed:
                 failure = _failure(UNABLE_TO_PROCESS, "cannot encode an answer")
                 return "failed: an answer could not be encoded", sent, failure

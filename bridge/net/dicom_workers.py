@@ -259,6 +259,24 @@ def _forwarding_handlers(link: _Link) -> list[tuple[Any, Any, list[Any]]]:
 WORKER_NICE = 10  # how much less CPU priority a worker has than the main process
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker as soon as the main process dies, even by SIGKILL.
+    The worker holds the listening socket too: lingering, it would keep the port from a
+    restarted bridge, and take some of its connections. Elsewhere the parent check below
+    stops the worker within PARENT_CHECK_INTERVAL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.debug("no parent-death signal: %s", exc)
+
+
 def _lower_priority() -> None:
     """The main process (HL7 intake, the one writer) wins the CPU over the workers: under
     query load its ACKs then wait for no C-FIND. A nice level of 10 gives a worker about a
@@ -279,6 +297,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         format=f"%(asctime)s %(levelname)s %(name)s[dicom-{number}] %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
+    _die_with_parent()
     _lower_priority()
     from twisted.internet import reactor, task, threads
 

@@ -11,10 +11,11 @@ kinds of work that reach below it:
   longer than allowed and any message (command or identifier) longer than allowed, before
   reading it; a connection lost before its association request frees its slot at once.
 - Speed-ups (on unless `dicom-speedups = false`): pending C-FIND responses encoded from the
-  records and queued as one PDU each (`FastSender`), the upper layer polling briskly while an
-  association is busy and cheaply while idle (`_BriskDUL`), an association reactor that waits for
-  requests instead of sleeping 1 ms a turn (`_BriskAssociation`, a copy of upstream's), quiet
-  logging, and pynetdicom's full garbage collection put off while associations are active.
+  records and written in batches by the association's thread (`FastSender`), an upper layer
+  that waits for the socket or for work instead of polling (`_BriskDUL`), an association reactor
+  that waits for requests instead of sleeping 1 ms a turn (`_BriskAssociation`, a copy of
+  upstream's), quiet logging, and pynetdicom's full garbage collection put off while
+  associations are active.
 
 What is copied from pynetdicom is checked by `UPSTREAM_SOURCES` (hashes of the upstream functions'
 source, compared by the contract tests): an upgrade that changes them fails the tests. Any other
@@ -31,13 +32,16 @@ import hashlib
 import inspect
 import io
 import logging
+import os
 import queue
 import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +171,7 @@ class Tuning:
 
 
 # ---------------------------------------------------------------------------------------------
-# The upper layer (DUL): bounded reads, and brisk or cheap polling
+# The upper layer (DUL): bounded reads, and waits instead of polling
 
 
 class _BoundedDUL(DULServiceProvider):
@@ -348,25 +352,72 @@ def _peer(raw: Any) -> str:
 
 # pynetdicom's DUL thread loops over its outgoing queue and the socket and sleeps
 # `_run_loop_delay` (1 ms) whenever both are idle: 1,000 turns a second per association, busy or
-# not, and each hand-over between it and the association thread waits up to 1 ms. While an
-# association is busy, and for a moment after, it polls every 0.2 ms; while idle it waits on the
-# socket for up to _IDLE_WAIT instead (data from the peer wakes it at once).
-_BRISK_DELAY = 0.0002  # s between polls while busy
-_BRISK_FOR = 0.5  # s of brisk polling after the last activity seen (request, answer, echo)
-_IDLE_WAIT = 0.1  # s an idle DUL or association thread waits per turn
+# not, and each hand-over between it and the association thread waits up to 1 ms. Here it waits
+# instead until the socket is readable or the association's thread hands it something (a wake-up
+# eventfd written by `send_pdu` and `kill_dul`), for at most _IDLE_WAIT (its timers).
+# The association thread likewise waits on its message queue, which is also signalled when the
+# DUL hands it a release or abort indication and when the DUL ends: no thread polls, so the CPU
+# an association costs does not grow with how long it lasts (under load, every query lasts
+# longer: polling threads then took more CPU the busier the machine was).
+_IDLE_WAIT = 0.1  # s an idle DUL or association thread waits per turn (timers, kills)
+
+
+class _Wakeup:
+    """An eventfd (a pipe where there is none) that another thread writes to wake the DUL's
+    wait; closed with the DUL, never written after (its number could be reused by then)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+            os.set_blocking(self.read_fd, False)
+            os.set_blocking(self.write_fd, False)
+
+    def signal(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.write_fd, _ONE)
+            except OSError:  # full (a pipe): a wake-up is pending anyway
+                pass
+
+    def drain(self) -> None:
+        try:
+            os.read(self.read_fd, 8 if self.read_fd == self.write_fd else 4096)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for fd in {self.read_fd, self.write_fd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+_ONE = (1).to_bytes(8, sys.byteorder)  # what an eventfd write adds
 
 
 class _BriskDUL(_BoundedDUL):
-    """The bounded DUL with `_run_loop_delay` (read before each sleep) made a property."""
+    """The bounded DUL with `_run_loop_delay` (read before each sleep) made a property that
+    waits for work instead: the socket, or a wake-up from the association's thread."""
 
     @property
     def _run_loop_delay(self) -> float:
-        if time.monotonic() < self.__dict__.get("_brisk_until", 0.0):
-            return _BRISK_DELAY
-        if threading.current_thread() is self and self.to_provider_queue.empty():
-            _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT)
-            return 0.0
-        return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if threading.current_thread() is not self or wakeup is None:
+            return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
+        if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
+            _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT, wakeup)
+        return 0.0
 
     @_run_loop_delay.setter
     def _run_loop_delay(self, value: float) -> None:
@@ -374,27 +425,63 @@ class _BriskDUL(_BoundedDUL):
 
     def _is_transport_event(self) -> bool:
         _ack_promptly(self.__dict__.get("socket"))
-        if super()._is_transport_event():
-            self.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
-            return True
-        return False
+        return super()._is_transport_event()
 
     def send_pdu(self, primitive: Any) -> None:
-        self.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
         super().send_pdu(primitive)
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if wakeup is not None:
+            wakeup.signal()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if wakeup is not None:
+            wakeup.signal()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            wakeup = self.__dict__.get("_wlb_wakeup")
+            if wakeup is not None:
+                wakeup.close()
+            _notify(self.assoc)  # the association thread sees at once that the DUL ended
 
 
-def _wait_readable(association_socket: Any, timeout: float) -> None:
-    raw = getattr(association_socket, "socket", None)
-    if raw is None:
-        time.sleep(timeout)
+class _NotifyingQueue(queue.Queue):
+    """The DUL's queue to the association (A-RELEASE and A-ABORT indications, among others):
+    a put also wakes the association thread waiting on its DIMSE message queue."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        _notify(self.__dict__.get("_wlb_assoc"))
+
+
+def _notify(assoc: Any) -> None:
+    incoming = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    condition = getattr(incoming, "not_empty", None)
+    if condition is None:
         return
+    with condition:
+        condition.notify_all()
+
+
+def _wait_readable(association_socket: Any, timeout: float, wakeup: _Wakeup) -> None:
+    """Until the peer's data, a wake-up, or `timeout`."""
+    raw = getattr(association_socket, "socket", None)
+    waiter = select.poll()
+    waiter.register(wakeup.read_fd, select.POLLIN)
     try:
-        if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            return
-        select.select([raw], [], [], timeout)
+        if raw is not None:
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return
+            waiter.register(raw, select.POLLIN)
+        ready = waiter.poll(timeout * 1000)
     except (OSError, ValueError):
-        pass  # closed: the DUL's next turn finds out
+        return  # closed: the DUL's next turn finds out
+    if any(fd == wakeup.read_fd for fd, _ in ready):
+        wakeup.drain()
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -415,17 +502,6 @@ def _ack_promptly(association_socket: Any) -> None:
         pass  # closed, or not TCP
 
 
-def _is_brisk(dul: Any) -> bool:
-    return time.monotonic() < getattr(dul, "__dict__", {}).get("_brisk_until", 0.0)
-
-
-def stay_brisk(assoc: Any) -> None:
-    """Keep `assoc`'s upper layer polling briskly for a moment (activity is expected)."""
-    dul = getattr(assoc, "dul", None)
-    if type(dul) is _BriskDUL:
-        dul.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
-
-
 # ---------------------------------------------------------------------------------------------
 # The association reactor
 
@@ -436,13 +512,13 @@ class _BriskAssociation(Association):
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, statement for statement, except for its
         first: instead of sleeping 1 ms a turn (up to 1 ms between a request's arrival and its
-        handling, and again for the release), wait on the DIMSE message queue for _BRISK_DELAY
-        while the DUL polls briskly, else _IDLE_WAIT (the release request comes through the
-        DUL's own queue, which cannot be waited on at the same time)."""
+        handling, and again for the release), wait on the DIMSE message queue, which the DUL
+        also signals when it hands over a release or abort indication and when it ends
+        (`_NotifyingQueue`, `_BriskDUL.run_reactor`); at most _IDLE_WAIT, for the timers."""
         self._is_paused = False
         incoming = self.dimse.msg_queue
         while not self._kill:
-            _wait_for_message(incoming, _BRISK_DELAY if _is_brisk(self.dul) else _IDLE_WAIT)
+            _wait_for_message(incoming, self.dul.to_user_queue, _IDLE_WAIT)
 
             self._is_paused = True
             self._reactor_checkpoint.wait()
@@ -494,12 +570,14 @@ class _BriskAssociation(Association):
 _PYNETDICOM_ASSOC_LOG = logging.getLogger("pynetdicom.association")
 
 
-def _wait_for_message(incoming: queue.Queue, timeout: float) -> None:
+def _wait_for_message(incoming: queue.Queue, indications: queue.Queue, timeout: float) -> None:
     """Wait until `incoming` holds something or `timeout` passed, taking nothing from it (the
-    reactor takes the message after its pause checkpoint, as pynetdicom does)."""
+    reactor takes the message after its pause checkpoint, as pynetdicom does). An indication
+    from the DUL (release, abort) waiting already: a millisecond at most (the reactor acts on
+    those it knows at once; this bounds the turns if another sits there)."""
     with incoming.not_empty:
         if not incoming.queue:
-            incoming.not_empty.wait(timeout)
+            incoming.not_empty.wait(0.001 if indications.queue else timeout)
 
 
 def _reactor_is_known(assoc: Any) -> bool:
@@ -509,6 +587,7 @@ def _reactor_is_known(assoc: Any) -> bool:
             type(assoc) is Association
             and not assoc.is_alive()
             and type(dimse.msg_queue) is queue.Queue
+            and type(assoc.dul.to_user_queue) is queue.Queue
             and isinstance(dimse.msg_queue.queue, collections.deque)
             and isinstance(assoc._reactor_checkpoint, threading.Event)
             and isinstance(assoc.network_timeout_response, str)
@@ -542,8 +621,11 @@ def prepare_association(assoc: Any, tuning: Tuning, limits: Limits) -> None:
     if not tuning.speedups:
         return
     _lock_sends(dul.socket)
-    stay_brisk(assoc)
+    wakeup = dul.__dict__["_wlb_wakeup"] = _Wakeup()
+    weakref.finalize(dul, wakeup.close)  # should its thread never run
     if _reactor_is_known(assoc):
+        dul.to_user_queue.__class__ = _NotifyingQueue
+        dul.to_user_queue.__dict__["_wlb_assoc"] = assoc
         assoc.__class__ = _BriskAssociation
     _quiet_logging(assoc)
 

@@ -254,3 +254,28 @@ def test_by_default_dicom_is_served_by_one_worker_per_cpu(tmp_path):
         assert c_find(running.dicom_port, ident, running.ae_title)[1] == 0
     finally:
         running.stop()
+
+
+def test_the_workers_die_with_a_killed_main_process_and_free_the_port(tmp_path):
+    """kill -9 of the main process: the kernel kills its workers at once (they hold the
+    listening socket too), so a bridge restarted right away can listen on the port."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2")
+    pid = running.process.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    running.process.kill()
+    running.process.wait(timeout=10)
+    deadline = time.monotonic() + 5.0  # generous: the kernel acts at the parent's exit
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived the main process"
+        time.sleep(0.02)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", running.dicom_port))
+        probe.listen(1)
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
