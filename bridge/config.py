@@ -255,7 +255,7 @@ class Settings:
         "seconds one C-FIND may spend matching before it is answered A700", default=10.0
     )
     dicom_speedups: bool = _opt(
-        "use the bridge's tuning of pynetdicom internals (fast answers, brisk polling)",
+        "use the bridge's tuning of pynetdicom internals (fast answers, no polling threads)",
         default=True,
     )
     dicom_workers: int = _opt(
