@@ -11,7 +11,10 @@ each AA it looks the order up by accession with a C-FIND (read-your-writes).
 
 Prints, a row per server and K: queries/s, query p50/p99/max, ACK p50/p99/max, orders found at
 once after their ACK, connection attempts the kernel dropped at a listen queue (TcpExt
-ListenOverflows + ListenDrops, machine-wide: run it on a quiet machine), and errors.
+ListenOverflows + ListenDrops, machine-wide: run it on a quiet machine), errors and the server's
+CPU time per query; then, for each K, the bridge's queries/s against the faster peer's and the
+issue's checks (query p99 < 200 ms, ACK p99 < 20 ms, >= 30x, no drops, every order found), and
+the load average.
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data or tmp_path / "items"
         ensure_items(data, args.items)
         rows = []
-        print(f"machine: {machine()}")
+        print(f"machine: {machine()}, load average {os.getloadavg()[0]:.2f} at the start")
         print("| server | items | K | queries/s | query p50 / p99 / max ms | "
               "ACK p50 / p99 / max ms | found after ACK | listen drops | errors | "
               "server CPU ms / query |")  # fmt: skip
@@ -388,9 +391,44 @@ def main(argv: list[str] | None = None) -> int:
                     bridge.stop()
                 else:
                     stop(proc)
+        for line in verdicts(rows):
+            print(line)
+        print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         if args.json:
             args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     return 0
+
+
+# The issue's checks for the bridge under load (20 modalities, 10,000 items, an HL7 sender).
+QUERY_P99_MS = 200.0
+ACK_P99_MS = 20.0
+PEER_FACTOR = 30.0
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """For each K the bridge ran: its queries/s against the faster peer's, and whether each of
+    the issue's checks holds (listen drops, query and ACK p99, orders found after their ACK)."""
+    out = []
+    for row in (r for r in rows if r["server"] == "bridge"):
+        k = row["modalities"]
+        peers = [
+            r["queries_per_s"] for r in rows if r["server"] != "bridge" and r["modalities"] == k
+        ]
+        checks = [
+            ("no listen drops", row["listen_drops"] == 0),
+            (f"query p99 < {QUERY_P99_MS:g} ms", row["query_p99_ms"] < QUERY_P99_MS),
+            (f"ACK p99 < {ACK_P99_MS:g} ms", row["ack_p99_ms"] < ACK_P99_MS),
+            ("every order found after its ACK", row["found_after_ack"] == row["orders"]),
+            ("no errors", row["errors"] == 0),
+        ]
+        ratio = ""
+        if peers and max(peers) > 0:
+            factor = row["queries_per_s"] / max(peers)
+            ratio = f"; {factor:.0f}x the faster peer's queries/s"
+            checks.append((f">= {PEER_FACTOR:g}x the faster peer", factor >= PEER_FACTOR))
+        marks = ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks)
+        out.append(f"K = {k}{ratio}. {marks}")
+    return out
 
 
 if __name__ == "__main__":

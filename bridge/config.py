@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -266,13 +267,14 @@ class Settings:
         "seconds one C-FIND may spend matching before it is answered A700", default=10.0
     )
     dicom_speedups: bool = _opt(
-        "use the bridge's tuning of pynetdicom internals (fast answers, brisk polling)",
+        "use the bridge's tuning of pynetdicom internals (fast answers, no polling threads)",
         default=True,
     )
     dicom_workers: int = _opt(
         "processes serving DICOM (C-FIND, C-ECHO; MPPS forwarded to the main process) on the"
-        " one port, so that queries use the cores and never slow HL7 intake; 0: in-process",
-        default=0,
+        " one port, so that queries use the cores and never slow HL7 intake; 0: in-process;"
+        " -1 (the default): one per CPU, at most max-associations",
+        default=-1,
     )
     index_poll_interval: float = _opt(
         "seconds between scans of the worklist folder for changes made by other programs",
@@ -676,12 +678,24 @@ _LOWER_BOUNDS = {
     "finished_retention": (0, True),
     "max_answers": (0, True),
     "max_associations": (1, True),
-    "dicom_workers": (0, True),
+    "dicom_workers": (-1, True),
     "acse_timeout": (0, False),
     "dimse_timeout": (0, False),
     "network_timeout": (0, False),
     "index_poll_interval": (0, False),
 }
+
+
+def dicom_worker_count(settings: Settings) -> int:
+    """How many DICOM worker processes `settings` ask for: dicom-workers, or for -1 one per CPU
+    this process may run on, at most max-associations (each worker needs one)."""
+    if settings.dicom_workers >= 0:
+        return settings.dicom_workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, settings.max_associations))
 
 
 SettingCheck = tuple[str, Callable[["Settings"], None]]

@@ -51,7 +51,12 @@ class RunningBridge:
 def start_bridge(
     tmp_path: Path, *extra: str, ae_title: str = "WLBRIDGE", worklist_dir: Path | None = None
 ) -> RunningBridge:
-    """Start `python -m bridge serve` and return once it says both listeners are up."""
+    """Start `python -m bridge serve` and return once it says both listeners are up.
+
+    DICOM is served in-process (`--dicom-workers 0`) unless `extra` names dicom-workers or a
+    config file: worker processes add a second or so to every start."""
+    if not any(a.startswith(("--dicom-workers", "--config")) for a in extra):
+        extra = ("--dicom-workers", "0", *extra)
     mllp_port, dicom_port = free_port(), free_port()
     worklist_dir = worklist_dir or tmp_path / "worklists" / ae_title
     log_path = tmp_path / "logs" / "translation.log"

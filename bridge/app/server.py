@@ -22,7 +22,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.internet import task, threads
 from twisted.internet.error import CannotListenError
 
-from bridge.config import ConfigError, Settings, check_files, parse_sources
+from bridge.config import ConfigError, Settings, check_files, dicom_worker_count, parse_sources
 from bridge.core.events import EventBus, PatientMerged, StatusChange
 from bridge.core.worklist_service import WorklistService
 from bridge.dicom.mpps import MPPSService, mpps_handlers
@@ -174,7 +174,7 @@ class BridgeServer:
             ) from None
         ssl_context = self._tls("dicom", dicom_ssl_context)
         try:
-            if s.dicom_workers > 0:
+            if dicom_worker_count(s) > 0:
                 self.dicom_server = self._start_dicom_workers()
             else:
                 self.dicom_server = start_dicom_server(

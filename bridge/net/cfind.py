@@ -10,10 +10,12 @@ may send, and the speed-ups of the answer path) is in bridge.net.pynetdicom_inte
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,7 +35,6 @@ from bridge.net.pynetdicom_internals import (
     prepare_association,
     skip_identifier_logging,
     start_server,
-    stay_brisk,
     wait_for_peer,
 )
 from bridge.storage.index import WorklistIndex
@@ -88,6 +89,7 @@ class WorklistSCP:
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
         self.tuning = Tuning(settings.dicom_speedups)
+        self.answer_cache = AnswerCache(own_items_only=settings.own_items_only)
         self.limits = Limits(
             max_pdu=16382,  # what we advertise: the AE's maximum_pdu_size (pynetdicom's default)
             max_associate_request=settings.max_associate_request_size,
@@ -115,7 +117,6 @@ class WorklistSCP:
         A called AE title is only ever compared with the names of the sub-folders that
         exist, never joined into a path."""
         assoc = event.assoc
-        stay_brisk(assoc)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -140,7 +141,6 @@ class WorklistSCP:
             assoc.kill()
 
     def on_echo(self, event: Any) -> int:
-        stay_brisk(event.assoc)
         return 0x0000
 
     def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
@@ -192,13 +192,14 @@ class WorklistSCP:
             limit = self.settings.max_answers
             send = None
             if records:
-                send = FastSender.create(
-                    event,
-                    self.tuning,
-                    lambda implicit: AnswerEncoder(query, implicit=implicit).encode,
-                    query.answer,
-                    status,
-                )
+                cached = self.answer_cache.encoder(event, query, calling, records)
+                send = FastSender.create(event, self.tuning, cached, query.answer, status)
+            if send is not None and send.raw is not None:
+                # Answers written to the socket in batches, from this thread.
+                outcome, sent, final = self._write_answers(event, send, records, total, outcome)
+                if final is not None:
+                    yield final, None
+                return
             stalled = 0  # seconds the peer has not been reading our answers
             for record in records:
                 stalled = stalled + 1 if wait_for_peer(assoc) else 0
@@ -225,11 +226,8 @@ class WorklistSCP:
                     outcome = "failed: an answer could not be encoded"
                     yield _failure(UNABLE_TO_PROCESS, "cannot encode an answer"), None
                     return
-                else:
-                    stay_brisk(assoc)
                 sent += 1
         finally:
-            stay_brisk(assoc)  # the release follows
             LOG.info(
                 "C-FIND %s->%s keys: %s; %d answers (%d matched), %s, %.1f ms",
                 calling, called, keys, sent, total, outcome,
@@ -239,6 +237,122 @@ class WorklistSCP:
                 self.on_query(calling=calling, called=called, keys=keys, answers=sent,
                               matched=total, outcome=outcome,
                               ms=(time.perf_counter() - started) * 1000)  # fmt: skip
+
+    def _write_answers(
+        self, event: Any, send: FastSender, records: list, total: int, outcome: str
+    ) -> tuple[str, int, Any]:
+        """Send the pending responses for `records`, ANSWER_BATCH at a time, written by this
+        thread (`FastSender.write`); between batches, the checks of the one-by-one path.
+        Returns (outcome, answers sent, the final status to yield instead of success or
+        None)."""
+        assoc = event.assoc
+        limit = self.settings.max_answers
+        stall_limit = max(self.settings.dimse_timeout, 1)
+        to_send = records[:limit] if limit else records
+        sent = 0
+        for start in range(0, len(to_send), ANSWER_BATCH):
+            if not assoc.is_established:
+                return "association ended", sent, None
+            if event.is_cancelled:
+                return "cancelled", sent, CANCEL
+            pdus = []
+            failed = False
+            for record in to_send[start : start + ANSWER_BATCH]:
+                pdu = send.pdu(record)
+                if pdu is None:
+                    failed = True
+                    break
+                pdus.append(pdu)
+            problem = send.write(b"".join(pdus), stall_limit) if pdus else ""
+            if problem == "stalled":
+                hang_up(assoc)  # answers would pile up for a peer that stopped reading
+                return "aborted: the peer stopped reading the answers", sent, None
+            if problem:
+                return "association ended", sent, None
+            sent += len(pdus)
+            if failed:
+                failure = _failure(UNABLE_TO_PROCESS, "cannot encode an answer")
+                return "failed: an answer could not be encoded", sent, failure
+        if limit and total > limit:
+            if not assoc.is_established:
+                return "association ended", sent, None
+            if event.is_cancelled:
+                return "cancelled", sent, CANCEL
+            comment = f"{total} matches, {limit} sent: narrow the query"
+            return f"truncated at max_answers={limit}", sent, _failure(OUT_OF_RESOURCES, comment)
+        return outcome, sent, None
+
+
+# Answers written at once by the direct path: a C-CANCEL is noticed between two batches.
+ANSWER_BATCH = 16
+
+
+class AnswerCache:
+    """The encoded answers of recent queries, by the query's identifier (its bytes, as the SCU
+    sent them) and each record, for modalities that ask the same question again and again.
+
+    An answer is a function of the query, the record and the transfer syntax: records are
+    immutable, and an item that changes gets a new record, so a cached answer is never stale.
+    Bounded: QUERIES identifiers (least recently used dropped); a query's answers are pruned
+    to the records it returned last once they hold more than twice as many; queries with
+    more than MOST_ANSWERS answers are not cached."""
+
+    QUERIES = 256
+    MOST_ANSWERS = 2000
+
+    def __init__(self, own_items_only: bool) -> None:
+        self.own_items_only = own_items_only  # the calling AE title is then part of the query
+        self.queries: collections.OrderedDict[tuple, dict[int, tuple[Any, bytes]]] = (
+            collections.OrderedDict()
+        )
+        self.lock = threading.Lock()
+
+    def encoder(
+        self, event: Any, query: Any, calling: str, records: list
+    ) -> Callable[[bool], Callable[[Any], bytes | None]]:
+        """`make_encoder` for FastSender.create, for the answers `records`: AnswerEncoder's,
+        through the cache."""
+
+        def make_encoder(implicit: bool) -> Callable[[Any], bytes | None]:
+            encode = AnswerEncoder(query, implicit=implicit).encode
+            if len(records) > self.MOST_ANSWERS:
+                return encode
+            answers = self._answers(event, implicit, calling)
+            if answers is None:
+                return encode
+            if len(answers) > 2 * len(records) + 16:  # items replaced since: never asked again
+                current = {id(r) for r in records}
+                for stale in [k for k in list(answers) if k not in current]:
+                    answers.pop(stale, None)
+
+            def cached(record: Any) -> bytes | None:
+                hit = answers.get(id(record))
+                if hit is not None and hit[0] is record:
+                    return hit[1]
+                data = encode(record)
+                if data is not None and len(answers) < 2 * self.MOST_ANSWERS:
+                    answers[id(record)] = (record, data)  # the record held: its id stays its own
+                return data
+
+            return cached
+
+        return make_encoder
+
+    def _answers(self, event: Any, implicit: bool, calling: str) -> dict | None:
+        try:
+            identifier = event.request.Identifier.getvalue()
+        except AttributeError:
+            return None
+        key = (identifier, implicit, calling if self.own_items_only else None)
+        with self.lock:
+            answers = self.queries.get(key)
+            if answers is None:
+                answers = self.queries[key] = {}
+                if len(self.queries) > self.QUERIES:
+                    self.queries.popitem(last=False)
+            else:
+                self.queries.move_to_end(key)
+        return answers
 
 
 def _search_guard(event: Any, deadline: float) -> Callable[[], None]:

@@ -1,4 +1,5 @@
-"""The DICOM service in worker processes (`dicom-workers` = N > 0), sharing one listening socket.
+"""The DICOM service in worker processes (`dicom-workers` = N > 0, or -1: one per CPU), sharing one
+listening socket.
 
 Why: in one process, the reactor thread (HL7 intake, the worklist's one writer) shares one GIL with
 pynetdicom's two threads per association; under 20 querying modalities its ACKs waited for the
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from bridge.config import Settings
+from bridge.config import Settings, dicom_worker_count
 
 log = logging.getLogger("bridge.net.dicom_workers")
 
@@ -83,7 +84,7 @@ class DicomWorkers:
             raise
         self.socket = sock
         spawn = multiprocessing.get_context("spawn")  # no copy of the reactor's state
-        count = s.dicom_workers
+        count = dicom_worker_count(s)
         links = []
         for number in range(count):
             parent_end, child_end = spawn.Pipe()
@@ -258,6 +259,37 @@ def _forwarding_handlers(link: _Link) -> list[tuple[Any, Any, list[Any]]]:
     ]
 
 
+WORKER_NICE = 10  # how much less CPU priority a worker has than the main process
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker as soon as the main process dies, even by SIGKILL.
+    The worker holds the listening socket too: lingering, it would keep the port from a
+    restarted bridge, and take some of its connections. Elsewhere the parent check below
+    stops the worker within PARENT_CHECK_INTERVAL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.debug("no parent-death signal: %s", exc)
+
+
+def _lower_priority() -> None:
+    """The main process (HL7 intake, the one writer) wins the CPU over the workers: under
+    query load its ACKs then wait for no C-FIND. A nice level of 10 gives a worker about a
+    tenth of a busy main process's share of a contended core; idle cores serve the workers."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError as exc:
+        log.warning("DICOM worker keeps the main process's priority: %s", exc)
+
+
 def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
                 count: int, committed: Any = None) -> None:  # fmt: skip
     """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
@@ -268,6 +300,8 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         format=f"%(asctime)s %(levelname)s %(name)s[dicom-{number}] %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # identifiers are patient data
+    _die_with_parent()
+    _lower_priority()
     from twisted.internet import reactor, task, threads
 
     from bridge.net.cfind import start_dicom_server

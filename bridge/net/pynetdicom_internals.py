@@ -11,10 +11,11 @@ kinds of work that reach below it:
   longer than allowed and any message (command or identifier) longer than allowed, before
   reading it; a connection lost before its association request frees its slot at once.
 - Speed-ups (on unless `dicom-speedups = false`): pending C-FIND responses encoded from the
-  records and queued as one PDU each (`FastSender`), the upper layer polling briskly while an
-  association is busy and cheaply while idle (`_BriskDUL`), an association reactor that waits for
-  requests instead of sleeping 1 ms a turn (`_BriskAssociation`, a copy of upstream's), quiet
-  logging, and pynetdicom's full garbage collection put off while associations are active.
+  records and written in batches by the association's thread (`FastSender`), an upper layer
+  that waits for the socket or for work instead of polling (`_BriskDUL`), an association reactor
+  that waits for requests instead of sleeping 1 ms a turn (`_BriskAssociation`, a copy of
+  upstream's), quiet logging, and pynetdicom's full garbage collection put off while
+  associations are active.
 
 What is copied from pynetdicom is checked by `UPSTREAM_SOURCES` (hashes of the upstream functions'
 source, compared by the contract tests): an upgrade that changes them fails the tests. Any other
@@ -31,13 +32,16 @@ import hashlib
 import inspect
 import io
 import logging
+import os
 import queue
 import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +51,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 LOG = logging.getLogger("bridge.net.cfind")
 
@@ -72,6 +76,10 @@ UPSTREAM_SOURCES: dict[str, str] = {
     ),
     "pynetdicom.dul.DULServiceProvider.run_reactor": (
         "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803"
+    ),
+    # every PDU the upper layer sends goes through it (the send lock relies on that)
+    "pynetdicom.transport.AssociationSocket.send": (
+        "1ea8158c0b51facac667a0340b93f495b947fdc4f55663946fb30d456c804e09"
     ),
     "pynetdicom.transport.AssociationServer.service_actions": (
         "0a0853a3615ac7c5260a57dcdc8b0e9908d655919b7d64737c89534869758873"
@@ -163,7 +171,7 @@ class Tuning:
 
 
 # ---------------------------------------------------------------------------------------------
-# The upper layer (DUL): bounded reads, and brisk or cheap polling
+# The upper layer (DUL): bounded reads, and waits instead of polling
 
 
 class _BoundedDUL(DULServiceProvider):
@@ -344,25 +352,72 @@ def _peer(raw: Any) -> str:
 
 # pynetdicom's DUL thread loops over its outgoing queue and the socket and sleeps
 # `_run_loop_delay` (1 ms) whenever both are idle: 1,000 turns a second per association, busy or
-# not, and each hand-over between it and the association thread waits up to 1 ms. While an
-# association is busy, and for a moment after, it polls every 0.2 ms; while idle it waits on the
-# socket for up to _IDLE_WAIT instead (data from the peer wakes it at once).
-_BRISK_DELAY = 0.0002  # s between polls while busy
-_BRISK_FOR = 0.5  # s of brisk polling after the last activity seen (request, answer, echo)
-_IDLE_WAIT = 0.1  # s an idle DUL or association thread waits per turn
+# not, and each hand-over between it and the association thread waits up to 1 ms. Here it waits
+# instead until the socket is readable or the association's thread hands it something (a wake-up
+# eventfd written by `send_pdu` and `kill_dul`), for at most _IDLE_WAIT (its timers).
+# The association thread likewise waits on its message queue, which is also signalled when the
+# DUL hands it a release or abort indication and when the DUL ends: no thread polls, so the CPU
+# an association costs does not grow with how long it lasts (under load, every query lasts
+# longer: polling threads then took more CPU the busier the machine was).
+_IDLE_WAIT = 0.1  # s an idle DUL or association thread waits per turn (timers, kills)
+
+
+class _Wakeup:
+    """An eventfd (a pipe where there is none) that another thread writes to wake the DUL's
+    wait; closed with the DUL, never written after (its number could be reused by then)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+            os.set_blocking(self.read_fd, False)
+            os.set_blocking(self.write_fd, False)
+
+    def signal(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.write_fd, _ONE)
+            except OSError:  # full (a pipe): a wake-up is pending anyway
+                pass
+
+    def drain(self) -> None:
+        try:
+            os.read(self.read_fd, 8 if self.read_fd == self.write_fd else 4096)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for fd in {self.read_fd, self.write_fd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+_ONE = (1).to_bytes(8, sys.byteorder)  # what an eventfd write adds
 
 
 class _BriskDUL(_BoundedDUL):
-    """The bounded DUL with `_run_loop_delay` (read before each sleep) made a property."""
+    """The bounded DUL with `_run_loop_delay` (read before each sleep) made a property that
+    waits for work instead: the socket, or a wake-up from the association's thread."""
 
     @property
     def _run_loop_delay(self) -> float:
-        if time.monotonic() < self.__dict__.get("_brisk_until", 0.0):
-            return _BRISK_DELAY
-        if threading.current_thread() is self and self.to_provider_queue.empty():
-            _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT)
-            return 0.0
-        return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if threading.current_thread() is not self or wakeup is None:
+            return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
+        if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
+            _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT, wakeup)
+        return 0.0
 
     @_run_loop_delay.setter
     def _run_loop_delay(self, value: float) -> None:
@@ -370,27 +425,63 @@ class _BriskDUL(_BoundedDUL):
 
     def _is_transport_event(self) -> bool:
         _ack_promptly(self.__dict__.get("socket"))
-        if super()._is_transport_event():
-            self.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
-            return True
-        return False
+        return super()._is_transport_event()
 
     def send_pdu(self, primitive: Any) -> None:
-        self.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
         super().send_pdu(primitive)
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if wakeup is not None:
+            wakeup.signal()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        wakeup = self.__dict__.get("_wlb_wakeup")
+        if wakeup is not None:
+            wakeup.signal()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            wakeup = self.__dict__.get("_wlb_wakeup")
+            if wakeup is not None:
+                wakeup.close()
+            _notify(self.assoc)  # the association thread sees at once that the DUL ended
 
 
-def _wait_readable(association_socket: Any, timeout: float) -> None:
-    raw = getattr(association_socket, "socket", None)
-    if raw is None:
-        time.sleep(timeout)
+class _NotifyingQueue(queue.Queue):
+    """The DUL's queue to the association (A-RELEASE and A-ABORT indications, among others):
+    a put also wakes the association thread waiting on its DIMSE message queue."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        _notify(self.__dict__.get("_wlb_assoc"))
+
+
+def _notify(assoc: Any) -> None:
+    incoming = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    condition = getattr(incoming, "not_empty", None)
+    if condition is None:
         return
+    with condition:
+        condition.notify_all()
+
+
+def _wait_readable(association_socket: Any, timeout: float, wakeup: _Wakeup) -> None:
+    """Until the peer's data, a wake-up, or `timeout`."""
+    raw = getattr(association_socket, "socket", None)
+    waiter = select.poll()
+    waiter.register(wakeup.read_fd, select.POLLIN)
     try:
-        if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            return
-        select.select([raw], [], [], timeout)
+        if raw is not None:
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return
+            waiter.register(raw, select.POLLIN)
+        ready = waiter.poll(timeout * 1000)
     except (OSError, ValueError):
-        pass  # closed: the DUL's next turn finds out
+        return  # closed: the DUL's next turn finds out
+    if any(fd == wakeup.read_fd for fd, _ in ready):
+        wakeup.drain()
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -411,17 +502,6 @@ def _ack_promptly(association_socket: Any) -> None:
         pass  # closed, or not TCP
 
 
-def _is_brisk(dul: Any) -> bool:
-    return time.monotonic() < getattr(dul, "__dict__", {}).get("_brisk_until", 0.0)
-
-
-def stay_brisk(assoc: Any) -> None:
-    """Keep `assoc`'s upper layer polling briskly for a moment (activity is expected)."""
-    dul = getattr(assoc, "dul", None)
-    if type(dul) is _BriskDUL:
-        dul.__dict__["_brisk_until"] = time.monotonic() + _BRISK_FOR
-
-
 # ---------------------------------------------------------------------------------------------
 # The association reactor
 
@@ -432,13 +512,13 @@ class _BriskAssociation(Association):
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, statement for statement, except for its
         first: instead of sleeping 1 ms a turn (up to 1 ms between a request's arrival and its
-        handling, and again for the release), wait on the DIMSE message queue for _BRISK_DELAY
-        while the DUL polls briskly, else _IDLE_WAIT (the release request comes through the
-        DUL's own queue, which cannot be waited on at the same time)."""
+        handling, and again for the release), wait on the DIMSE message queue, which the DUL
+        also signals when it hands over a release or abort indication and when it ends
+        (`_NotifyingQueue`, `_BriskDUL.run_reactor`); at most _IDLE_WAIT, for the timers."""
         self._is_paused = False
         incoming = self.dimse.msg_queue
         while not self._kill:
-            _wait_for_message(incoming, _BRISK_DELAY if _is_brisk(self.dul) else _IDLE_WAIT)
+            _wait_for_message(incoming, self.dul.to_user_queue, _IDLE_WAIT)
 
             self._is_paused = True
             self._reactor_checkpoint.wait()
@@ -490,12 +570,14 @@ class _BriskAssociation(Association):
 _PYNETDICOM_ASSOC_LOG = logging.getLogger("pynetdicom.association")
 
 
-def _wait_for_message(incoming: queue.Queue, timeout: float) -> None:
+def _wait_for_message(incoming: queue.Queue, indications: queue.Queue, timeout: float) -> None:
     """Wait until `incoming` holds something or `timeout` passed, taking nothing from it (the
-    reactor takes the message after its pause checkpoint, as pynetdicom does)."""
+    reactor takes the message after its pause checkpoint, as pynetdicom does). An indication
+    from the DUL (release, abort) waiting already: a millisecond at most (the reactor acts on
+    those it knows at once; this bounds the turns if another sits there)."""
     with incoming.not_empty:
         if not incoming.queue:
-            incoming.not_empty.wait(timeout)
+            incoming.not_empty.wait(0.001 if indications.queue else timeout)
 
 
 def _reactor_is_known(assoc: Any) -> bool:
@@ -505,6 +587,7 @@ def _reactor_is_known(assoc: Any) -> bool:
             type(assoc) is Association
             and not assoc.is_alive()
             and type(dimse.msg_queue) is queue.Queue
+            and type(assoc.dul.to_user_queue) is queue.Queue
             and isinstance(dimse.msg_queue.queue, collections.deque)
             and isinstance(assoc._reactor_checkpoint, threading.Event)
             and isinstance(assoc.network_timeout_response, str)
@@ -537,10 +620,30 @@ def prepare_association(assoc: Any, tuning: Tuning, limits: Limits) -> None:
     dul.__dict__["_wlb_limits"] = limits
     if not tuning.speedups:
         return
-    stay_brisk(assoc)
+    _lock_sends(dul.socket)
+    wakeup = dul.__dict__["_wlb_wakeup"] = _Wakeup()
+    weakref.finalize(dul, wakeup.close)  # should its thread never run
     if _reactor_is_known(assoc):
+        dul.to_user_queue.__class__ = _NotifyingQueue
+        dul.to_user_queue.__dict__["_wlb_assoc"] = assoc
         assoc.__class__ = _BriskAssociation
     _quiet_logging(assoc)
+
+
+def _lock_sends(association_socket: Any) -> None:
+    """Make every send of the upper layer take a lock, which `FastSender.write` also takes to
+    write answers from the association's thread: PDUs are never interleaved."""
+    send = getattr(association_socket, "send", None)
+    if type(association_socket) is not AssociationSocket or not callable(send):
+        return
+    lock = threading.Lock()
+
+    def locked_send(bytestream: bytes) -> None:
+        with lock:
+            send(bytestream)
+
+    association_socket.send = locked_send
+    association_socket.__dict__["_wlb_send_lock"] = lock
 
 
 # pynetdicom binds handlers to every association that format log lines for each PDU and DIMSE
@@ -615,6 +718,16 @@ class FastSender:
         self.max_pdu = max_pdu  # the peer's maximum PDU length, 0 for no limit
         self.to_bytes = to_bytes
         self.p_data = p_data
+        # The plain TCP socket, when answers may be written to it from the association's
+        # thread (`pdu`, `write`); None with TLS (an SSL object is not to be written by one
+        # thread while another reads it) or without the send lock of `prepare_association`.
+        self.raw: socket.socket | None = None
+        self.send_lock: Any = None
+        sock = getattr(dul, "socket", None)
+        lock = getattr(sock, "__dict__", {}).get("_wlb_send_lock")
+        raw = getattr(sock, "socket", None)
+        if lock is not None and type(raw) is socket.socket:
+            self.raw, self.send_lock = raw, lock
 
     @classmethod
     def create(
@@ -685,6 +798,66 @@ class FastSender:
         primitive = self.p_data()
         primitive.presentation_data_value_list = pdvs
         self.dul.send_pdu(primitive)
+
+    def pdu(self, record: Any) -> bytes | None:
+        """The P-DATA-TF PDU(s) of the pending response for `record`, as pynetdicom would
+        encode them from `__call__`'s PDVs; None if it cannot be encoded."""
+        data = self.to_bytes(record)
+        if data is None:
+            return None
+        cx, command, room = self.context_id, self.command, self.max_pdu
+        command_pdv = _PDV_HEADER.pack(len(command) + 1, cx) + command
+        if not room or len(command_pdv) + 6 + len(data) <= room:
+            data_pdv = _PDV_HEADER.pack(len(data) + 2, cx) + b"\x02" + data
+            return _PDU_HEADER.pack(4, 0, len(command_pdv) + len(data_pdv)) + command_pdv + data_pdv
+        parts = [_PDU_HEADER.pack(4, 0, len(command_pdv)), command_pdv]
+        step = room - 6
+        for start in range(0, len(data), step):
+            piece = data[start : start + step]
+            header = b"\x02" if start + step >= len(data) else b"\x00"
+            parts += [_PDU_HEADER.pack(4, 0, len(piece) + 6),
+                      _PDV_HEADER.pack(len(piece) + 2, cx), header, piece]  # fmt: skip
+        return b"".join(parts)
+
+    def write(self, data: bytes, stall_limit: float) -> str:
+        """Write `data` (whole PDUs, from `pdu`) to the peer from the calling thread, under
+        the lock every send of the upper layer takes: no PDU of its own comes in between.
+        Returns "" once written, "stalled" when the peer took nothing for `stall_limit`
+        seconds, "closed" when the connection is gone.
+
+        The socket's timeout is not relied upon (the upper layer's reads change it): the
+        writes wait for room with poll(), then send what fits."""
+        raw = self.raw
+        view = memoryview(data)
+        waiter = select.poll()
+        try:
+            waiter.register(raw, select.POLLOUT)
+        except (OSError, ValueError):
+            return "closed"
+        with self.send_lock:
+            progress = time.monotonic()
+            while view:
+                sent = 0
+                try:
+                    if waiter.poll(1000):
+                        sent = raw.send(view)
+                except (BlockingIOError, InterruptedError, TimeoutError):
+                    pass
+                except (OSError, ValueError):
+                    return "closed"
+                if sent:
+                    view = view[sent:]
+                    progress = time.monotonic()
+                elif time.monotonic() - progress >= stall_limit:
+                    return "stalled"
+        timer = getattr(self.dul, "_idle_timer", None)
+        if timer is not None:
+            timer.restart()  # what the upper layer does for the PDUs it sends
+        return ""
+
+
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+_PDV_HEADER = struct.Struct(">LB")  # item length, presentation context ID (control byte follows)
 
 
 @functools.lru_cache(maxsize=256)

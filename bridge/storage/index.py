@@ -725,7 +725,13 @@ class WorklistIndex:
         # Filtering by another look-up costs a set test per value per candidate: only worth it
         # for a few values (a date range of a week, not of a year).
         for _size, other in others:
-            if len(other) <= _MAX_FILTER_VALUES:
+            if len(other) == 1:  # one value (a station, a day, the AE folder): one test a key
+                (held_other,) = other
+                if isinstance(held_other, set):
+                    keys = [k for k in keys if k in held_other]
+                else:
+                    keys = [k for k in keys if k == held_other]
+            elif len(other) <= _MAX_FILTER_VALUES:
                 sets = [h if isinstance(h, set) else {h} for h in other]
                 keys = [k for k in keys if any(k in s for s in sets)]
         entries = self._entries

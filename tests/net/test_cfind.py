@@ -512,3 +512,46 @@ def test_dicom_limits_out_of_range_are_refused_naming_the_setting(name, value):
 
     with pytest.raises(ValueError, match=name.replace("_", "-")):
         load_settings(overrides={name: value})
+
+
+def test_a_repeated_query_sees_every_change_of_the_items_it_answers(tmp_path):
+    """Answers are cached by identifier and record: the same query asked again, after an item
+    changed, was added or removed, gets the worklist as it is now, in both transfer syntaxes."""
+    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port())
+    index = WorklistIndex(s)
+    index.load()
+    for i in range(5):
+        index.put(tmp_path / f"{i}.wl", make_item(f"A{i}", patient_name=f"OLD^{i}"))
+    server = start_dicom_server(s, index)
+    query = q(AccessionNumber="", PatientName="")
+
+    def names(syntax: str) -> list[str]:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(ModalityWorklistInformationFind, syntax)
+        assoc = ae.associate("127.0.0.1", s.dicom_port, ae_title="WLBRIDGE")
+        answers = assoc.send_c_find(query, ModalityWorklistInformationFind)
+        got = [str(i.PatientName) for st, i in answers if st.Status == 0xFF00]
+        assoc.release()
+        return sorted(got)
+
+    try:
+        for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+            assert names(syntax) == [f"OLD^{i}" for i in range(5)]
+            assert names(syntax) == [f"OLD^{i}" for i in range(5)]  # from the cache
+        index.put(tmp_path / "2.wl", make_item("A2", patient_name="NEW^2"))
+        index.put(tmp_path / "9.wl", make_item("A9", patient_name="ADDED^9"))
+        index.discard(tmp_path / "0.wl")
+        expected = sorted(["OLD^1", "NEW^2", "OLD^3", "OLD^4", "ADDED^9"])
+        for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+            assert names(syntax) == expected
+    finally:
+        server.ae.shutdown()
+
+
+def test_own_items_only_answers_are_cached_per_calling_ae_title(folder):
+    with bridge(folder, own_items_only=True) as port:
+        for _ in range(2):  # the second round from the cache
+            _, answers, _ = find(port, q(AccessionNumber="", sps={"Modality": ""}), calling="US9")
+            assert accessions(answers) == ["TWO"]
+            _, answers, _ = find(port, q(AccessionNumber="", sps={"Modality": ""}), calling="CT1")
+            assert "TWO" not in accessions(answers) and answers

@@ -16,8 +16,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
-from bench.cfind import _associate_rq
+from bench.cfind import _associate_rq, _encode, c_find
 from bench.load import listen_drops
+from bench.worklist_items import query as q
 from bridge.net.client import worklist_query
 from tests.conftest import start_bridge
 from tests.dicom.test_mpps import in_progress, mpps_records, n_create, statuses, stored_statuses
@@ -187,7 +188,7 @@ def test_a_burst_of_300_connections_is_accepted_and_refusals_are_clean(tmp_path,
 
 @pytest.mark.parametrize(
     "options",
-    [["--dicom-workers", "-1"], ["--dicom-workers", "3", "--max-associations", "2"]],
+    [["--dicom-workers", "-2"], ["--dicom-workers", "3", "--max-associations", "2"]],
 )
 def test_a_dicom_workers_mistake_is_a_sentence_naming_it(tmp_path, options):
     with pytest.raises(RuntimeError, match="dicom-workers") as failed:
@@ -225,3 +226,56 @@ def test_mpps_over_tls_through_a_worker(tmp_path):
         assert running.wl_files() == []
     finally:
         assert running.stop() == 0
+
+
+def test_by_default_dicom_is_served_by_one_worker_per_cpu(tmp_path):
+    """No dicom-workers option (nor config file): -1, one worker per CPU (at most
+    max-associations), each a process of its own at a lower priority than the main one."""
+    import os
+
+    from bridge.config import Settings, dicom_worker_count
+
+    cpus = len(os.sched_getaffinity(0))
+    assert dicom_worker_count(Settings()) == min(cpus, Settings().max_associations)
+    assert dicom_worker_count(Settings(max_associations=1)) == 1
+    assert dicom_worker_count(Settings(dicom_workers=0)) == 0
+    config = tmp_path / "bridge.toml"
+    config.write_text("")  # a config file: start_bridge leaves dicom-workers to the default
+    running = start_bridge(tmp_path, "--config", str(config))
+    try:
+        assert any(f"{cpus} worker process(es) share port" in line for line in running.stderr_lines)
+        children = Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children")
+        nice = [
+            int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+            for pid in children.read_text().split()
+        ]
+        assert nice.count(10) == cpus  # the workers (the others: multiprocessing's helpers)
+        ident = _encode(q({}, AccessionNumber=""))
+        assert c_find(running.dicom_port, ident, running.ae_title)[1] == 0
+    finally:
+        running.stop()
+
+
+def test_the_workers_die_with_a_killed_main_process_and_free_the_port(tmp_path):
+    """kill -9 of the main process: the kernel kills its workers at once (they hold the
+    listening socket too), so a bridge restarted right away can listen on the port."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2")
+    pid = running.process.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    running.process.kill()
+    running.process.wait(timeout=10)
+    deadline = time.monotonic() + 5.0  # generous: the kernel acts at the parent's exit
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived the main process"
+        time.sleep(0.02)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", running.dicom_port))
+        probe.listen(1)
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"

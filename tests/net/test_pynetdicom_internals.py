@@ -98,3 +98,51 @@ def test_a_source_refused_again_and_again_is_closed_at_once_for_a_while():
     for host in ("a", "b", "c"):  # the table never holds more than most_sources
         penalties.note(host)
     assert len(penalties.refusals) <= 2
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 200, 64])
+def test_answers_written_directly_are_the_pdus_pynetdicom_would_send(max_pdu):
+    """FastSender.pdu builds the bytes of the PDUs that FastSender.__call__ hands to pynetdicom:
+    one PDU an answer when it fits, else the command and then the fragments, each its own."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    queued = []
+
+    class UpperLayer:
+        def send_pdu(self, primitive):
+            queued.append(primitive)
+
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command = internals._command_pdv(3, 7, "1.2.840.10008.5.1.4.31", 0xFF00)
+    answer = bytes(range(256)) * 3 + b"tail"
+    sender = internals.FastSender(UpperLayer(), 3, command, max_pdu, lambda r: r, P_DATA)
+    assert sender(answer)
+    expected = b""
+    for primitive in queued:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        expected += pdu.encode()
+    assert sender.pdu(answer) == expected
+    assert len(queued) == (1 if max_pdu in (0, 16382) else 1 + -(-len(answer) // (max_pdu - 6)))
+
+
+def test_the_upper_layer_sends_under_the_lock_the_direct_writes_take():
+    import socket
+
+    from pynetdicom.transport import AssociationSocket
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assoc = Association(AE(), "acceptor")
+        wrapper = AssociationSocket(assoc, client_socket=ours)
+        internals._lock_sends(wrapper)
+        lock = wrapper.__dict__["_wlb_send_lock"]
+        held = []
+        real_send = ours.send
+        wrapper.socket = type(
+            "Spy", (), {"send": lambda _, b: held.append(lock.locked()) or real_send(b)}
+        )()
+        wrapper.send(b"0123")
+        assert held == [True]
+        assert theirs.recv(16) == b"0123"
