@@ -108,6 +108,12 @@ class Settings:
 
     # Files
     worklist_dir: Path = _opt("folder of .wl files served by C-FIND", default=Path("./worklists"))
+    store: str = _opt(
+        "where worklist items are kept: empty for the worklist-dir folder; a "
+        "postgresql://user@host/db URL to share one worklist between bridges "
+        "(run `wlbridge db upgrade --store URL` first)",
+        default="",
+    )
     worklist_layout: str = _opt(
         "flat (one folder) or per-ae (one sub-folder per called AE title, as wlmscpfs)",
         default="flat",
@@ -706,6 +712,12 @@ def validate(settings: Settings, checks: Iterable[SettingCheck] = ()) -> None:
             "dicom_workers",
             f"{settings.dicom_workers} workers share max-associations = "
             f"{settings.max_associations}: each needs at least one; lower dicom-workers",
+        )
+    if settings.store and not settings.store.startswith(("postgresql://", "postgres://")):
+        fail(
+            "store",
+            "must be empty (the worklist-dir folder) or a postgresql://user@host/db URL, "
+            f"not {settings.store[:40]!r}",
         )
     problem = ae_title_problem(settings.ae_title)
     if problem:

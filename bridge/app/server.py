@@ -36,12 +36,14 @@ from bridge.ops.housekeeping import Housekeeping
 from bridge.ops.translation_log import TranslationLog, query_recorder
 from bridge.storage.index import WorklistIndex
 from bridge.storage.mpps_store import MPPSStore
-from bridge.storage.protocol import FolderStorage
-from bridge.storage.store import WorklistStore
+from bridge.storage.protocol import FolderStorage, StorageChange
+from bridge.storage.store import StoreError, WorklistStore
 
 log = logging.getLogger("bridge.app.server")
 
 SWEEP_INTERVAL = 60.0  # seconds between removals of finished items past their retention
+STORE_PING_INTERVAL = 2.0  # seconds between checks that a PostgreSQL store answers (/readyz)
+RETRY_MEMORY_PRUNE_INTERVAL = 600.0  # seconds between prunings of the shared retry memory
 
 
 class AllowedSources:
@@ -85,14 +87,33 @@ class BridgeServer:
                 f"{settings.translation_log} ({exc.strerror or exc})"
             ) from None
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.storage.index"))
-        self.store = WorklistStore(settings)  # the index follows the service's events
         self.events = EventBus()
+        self.shared_store = bool(settings.store)  # PostgreSQL, shared with other bridges
+        self._sweep_lock = self._housekeeping_lock = None
+        if self.shared_store:
+            from bridge.storage.postgres import storage as pg
+
+            self.storage = pg.PostgresStorage(settings)
+            self.store = pg.ItemFiles(self.storage)  # read by path, expiry: in the database
+            # one bridge at a time runs a sweep or a housekeeping round
+            self._sweep_lock = pg.RoundLock(settings.store, pg.SWEEP_LOCK)
+            self._housekeeping_lock = pg.RoundLock(settings.store, pg.HOUSEKEEPING_LOCK)
+        else:
+            self.store = WorklistStore(settings)  # the index follows the service's events
+            self.storage = FolderStorage(settings, self.store, self.index)
+        self._store_pinger: task.LoopingCall | None = None
+        self._memory_pruner: task.LoopingCall | None = None
         # The one writer of the worklist: HL7 (the pipeline), MPPS, the housekeeping and HTTP
         # hand it their changes; it applies them on the reactor thread and publishes events.
-        self.storage = FolderStorage(settings, self.store, self.index)
         self.worklist = WorklistService(
             settings, self.store, self.index, self.events, reactor, storage=self.storage
         )
+        retry_memory = rejected_store = None
+        if self.shared_store:  # a retry sent to another bridge gets the same answer
+            from bridge.storage.postgres.memory import RejectedMessages, RetryMemory
+
+            retry_memory = RetryMemory(settings.store)
+            rejected_store = RejectedMessages(settings.store)
         self.bridge = Bridge(
             settings,
             self.store,
@@ -100,6 +121,8 @@ class BridgeServer:
             self.translation_log,
             events=self.events,
             service=self.worklist,
+            retry_memory=retry_memory,
+            rejected_store=rejected_store,
         )
         self.mpps_store = MPPSStore(settings.mpps_dir)
         self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
@@ -117,27 +140,10 @@ class BridgeServer:
 
     def start(self) -> None:
         s = self.settings
-        # The configured folder, not per-ae's sub-folder of our own AE title (made on first use).
-        created_empty = not s.worklist_dir.exists()
-        try:
-            leftovers = self.store.prepare()
-        except OSError as exc:
-            raise ConfigError(
-                f"{_origin(s, 'worklist_dir')}: worklist-dir: cannot use "
-                f"{self.store.folder.absolute()} ({exc.strerror or exc}); give a folder the "
-                "bridge's user can write"
-            ) from None
-        if created_empty:
-            # Said once and loudly: a typo in worklist-dir would otherwise serve an empty list.
-            log.warning(
-                "worklist-dir %s did not exist: created it EMPTY (from %s); if the worklist "
-                "is elsewhere, correct worklist-dir",
-                s.worklist_dir.absolute(),
-                _origin(s, "worklist_dir"),
-            )
-        if leftovers:
-            log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
-        self.index.load(save_cache=False)  # written once both servers listen
+        if self.shared_store:
+            self._open_shared_store()
+        else:
+            self._open_folder()
         instances = self.mpps_store.load()
         if instances:
             log.info("%d MPPS instance(s) in %s", instances, self.mpps_store.folder)
@@ -195,8 +201,9 @@ class BridgeServer:
                 raise ConfigError(
                     self._cannot_listen("http_port", s.http_port, exc.socketError)
                 ) from None
-        self.index.start_watching(self.reactor)
-        if self.index.cache_is_stale:
+        if not self.shared_store:
+            self.index.start_watching(self.reactor)
+        if not self.shared_store and self.index.cache_is_stale:
             threads.deferToThread(self.index.save_cache).addErrback(
                 lambda f: log.warning("cannot write the index cache: %s", f.getErrorMessage())
             )
@@ -216,6 +223,65 @@ class BridgeServer:
         # waits for this line may stop the server at once.
         self.reactor.callWhenRunning(lambda: log.info("%s", self.startup_line()))
 
+    def _open_shared_store(self) -> None:
+        """Connect, check the schema, load the index from the database and follow the other
+        bridges' changes from the change number of that load on."""
+        s = self.settings
+        try:
+            self.storage.prepare()
+            self.index.load_records(
+                (self.storage.path_of(key), record) for key, record in self.storage.scan()
+            )
+        except StoreError as exc:
+            raise ConfigError(f"{_origin(s, 'store')}: store: {exc}") from None
+        self.storage.watch(self._follow_store, self.reactor)
+        self._store_pinger = task.LoopingCall(
+            lambda: threads.deferToThread(self.storage.ping).addErrback(
+                lambda f: log.error("store check failed: %s", f.getErrorMessage())
+            )
+        )
+        self._store_pinger.clock = self.reactor
+        self._store_pinger.start(STORE_PING_INTERVAL, now=False)
+        self._memory_pruner = task.LoopingCall(
+            lambda: threads.deferToThread(self.bridge.retry_memory.prune).addErrback(
+                lambda f: log.warning("cannot prune the retry memory: %s", f.getErrorMessage())
+            )
+        )
+        self._memory_pruner.clock = self.reactor
+        self._memory_pruner.start(RETRY_MEMORY_PRUNE_INTERVAL, now=True)
+
+    def _follow_store(self, change: StorageChange) -> None:
+        """Another bridge's change (on the reactor thread): the index serves it from now on."""
+        path = self.storage.path_of(change.key)
+        if change.record is None:
+            self.index.discard(path)
+        else:
+            self.index.put_record(path, change.record)
+
+    def _open_folder(self) -> None:
+        s = self.settings
+        # The configured folder, not per-ae's sub-folder of our own AE title (made on first use).
+        created_empty = not s.worklist_dir.exists()
+        try:
+            leftovers = self.store.prepare()
+        except OSError as exc:
+            raise ConfigError(
+                f"{_origin(s, 'worklist_dir')}: worklist-dir: cannot use "
+                f"{self.store.folder.absolute()} ({exc.strerror or exc}); give a folder the "
+                "bridge's user can write"
+            ) from None
+        if created_empty:
+            # Said once and loudly: a typo in worklist-dir would otherwise serve an empty list.
+            log.warning(
+                "worklist-dir %s did not exist: created it EMPTY (from %s); if the worklist "
+                "is elsewhere, correct worklist-dir",
+                s.worklist_dir.absolute(),
+                _origin(s, "worklist_dir"),
+            )
+        if leftovers:
+            log.warning("removed %d temporary file(s) left by an interrupted write", len(leftovers))
+        self.index.load(save_cache=False)  # written once both servers listen
+
     def _start_dicom_workers(self) -> DicomWorkers:
         from bridge.dicom.mpps import handle_n_create, handle_n_set
 
@@ -228,6 +294,14 @@ class BridgeServer:
             query_recorder(self.translation_log),
         )
         workers.start()
+        if self.shared_store:  # the workers' read-your-writes: our last commit's number
+            from bridge.core.events import ItemRemoved, ItemWritten
+
+            def committed(_event: object) -> None:
+                workers.committed.value = self.storage.worklist.last_seq
+
+            self.events.subscribe(ItemWritten, committed)
+            self.events.subscribe(ItemRemoved, committed)
         return workers
 
     def startup_line(self) -> str:
@@ -248,7 +322,7 @@ class BridgeServer:
             f"and DICOM {s.ae_title} on {s.host}:{dicom_port} "
             f"({tls(s.dicom_tls_cert, s.dicom_tls_ca)}; calling AE titles: {callers}"
             f"{'; own items only' if s.own_items_only else ''}), "
-            f"worklist {self.store.folder.absolute()} ({s.worklist_layout}, "
+            f"worklist {self._worklist_name()} ({s.worklist_layout}, "
             f"{len(self.index)} item(s))"
             + (
                 f", HTTP admin API and web view on {s.http_host}:{self.http_port.getHost().port} "
@@ -257,6 +331,13 @@ class BridgeServer:
                 else ""
             )
         )
+
+    def _worklist_name(self) -> str:
+        if self.shared_store:
+            from bridge.storage.postgres.connection import redacted
+
+            return f"in {redacted(self.settings.store)}"
+        return str(self.store.folder.absolute())
 
     def _tls(self, side: str, build):
         """The listener's TLS options, or a ConfigError naming the settings that failed."""
@@ -320,16 +401,38 @@ class BridgeServer:
 
     def _sweep(self):
         """Find expired items in a worker thread (it reads files), delete them on this one."""
-        d = threads.deferToThread(self.bridge.expired_items)
-        d.addCallback(self.bridge.remove_expired)
+        d = self._round(self._sweep_lock, self.bridge.expired_items, self.bridge.remove_expired)
         d.addErrback(lambda f: log.error("expiry sweep failed: %s", f.getErrorMessage()))
         return d  # the LoopingCall waits for it before the next round
 
     def _housekeep(self):
         """Find idle items in a worker thread (it reads files), change them on this one."""
-        d = threads.deferToThread(self.housekeeping.find)
-        d.addCallback(self.housekeeping.apply)
+        d = self._round(self._housekeeping_lock, self.housekeeping.find, self.housekeeping.apply)
         d.addErrback(lambda f: log.error("housekeeping failed: %s", f.getErrorMessage()))
+        return d
+
+    def _round(self, lock, find, apply):
+        """`find` in a worker thread, `apply` what it found on this one; with a shared store,
+        only while this bridge holds the round's lock (another bridge's round: skipped)."""
+
+        def find_if_ours():
+            if lock is not None and not lock.try_acquire():
+                return None
+            return find()
+
+        def apply_found(found):
+            if found is not None:
+                return apply(found)
+            return None
+
+        def release(result):
+            if lock is not None:
+                lock.release()
+            return result
+
+        d = threads.deferToThread(find_if_ours)
+        d.addCallback(apply_found)
+        d.addBoth(release)
         return d
 
     def stop(self):
@@ -338,7 +441,13 @@ class BridgeServer:
             self._sweeper.stop()
         if self._housekeeper is not None and self._housekeeper.running:
             self._housekeeper.stop()
-        self.index.stop_watching()
+        if self.shared_store:
+            for loop in (self._store_pinger, self._memory_pruner):
+                if loop is not None and loop.running:
+                    loop.stop()
+            self.storage.stop_watching()
+        else:
+            self.index.stop_watching()
         self.outbox.stop()
         if isinstance(self.dicom_server, DicomWorkers):
             self.dicom_server.stop()  # each worker aborts its open associations

@@ -7,14 +7,16 @@ reactor's) and is applied there, one at a time, so changes never interleave. Aft
 the service publishes on the event bus, synchronously: ItemWritten or ItemRemoved, and for a
 status change a StatusChange first; a StatusChange subscriber that raises undoes the change and
 the exception reaches the caller, so a change whose consequences could not be recorded is never
-reported as done. The storage (the folder backend today) is where items are kept; no caller
-handles files.
+reported as done. The storage (the folder, or PostgreSQL shared by several bridges) is where
+items are kept; no caller handles files. `change(key)` makes a read-modify-write of one order
+one step, against the other bridges too on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +30,7 @@ from twisted.python import threadable
 from bridge.config import FINISHED_STATUSES, Settings
 from bridge.core.events import EventBus, ItemRemoved, ItemWritten, PatientMerged, StatusChange
 from bridge.dicom import worklist_item
-from bridge.storage.protocol import FolderStorage, ItemKey
+from bridge.storage.protocol import FolderStorage, ItemKey, WorklistStorage
 from bridge.storage.store import PlainItem, StoreError, WorklistStore
 
 log = logging.getLogger("bridge.core.worklist_service")
@@ -72,7 +74,7 @@ class WorklistService:
         index: Any,
         events: EventBus,
         reactor: Any = None,
-        storage: FolderStorage | None = None,
+        storage: WorklistStorage | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -80,6 +82,7 @@ class WorklistService:
         self.events = events
         self.reactor = reactor  # None: every call runs in the caller's thread (tests, tools)
         self.storage = storage if storage is not None else FolderStorage(settings, store, index)
+        self._pending: list[object] | None = None  # events of an open change(), until commit
         if getattr(store, "index", None) is None and index is not None:
             # The index follows the service's events (subscribed first, so any later subscriber
             # finds the change indexed), whatever the backend; a store built with the index
@@ -119,6 +122,12 @@ class WorklistService:
     def find_by_order(self, values: dict[str, Any]) -> list[ItemKey]:
         return self.storage.find_by_order(values)
 
+    def items_of_patient(
+        self, patient_id: str, issuer: str | None = None
+    ) -> list[tuple[Path, Dataset]]:
+        """(path, item) of every item of a patient, as the storage has them now."""
+        return self.storage.items_of_patient(patient_id, issuer)
+
     def key_of_order(self, order_identity: str) -> ItemKey:
         """The key of the bridge's own item for an order (in its own partition)."""
         return ItemKey.of_order(order_identity, self.storage.own_partition)
@@ -140,7 +149,7 @@ class WorklistService:
         self, key: ItemKey, item: Dataset | PlainItem, cause: str, order_identity: str | None
     ) -> None:
         self.storage.put(key, item, order_identity)
-        self.events.publish(ItemWritten(key, item, cause))
+        self._publish(ItemWritten(key, item, cause))
 
     def delete(self, key: ItemKey, cause: str) -> bool:
         """Remove the item durably (on the writer thread); False when there was none. Publishes
@@ -150,8 +159,38 @@ class WorklistService:
     def _delete(self, key: ItemKey, cause: str) -> bool:
         removed = self.storage.delete(key)
         if removed:
-            self.events.publish(ItemRemoved(key, cause))
+            self._publish(ItemRemoved(key, cause))
         return removed
+
+    def _publish(self, event: object) -> None:
+        """ItemWritten / ItemRemoved: at once, or inside change() once the change committed."""
+        if self._pending is not None:
+            self._pending.append(event)
+        else:
+            self.events.publish(event)
+
+    @contextmanager
+    def change(self, key: ItemKey | None) -> Iterator[None]:
+        """Make the reads and changes inside the block one step for the order of `key`, also
+        against other writers of a shared store (PostgreSQL: one transaction under the order's
+        lock, so the same order received by two bridges is applied one after the other). The
+        ItemWritten / ItemRemoved of the block are published once it committed, none when it
+        failed. With the folder (one writer: this thread) it is a plain block. On the writer
+        thread only; nested blocks are part of the outer one."""
+        begin = getattr(self.storage, "change", None)
+        off_writer = self.reactor is not None and not threadable.isInIOThread()
+        if begin is None or key is None or self._pending is not None or off_writer:
+            yield
+            return
+        self._pending = []
+        try:
+            with begin(key):
+                yield
+            pending = self._pending
+        finally:
+            self._pending = None
+        for event in pending:
+            self.events.publish(event)
 
     def on_writer(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `function` on the writer thread and return its result (or raise its exception).
@@ -232,6 +271,21 @@ class WorklistService:
         about: dict[str, str],
         follow_retention: bool = True,
     ) -> StatusResult:
+        with self.change(self.key_of(path)):  # the read and the write, one step
+            return self._set_status_now(
+                path, new_status, cause, only_from, remove, about, follow_retention
+            )
+
+    def _set_status_now(
+        self,
+        path: Path,
+        new_status: str,
+        cause: str,
+        only_from: tuple[str, ...] | None,
+        remove: bool,
+        about: dict[str, str],
+        follow_retention: bool = True,
+    ) -> StatusResult:
         try:
             item = self.store.read(path)
         except (OSError, InvalidDicomError, StoreError) as exc:  # another program's file, damaged
@@ -266,7 +320,7 @@ class WorklistService:
             if before is not None:
                 self.storage.put(key, before)
             raise
-        self.events.publish(ItemRemoved(key, cause) if removing else ItemWritten(key, item, cause))
+        self._publish(ItemRemoved(key, cause) if removing else ItemWritten(key, item, cause))
         outcome = "removed" if removing else "changed"
         return StatusResult(path, old_status, new_status, outcome, item)
 
@@ -283,7 +337,7 @@ class WorklistService:
     def _expire(self, key: ItemKey, max_age: float) -> bool:
         removed = self.store.delete_if_expired(self.path_of(key), max_age)
         if removed:
-            self.events.publish(ItemRemoved(key, "expired"))
+            self._publish(ItemRemoved(key, "expired"))
         return removed
 
     def remove(self, path: Path, cause: str = "operator") -> bool:

@@ -56,6 +56,25 @@ class Outcome:
     steps: list[order.ProcedureStep] = field(default_factory=list)
 
 
+class RecentAnswers:
+    """The answers given to the last RECENT_MESSAGES control IDs, in this process: what a
+    retry of one gets. (Bridges sharing a PostgreSQL store share bridge.storage.postgres.
+    memory.RetryMemory instead, which has the same two methods.)"""
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    def lookup(self, key: str) -> tuple[str, bytes] | None:
+        """(digest of the message, ACK) answered for `key`, None when none is remembered."""
+        return self._recent.get(key)
+
+    def remember(self, key: str, digest: str, ack: bytes) -> None:
+        self._recent[key] = (digest, ack)
+        self._recent.move_to_end(key)
+        while len(self._recent) > RECENT_MESSAGES:
+            self._recent.popitem(last=False)
+
+
 def interpret(message: HL7Message, settings: Settings) -> OrderMessage | PatientUpdate | Ignored:
     """What a parsed message asks of the worklist, after the checks its version calls for."""
     # The order HL7 v2.5.1 2.9.2 gives: acceptance (header, supported type), then content.
@@ -79,13 +98,18 @@ class Bridge:
         rejected_dir: Path | None = None,
         events: EventBus | None = None,
         service: WorklistService | None = None,
+        retry_memory: RecentAnswers | None = None,
+        rejected_store=None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.translation_log = translation_log
         self.rejected_dir = rejected_dir if rejected_dir is not None else settings.rejected_dir
-        self._recent: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        # what a retry of a control ID gets: in memory, or shared by bridges (PostgreSQL)
+        self.retry_memory = retry_memory if retry_memory is not None else RecentAnswers()
+        # a shared store's copy of the kept messages (RejectedMessages), besides the folder
+        self.rejected_store = rejected_store
         self.events = events  # PatientMerged goes to the other records of a patient (MPPS)
         # every change goes through the worklist service (stored, then published); on its own
         # (tests, tools), the bridge has a service of its own, in the caller's thread
@@ -100,9 +124,10 @@ class Bridge:
         header = read_header(raw.strip(b"\r\n\t "))
         digest = hashlib.sha256(raw).hexdigest()
         key = self._retry_key(header, digest)
-        if key is not None and key in self._recent and self._recent[key][0] == digest:
+        remembered = self._remembered(key)
+        if remembered is not None and remembered[0] == digest:
             # An engine re-sending after a lost ACK: applied once, answered the same way.
-            ack = self._recent[key][1]
+            ack = remembered[1]
             self._record(
                 peer,
                 header,
@@ -196,6 +221,19 @@ class Bridge:
         for step in intent.steps:
             item = worklist_item.build_elements(message, intent, step, self.settings)
             planned.append((step, item))
+        # The look-ups, checks and writes of the order are one step (on a shared store, under
+        # the order's lock in one transaction, committed before the ACK).
+        first = self.service.key_of_order(intent.steps[0].identity) if intent.steps else None
+        with self.service.change(first):
+            self._apply_steps(message, intent, planned, result)
+
+    def _apply_steps(
+        self,
+        message: HL7Message,
+        intent: OrderMessage,
+        planned: list[tuple[order.ProcedureStep, worklist_item.Item]],
+        result: Outcome,
+    ) -> None:
         # Every step's item checked before any is written: none may belong to another patient.
         located = [(step, item, self._locate(step)) for step, item in planned]
         for step, _item, key in located:
@@ -309,7 +347,7 @@ class Bridge:
         result.patient_id = patient.patient_id
         lookup_id = update.previous_id or patient.patient_id
         lookup_issuer = update.previous_issuer if update.previous_id else patient.issuer
-        items = self.index.items_of_patient(lookup_id, lookup_issuer or None)
+        items = self.service.items_of_patient(lookup_id, lookup_issuer or None)
         updated = 0
         for path, item in items:
             try:
@@ -369,13 +407,22 @@ class Bridge:
         )
         return hashlib.sha256(sender.encode("utf-8", "surrogateescape")).hexdigest()
 
+    def _remembered(self, key: str | None) -> tuple[str, bytes] | None:
+        if key is None:
+            return None
+        try:
+            return self.retry_memory.lookup(key)
+        except StoreError as exc:  # the shared memory is unreachable: evaluated afresh
+            log.warning("cannot look up the retry memory: %s", exc)
+            return None
+
     def _remember(self, key: str, digest: str, ack: bytes) -> None:
         if len(ack) > MAX_REMEMBERED_ACK:
             return  # such a sender gets its retry evaluated afresh rather than our memory
-        self._recent[key] = (digest, ack)
-        self._recent.move_to_end(key)
-        while len(self._recent) > RECENT_MESSAGES:
-            self._recent.popitem(last=False)
+        try:
+            self.retry_memory.remember(key, digest, ack)
+        except StoreError as exc:  # the change itself is durable: its ACK is still due
+            log.error("cannot remember the answer to a control ID: %s", exc)
 
     def _keep_rejected(self, raw: bytes, header: MessageHeader | None, error: HL7Error) -> str:
         """Keep the message byte for byte, with its reason beside it, for `wlbridge replay`."""
@@ -407,6 +454,18 @@ class Bridge:
         except OSError as exc:
             log.error("cannot keep rejected message: %s", exc)
             return ""
+        finally:
+            self._keep_shared(raw, header, error)
+
+    def _keep_shared(self, raw: bytes, header: MessageHeader | None, error: HL7Error) -> None:
+        """The shared store's copy of a kept message (every bridge's, in one table)."""
+        if self.rejected_store is None:
+            return
+        reason = f"{error.ack_code} {error.code} {error.location} {error.text}"
+        try:
+            self.rejected_store.keep_message(raw, header.control_id if header else "", reason)
+        except StoreError as exc:  # the database is what failed, often: the folder has it
+            log.warning("rejected message kept in the folder only: %s", exc)
 
     def _record(
         self,

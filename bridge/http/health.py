@@ -10,15 +10,21 @@ from bridge.http.metrics import outbox_state
 
 
 def readiness(server: Any) -> tuple[bool, dict[str, Any]]:
-    """(ready, {check: {"ok": bool, ...}}) over the listeners, index, folder, disk, outbox."""
+    """(ready, {check: {"ok": bool, ...}}) over the listeners, index, folder (or database:
+    `store`), disk, outbox."""
     s = server.settings
     checks: dict[str, dict[str, Any]] = {}
     checks["mllp"] = {"ok": server.mllp_port is not None}
     checks["dicom"] = {"ok": server.dicom_server is not None}
     checks["index"] = {"ok": bool(server.index.load_stats), "items": len(server.index)}
-    folder = server.store.folder
-    writable = os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
-    checks["worklist_writable"] = {"ok": writable, "folder": str(folder)}
+    store_health = getattr(server.storage, "health", None)
+    if store_health is not None:  # a database: its last check (no query per probe)
+        checks["store"] = store_health()
+        folder = "."  # the disk of the logs and kept messages (working folder)
+    else:
+        folder = server.store.folder
+        writable = os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+        checks["worklist_writable"] = {"ok": writable, "folder": str(folder)}
     try:
         free_mb = shutil.disk_usage(folder).free / 1e6
         checks["disk_space"] = {

@@ -62,6 +62,9 @@ class DicomWorkers:
         self.processes: list[Any] = []
         self.threads: list[threading.Thread] = []
         self.stopping = False
+        # PostgreSQL store: the change number of the main process's last commit, which a
+        # worker waits to have applied before a C-FIND (read-your-writes); set by the server
+        self.committed = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -86,7 +89,7 @@ class DicomWorkers:
             parent_end, child_end = spawn.Pipe()
             process = spawn.Process(
                 target=worker_main,
-                args=(s, sock, child_end, number, count),
+                args=(s, sock, child_end, number, count, self.committed),
                 name=f"wlbridge-dicom-{number}",
                 daemon=True,
             )
@@ -256,7 +259,7 @@ def _forwarding_handlers(link: _Link) -> list[tuple[Any, Any, list[Any]]]:
 
 
 def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
-                count: int) -> None:  # fmt: skip
+                count: int, committed: Any = None) -> None:  # fmt: skip
     """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
     shared socket, MPPS and the query log forwarded to the main process."""
     logging.basicConfig(
@@ -278,9 +281,15 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
     link = _Link(connection)
     index = WorklistIndex(settings, log=logging.getLogger("bridge.storage.index"))
     index.refresh_inline = True  # changes are read by whoever calls sync_now()
-    # Before the load: nothing written meanwhile is missed (events wait for sync_now).
-    index.start_watching(reactor, read_in_reactor=False)
-    index.load(save_cache=False)
+    sync_now = index.sync_now
+    if settings.store:  # PostgreSQL: the worker follows the database, not a folder
+        from bridge.storage.postgres.storage import follow_in_worker
+
+        sync_now = follow_in_worker(settings, index, committed)
+    else:
+        # Before the load: nothing written meanwhile is missed (events wait for sync_now).
+        index.start_watching(reactor, read_in_reactor=False)
+        index.load(save_cache=False)
     parent = os.getppid()
 
     def record_query(**fields: Any) -> None:
@@ -296,11 +305,11 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         extra_handlers=_forwarding_handlers(link),
         on_query=record_query,
         listening_socket=sock,
-        before_query=index.sync_now,  # in the association's thread: no hand-over
+        before_query=sync_now,  # in the association's thread: no hand-over
     )
 
     def keep_up() -> Any:  # while no query comes, changes are applied all the same
-        return threads.deferToThread(index.sync_now).addErrback(
+        return threads.deferToThread(sync_now).addErrback(
             lambda f: log.error("worklist sync failed: %s", f.getErrorMessage())
         )
 

@@ -486,6 +486,32 @@ class WorklistIndex:
                 self._bump()
         self._dirty = True
 
+    # ---- items of a store that is no folder (PostgreSQL): records under virtual paths
+
+    def load_records(self, records: Iterable[tuple[str | os.PathLike, Record]]) -> None:
+        """Replace the index with `records` ((path, record) pairs): the start-up load from a
+        store whose paths name items, not files (bridge.storage.postgres.storage)."""
+        started = time.monotonic()
+        loaded = [(self._key(path), record) for path, record in records]
+        with self._lock:
+            for key in list(self._entries):
+                self._remove_entry(key)
+            for key, record in loaded:
+                self._set_entry(key, record, None)
+            self._bump()
+        self.load_stats = {
+            "items": len(loaded), "read": len(loaded), "cached": 0, "workers": 0,
+            "seconds": time.monotonic() - started,
+        }  # fmt: skip
+        self.log.info("worklist index: %d items from the store", len(loaded))
+
+    def put_record(self, path: str | os.PathLike, record: Record) -> None:
+        """Index a record another writer stored (a bridge on the same database)."""
+        key = self._key(path)
+        with self._lock:
+            self._set_entry(key, record, None)
+            self._bump()
+
     def _bump(self) -> None:
         self.generation += 1
         self._changed.notify_all()

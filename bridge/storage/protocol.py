@@ -66,8 +66,9 @@ class StorageChange:
 
 
 class WorklistStorage(Protocol):
-    """The contract of a worklist store (the folder today; PostgreSQL for bridges that share a
-    worklist).
+    """The contract of a worklist store: the folder (FolderStorage), or PostgreSQL for bridges
+    that share a worklist (bridge.storage.postgres.storage.PostgresStorage, which also has
+    `change(key)`: a read-modify-write of one order as one transaction under its lock).
 
     Durability: `put` and `delete` return only once the change survives a crash of the process
     and of the machine (fsync, a committed transaction); the ACK or DICOM status that follows
@@ -127,6 +128,12 @@ class WorklistStorage(Protocol):
     def find_by_order(self, values: dict[str, Any]) -> list[ItemKey]:
         """The items with the Scheduled Procedure Step ID of `values` and any one of its other
         order identifiers (placer, filler, accession number, Study Instance UID)."""
+        ...
+
+    def items_of_patient(
+        self, patient_id: str, issuer: str | None = None
+    ) -> list[tuple[Path, Dataset]]:
+        """(path, item) of a patient's items (as find_by_patient), read now."""
         ...
 
     def scan(self) -> Iterator[tuple[ItemKey, Record]]:
@@ -216,6 +223,11 @@ class FolderStorage:
 
     def find_by_order(self, values: dict[str, Any]) -> list[ItemKey]:
         return [self.key_of(p) for p in self.index.paths_of_order(values)]
+
+    def items_of_patient(
+        self, patient_id: str, issuer: str | None = None
+    ) -> list[tuple[Path, Dataset]]:
+        return self.index.items_of_patient(patient_id, issuer)
 
     def scan(self) -> Iterator[tuple[ItemKey, Record]]:
         for key, _folder, record, _mtime in self.index.snapshot():

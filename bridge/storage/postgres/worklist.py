@@ -44,6 +44,7 @@ from bridge.dicom.matching import (
 from bridge.dicom.wlfile import record_from_bytes
 from bridge.storage.postgres.connection import Database, StoreUnavailable, connect
 from bridge.storage.postgres.schema import require_current
+from bridge.storage.protocol import ItemKey  # the protocol's key (identity: see item_name)
 from bridge.storage.store import StoreError
 
 log = logging.getLogger("bridge.storage.postgres")
@@ -56,12 +57,6 @@ NAME_PREFIX = "name:"  # an identity that is a stored name: items imported from 
 STORED_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # safe as a file name in `export`
 MAX_NOTIFY_IDENTITY = 1000  # longer identities are left out of the payload (limit: 8000 bytes)
 BATCH = 1000  # rows per read of scan() and the catch-up
-
-
-@dataclass(frozen=True)
-class ItemKey:
-    partition: str
-    identity: str
 
 
 @dataclass
@@ -142,6 +137,7 @@ class PostgresWorklist:
         self.db = Database(dsn)
         self.origin = origin or uuid.uuid4().hex
         self.scanned_seq = 0  # the change number the last scan() started from
+        self.last_seq = 0  # the change number of this object's last put or delete
         self._open = threading.local()  # the cursor of an open change()
         self._listener: ChangeListener | None = None
 
@@ -231,6 +227,7 @@ class PostgresWorklist:
             )
             seq = cursor.fetchone()[0]
             _notify(cursor, "put", key, seq, self.origin)
+            self.last_seq = seq
             return seq
 
         return self._work(key, write)
@@ -250,6 +247,7 @@ class PostgresWorklist:
             if row is None:
                 return False
             _notify(cursor, "delete", key, row[0], self.origin)
+            self.last_seq = row[0]
             return True
 
         return self._work(key, remove)
@@ -340,6 +338,7 @@ class PostgresWorklist:
             row = cursor.fetchone()
             if row is not None:
                 _notify(cursor, "delete", key, row[0], self.origin)
+                self.last_seq = row[0]
             return row is not None
 
         return self._work(key, remove)

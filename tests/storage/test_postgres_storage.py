@@ -1,0 +1,232 @@
+"""The PostgreSQL backend of the storage protocol (bridge.storage.postgres.storage): the same
+behaviours as the folder backend (tests/storage/test_storage.py), plus what sharing one
+database between bridges needs: another store object's changes on the change stream, never an
+older version after a newer one, one order's read-modify-write serialised across writers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.worklist_items import make_item
+from bridge.config import Settings
+from bridge.dicom.matching import ACCESSION_NUMBER, PATIENT_ID
+from bridge.dicom.worklist_item import set_status
+from bridge.storage.postgres.schema import upgrade
+from bridge.storage.postgres.storage import (
+    HOUSEKEEPING_LOCK,
+    ItemFiles,
+    PostgresStorage,
+    RoundLock,
+)
+from bridge.storage.protocol import FolderStorage, ItemKey, StorageChange, WorklistStorage
+from bridge.storage.store import StoreError
+from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
+from tests.storage.test_storage import make_storage as make_folder_storage
+
+WAIT = 10.0  # seconds a notification may take on a loaded machine
+
+
+@pytest.fixture
+def dsn(postgres_dsn: str) -> str:  # noqa: F811
+    upgrade(postgres_dsn)
+    return postgres_dsn
+
+
+def make_storage(tmp_path: Path, dsn: str, **overrides) -> PostgresStorage:
+    storage = PostgresStorage(Settings(worklist_dir=tmp_path / "wl", store=dsn, **overrides))
+    storage.prepare()
+    return storage
+
+
+def test_the_postgres_backend_follows_the_protocol(tmp_path, dsn):
+    storage: WorklistStorage = make_storage(tmp_path, dsn)
+    assert isinstance(storage, PostgresStorage)
+
+
+@pytest.mark.parametrize("layout", ["flat", "per-ae"])
+def test_put_get_find_scan_delete_by_key(tmp_path, dsn, layout):
+    storage = make_storage(tmp_path, dsn, worklist_layout=layout, ae_title="CT_WL")
+    key = ItemKey.of_order("acc:A1", storage.own_partition)
+    assert storage.get(key) is None and not storage.contains(key)
+    storage.put(key, make_item("A1", patient_id="P1"), "acc:A1")
+    stored = storage.get(key)
+    assert stored is not None and stored.data[128:132] == b"DICM"
+    assert stored.record.get(ACCESSION_NUMBER) == "A1"
+    assert storage.contains(key) and storage.dataset(key).AccessionNumber == "A1"
+    # the virtual path is the folder backend's, and names the key back
+    expected = (tmp_path / "wl" / "CT_WL") if layout == "per-ae" else (tmp_path / "wl")
+    assert storage.path_of(key) == expected / f"{key.identity}.wl"
+    assert storage.key_of(storage.path_of(key)) == key
+    assert not (expected / f"{key.identity}.wl").exists(), "no file is written"
+    assert storage.find_by_patient("P1") == [key]
+    assert storage.find_by_patient("P2") == []
+    assert [k for k, _record in storage.scan()] == [key]
+    [(path, item)] = storage.items_of_patient("P1")
+    assert path == storage.path_of(key) and item.PatientID == "P1"
+    assert storage.delete(key) is True
+    assert storage.get(key) is None and storage.delete(key) is False
+    assert list(storage.scan()) == [] and storage.find_by_patient("P1") == []
+
+
+def test_the_bytes_are_the_folder_backend_s(tmp_path, dsn):
+    """Same encoder, same SOP Instance UID rule: `wlbridge export` gives the folder's file."""
+    folder = make_folder_storage(tmp_path / "folder")
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:A2")
+    for backend in (folder, storage):
+        backend.put(key, make_item("A2"), "acc:A2")
+    assert storage.get(key).data == folder.get(key).data
+    rewritten = storage.dataset(key)  # read back, no identity: keeps its own UID
+    storage.put(key, rewritten)
+    assert storage.get(key).data == folder.get(key).data
+
+
+def test_find_by_order_uses_the_step_id_and_another_identifier(tmp_path, dsn):
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:A7")
+    storage.put(key, make_item("A7"), "acc:A7")
+    step_id = storage.get(key).record.get(0x00400100)[0].get(0x00400009)
+    assert storage.find_by_order({"ScheduledProcedureStepID": step_id, "AccessionNumber": "A7"})
+    assert storage.find_by_order({"ScheduledProcedureStepID": "*", "AccessionNumber": "A7"})
+    assert (
+        storage.find_by_order({"ScheduledProcedureStepID": step_id, "AccessionNumber": "A8"}) == []
+    )
+    assert storage.find_by_order({"AccessionNumber": "A7"}) == []  # no step ID: no guess
+
+
+def test_the_change_stream_reports_another_bridge_s_changes_not_its_own(tmp_path, dsn):
+    here = make_storage(tmp_path, dsn)
+    other = make_storage(tmp_path, dsn)
+    list(here.scan())
+    changes: queue.Queue[StorageChange] = queue.Queue()
+    here.watch(changes.put)  # no reactor: delivered on the listener's thread
+    try:
+        assert here.listener.connected.wait(WAIT)
+        key = ItemKey.of_order("acc:EXT1")
+        other.put(key, make_item("EXT1", patient_id="PX"), "acc:EXT1")
+        change = changes.get(timeout=WAIT)
+        assert change.key == key and change.record.get(PATIENT_ID) == "PX"
+        own = ItemKey.of_order("acc:OWN")
+        here.put(own, make_item("OWN"), "acc:OWN")
+        other.delete(key)
+        assert changes.get(timeout=WAIT) == StorageChange(key, None)
+        with pytest.raises(queue.Empty):  # the bridge's own put is not another writer's change
+            changes.get(timeout=0.5)
+    finally:
+        here.stop_watching()
+        here.close()
+        other.close()
+
+
+def test_a_notification_older_than_the_bridge_s_own_write_is_dropped(tmp_path, dsn):
+    """The listener read another bridge's version, then this bridge wrote a newer one before
+    the callback ran: the older version must not replace it in the index."""
+    here = make_storage(tmp_path, dsn)
+    other = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:R1")
+    other.put(key, make_item("R1", patient_id="OLD"), "acc:R1")
+    older = other.worklist.last_seq
+    here.put(key, make_item("R1", patient_id="NEW"), "acc:R1")
+    delivered: list[StorageChange] = []
+    here._deliver(delivered.append, key, None, older)
+    assert delivered == []
+    here._deliver(delivered.append, key, None, here.worklist.last_seq + 1)
+    assert delivered == [StorageChange(key, None)]
+
+
+def test_one_order_s_read_modify_write_is_serialised_across_bridges(tmp_path, dsn):
+    """Two writers each read the item, change its status and write it back inside change():
+    the second waits for the first's commit and reads its result (no lost update)."""
+    a = make_storage(tmp_path, dsn)
+    b = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:S1")
+    a.put(key, make_item("S1", status="SCHEDULED"), "acc:S1")
+    inside = threading.Event()
+    seen_by_b: list[str] = []
+
+    def slow_writer_a() -> None:
+        with a.change(key):
+            item = a.dataset(key)
+            inside.set()
+            time.sleep(0.5)  # holds the order's lock while b tries to take it
+            set_status(item, "ARRIVED")
+            a.put(key, item)
+
+    thread = threading.Thread(target=slow_writer_a)
+    thread.start()
+    assert inside.wait(WAIT)
+    with b.change(key):  # waits for a's commit
+        item = b.dataset(key)
+        seen_by_b.append(str(item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus))
+        set_status(item, "STARTED")
+        b.put(key, item)
+    thread.join(WAIT)
+    assert seen_by_b == ["ARRIVED"]
+    final = a.dataset(key).ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus
+    assert final == "STARTED"
+
+
+def test_a_failed_change_leaves_the_item_as_it_was(tmp_path, dsn):
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:F1")
+    storage.put(key, make_item("F1", patient_id="P1"), "acc:F1")
+    with pytest.raises(RuntimeError), storage.change(key):
+        storage.put(key, make_item("F1", patient_id="P2"), "acc:F1")
+        raise RuntimeError("a check failed after the write")
+    assert storage.dataset(key).PatientID == "P1"
+
+
+def test_expiry_by_path_through_the_folder_shaped_view(tmp_path, dsn):
+    storage = make_storage(tmp_path, dsn)
+    files = ItemFiles(storage)
+    key = ItemKey.of_order("acc:E1")
+    storage.put(key, make_item("E1", status="COMPLETED"), "acc:E1")
+    path = storage.path_of(key)
+    assert files.read(path).AccessionNumber == "E1"
+    assert files.expired(3600, ("COMPLETED",)) == []  # not old enough
+    assert files.expired(0, ("COMPLETED",)) == [path]
+    assert files.delete_if_expired(path, 3600) is False
+    assert files.delete_if_expired(path, 0) is True
+    assert files.read(path) is None
+
+
+def test_one_bridge_at_a_time_holds_a_round_lock(dsn):
+    first, second = RoundLock(dsn, HOUSEKEEPING_LOCK), RoundLock(dsn, HOUSEKEEPING_LOCK)
+    try:
+        assert first.try_acquire() is True
+        assert second.try_acquire() is False
+        first.release()
+        assert second.try_acquire() is True
+    finally:
+        first.release()
+        second.release()
+
+
+def test_an_unreachable_database_is_a_store_error_and_health_says_so(tmp_path, postgres):  # noqa: F811
+    upgrade(postgres.dsn)
+    storage = make_storage(tmp_path, postgres.dsn)
+    key = ItemKey.of_order("acc:D1")
+    assert storage.ping() and storage.health()["ok"]
+    postgres.stop()
+    with pytest.raises(StoreError):
+        storage.put(key, make_item("D1"), "acc:D1")
+    assert storage.ping() is False
+    health = storage.health()
+    assert health["ok"] is False and "error" in health
+    postgres.start()
+    storage.put(key, make_item("D1"), "acc:D1")  # connects again by itself
+    assert storage.ping() and storage.health()["ok"]
+    assert storage.contains(key)
+
+
+def test_the_folder_backend_still_has_items_of_patient(tmp_path):
+    storage: FolderStorage = make_folder_storage(tmp_path)
+    key = ItemKey.of_order("acc:A9")
+    storage.put(key, make_item("A9", patient_id="P9"), "acc:A9")
+    [(path, item)] = storage.items_of_patient("P9")
+    assert path == storage.path_of(key) and item.AccessionNumber == "A9"
