@@ -35,9 +35,6 @@ from tests.peers import findscu, read_answers
 from tests.postgres import PostgresServer, postgres_dsn, postgres_session  # noqa: F401
 
 T = TypeVar("T")
-# TEMPORARY, until `serve --store` is merged in: then removed.
-if "store" not in __import__("bridge.config", fromlist=["Settings"]).Settings.__dataclass_fields__:
-    pytest.skip("serve has no --store yet", allow_module_level=True)
 SETTLE = 30.0  # seconds: the bound for a change on one bridge to reach the other (target 0.1)
 
 
@@ -299,14 +296,13 @@ def consistent(dsn: str, bridges_: list[RunningBridge], accession: str) -> list[
     def stored() -> list[tuple[str, ...]]:
         return sorted(summary(dcmread(io.BytesIO(data))) for data in stored_rows(dsn, accession))
 
-    def agree() -> list[tuple[str, ...]] | None:
+    def agree() -> tuple[list[tuple[str, ...]]] | None:
         truth = stored()
         views = [sorted(summary(x) for x in answers(b, accession=accession)) for b in bridges_]
-        return truth if all(view == truth for view in views) else None
+        return (truth,) if all(view == truth for view in views) else None  # () when none: true
 
-    truth = None
     try:
-        truth = eventually(agree, f"both bridges answer what the database holds for {accession}")
+        (truth,) = eventually(agree, f"both bridges answer what the database holds for {accession}")
     except AssertionError:
         views = {b.mllp_port: [summary(x) for x in answers(b, accession=accession)]
                  for b in bridges_}  # fmt: skip
