@@ -351,6 +351,23 @@ def test_the_same_order_changed_on_both_bridges_at_once(bridges):
         ]
         assert winners, f"round {round_}: {final} is neither version of {versions}"
 
+    # A read-modify-write racing a replacement: a status change (SC, ORC-5 A: the item read,
+    # marked ARRIVED, written back) on one bridge while an XO replaces the item on the other.
+    # In either order the XO's values stay; a status change that read the item before the XO
+    # committed and wrote it back after would bring the old values back (a lost update).
+    with MLLPClient("127.0.0.1", b.mllp_port) as client:
+        assert ack_of(client, order("RMW")) == ("AA", "RMW")
+    for round_ in range(8):
+        modality, name = ("MR", "US")[round_ % 2], f"RMW^ROUND{round_}"
+        replace = order("RMW", f"RMW-X{round_}", order_control="XO", modality=modality,
+                        patient_name=name)  # fmt: skip
+        arrive = order("RMW", f"RMW-S{round_}", order_control="SC", order_status="A")
+        first, second = (a, b) if round_ % 2 else (b, a)
+        codes = at_once([(first, replace), (second, arrive)])
+        assert [c for c, _ in codes] == ["AA", "AA"], codes
+        (final,) = consistent(dsn, [a, b], "ARMW")
+        assert final[1:3] == (name, modality), f"round {round_}: the XO was lost: {final}"
+
     # A cancel on b racing an XO on a: whichever committed last, both agree with the database.
     cancel = order("RACE", "RACE-CA", order_control="CA", order_status="CA")
     change = order("RACE", "RACE-XZ", order_control="XO", modality="US")
