@@ -11,6 +11,7 @@ import pytest
 
 from bridge.storage.postgres.schema import upgrade
 from tests.conftest import RunningBridge, start_bridge
+from tests.http_helpers import start_http_bridge
 from tests.messages import orm
 from tests.peers import findscu, read_answers, require_tool
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
@@ -39,14 +40,17 @@ def ack_code(ack: bytes) -> str:
     raise AssertionError(f"no MSA in {ack!r}")
 
 
-def accessions(bridge: RunningBridge, out: Path) -> dict[str, str]:
-    """Accession number -> first step's status of what the bridge's C-FIND answers."""
+def accessions(
+    bridge: RunningBridge, out: Path, attribute: str = "ScheduledProcedureStepStatus"
+) -> dict[str, str]:
+    """Accession number -> the first step's `attribute` of what the bridge's C-FIND answers
+    (one answer per accession number: one item per order)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rsp*.dcm"):
         old.unlink()
     result = findscu(
         bridge.dicom_port,
-        ["AccessionNumber", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus"],
+        ["AccessionNumber", f"ScheduledProcedureStepSequence[0].{attribute}"],
         called_aet=bridge.ae_title,
         out_dir=out,
     )
@@ -54,8 +58,9 @@ def accessions(bridge: RunningBridge, out: Path) -> dict[str, str]:
     found = {}
     for answer in read_answers(out):
         steps = answer.get("ScheduledProcedureStepSequence") or []
-        status = str(steps[0].get("ScheduledProcedureStepStatus", "")) if steps else ""
-        found[str(answer.AccessionNumber)] = status
+        value = str(steps[0].get(attribute, "")) if steps else ""
+        assert str(answer.AccessionNumber) not in found, "one item per order"
+        found[str(answer.AccessionNumber)] = value
     return found
 
 
@@ -70,10 +75,12 @@ def wait_for(bridge: RunningBridge, out: Path, predicate, timeout: float = FOLLO
         time.sleep(0.1)  # polling another process's C-FIND answers: no event to wait on
 
 
-def serve_on(tmp_path: Path, name: str, dsn: str, *extra: str) -> RunningBridge:
+def serve_on(tmp_path: Path, name: str, dsn: str, *extra: str, **options) -> RunningBridge:
     folder = tmp_path / name
     folder.mkdir()
-    return start_bridge(folder, "--store", dsn, *extra, worklist_dir=folder / "worklists")
+    return start_bridge(
+        folder, "--store", dsn, *extra, worklist_dir=folder / "worklists", **options
+    )
 
 
 @pytest.fixture
@@ -136,11 +143,28 @@ def test_orders_get_ar_while_the_database_is_down_and_aa_once_it_is_back(
 ):
     require_tool("findscu")
     upgrade(postgres.dsn)
-    a = serve_on(tmp_path, "a", postgres.dsn)
+    (tmp_path / "a").mkdir()
+    web = start_http_bridge(tmp_path / "a", "--store", postgres.dsn)
+    a = web.bridge
     b = serve_on(tmp_path, "b", postgres.dsn)
+
+    def ready() -> tuple[int, dict]:
+        answer = web.call("GET", "/readyz", token=None)
+        return answer.status, answer.json()
+
+    def until(predicate, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the store check runs every 2 s in the bridge: no event to await
+        return predicate()
+
     try:
+        assert until(lambda: ready()[0] == 200), ready()
         assert ack_code(send(a.mllp_port, orm(control_id="M1", accession="ACC1"))) == "AA"
         postgres.stop()
+        assert until(lambda: ready()[0] == 503), ready()
+        status, body = ready()
+        assert body["checks"]["store"]["ok"] is False, body
         for n, bridge in enumerate((a, b, a)):
             ack = send(bridge.mllp_port, orm(control_id=f"D{n}", accession=f"ACCD{n}"))
             assert ack_code(ack) in ("AR", "AE"), ack
@@ -148,6 +172,7 @@ def test_orders_get_ar_while_the_database_is_down_and_aa_once_it_is_back(
         # C-FIND goes on from the index meanwhile.
         assert accessions(a, tmp_path / "fa") == {"ACC1": "SCHEDULED"}
         postgres.start()
+        assert until(lambda: ready()[0] == 200), ready()
         for n, bridge in enumerate((a, b)):
             ack = send(bridge.mllp_port, orm(control_id=f"U{n}", accession=f"ACCU{n}"))
             assert ack_code(ack) == "AA", ack
@@ -196,6 +221,95 @@ def test_dicom_workers_follow_the_database_and_read_their_own_writes(tmp_path, d
         wanted = {"ACCW0", "ACCW1", "ACCW2", "ACCW3", "ACCB1"}
         for _ in range(4):  # both workers have it
             assert set(wait_for(a, tmp_path / "fa", lambda f: set(f) == wanted)) == wanted
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_the_same_orders_sent_to_both_bridges_at_once_converge_to_one_item_each(tmp_path, dsn):
+    import threading
+
+    a = serve_on(tmp_path, "a", dsn)
+    b = serve_on(tmp_path, "b", dsn)
+    orders = 15
+    acks: dict[str, list[str]] = {"a": [], "b": []}
+
+    def stream(name: str, bridge: RunningBridge, modality: str) -> None:
+        for n in range(orders):
+            for control, kind in (("NW", "NW"), ("XO", "XO")):
+                message = orm(control_id=f"{name}{kind}{n}", order_control=control,
+                              accession=f"SAME{n}", modality=modality)  # fmt: skip
+                acks[name].append(ack_code(send(bridge.mllp_port, message)))
+
+    senders = [
+        threading.Thread(target=stream, args=("a", a, "CT")),
+        threading.Thread(target=stream, args=("b", b, "MR")),
+    ]
+    try:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(120)
+        assert acks["a"] == ["AA"] * 2 * orders and acks["b"] == ["AA"] * 2 * orders, acks
+        wanted = {f"SAME{n}" for n in range(orders)}
+        # one item per order on both (the two bridges' versions of an order replaced each
+        # other under its lock), the same set on both
+        assert set(wait_for(a, tmp_path / "fa", lambda f: set(f) == wanted)) == wanted
+        assert set(wait_for(b, tmp_path / "fb", lambda f: set(f) == wanted)) == wanted
+        # and the same version of each order on both: the last one committed
+        in_db = accessions(a, tmp_path / "fa", "Modality")
+        assert set(in_db.values()) <= {"CT", "MR"}
+        deadline = time.monotonic() + FOLLOW_TIMEOUT
+        while accessions(b, tmp_path / "fb", "Modality") != in_db:
+            assert time.monotonic() < deadline, "the bridges disagree on an order's version"
+            time.sleep(0.1)  # another process's answers: no event to wait on
+            in_db = accessions(a, tmp_path / "fa", "Modality")
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_per_ae_layout_and_an_operator_s_status_change_over_http(tmp_path, dsn):
+    (tmp_path / "a").mkdir()
+    extra = ("--store", dsn, "--worklist-layout", "per-ae", "--ae-title", "CT_WL")
+    web = start_http_bridge(tmp_path / "a", *extra)
+    a = web.bridge
+    a.ae_title = "CT_WL"  # the later --ae-title wins
+    b = serve_on(tmp_path, "b", dsn, "--worklist-layout", "per-ae", ae_title="CT_WL")
+    try:
+        assert ack_code(send(b.mllp_port, orm(control_id="P1", accession="ACCP1"))) == "AA"
+        assert wait_for(a, tmp_path / "fa", lambda f: "ACCP1" in f) == {"ACCP1": "SCHEDULED"}
+        # the called AE title's partition is served though no sub-folder exists
+        assert not (tmp_path / "a" / "worklists").exists() or not any(
+            (tmp_path / "a" / "worklists").rglob("*.wl")
+        )
+        listed = web.call("GET", "/api/items?include_hidden=1").json()["items"]
+        [item] = [i for i in listed if i.get("accession") == "ACCP1" or "ACCP1" in str(i)]
+        answer = web.call("POST", f"/api/items/{item['id']}/status", body={"status": "ARRIVED"})
+        assert answer.status == 200, answer.body
+        assert wait_for(b, tmp_path / "fb", lambda f: f.get("ACCP1") == "ARRIVED") == {
+            "ACCP1": "ARRIVED"
+        }
+    finally:
+        for bridge in (a, b):
+            assert bridge.stop() == 0, "".join(bridge.stderr_lines)
+
+
+def test_an_mpps_received_by_one_bridge_changes_the_item_the_other_created(tmp_path, dsn):
+    from pydicom.uid import generate_uid
+
+    from tests.dicom.test_mpps import in_progress, n_create
+
+    a = serve_on(tmp_path, "a", dsn)
+    b = serve_on(tmp_path, "b", dsn)
+    try:
+        assert ack_code(send(a.mllp_port, orm(control_id="Q1"))) == "AA"  # ACC0001, SPS0001
+        assert wait_for(b, tmp_path / "fb", lambda f: "ACC0001" in f) == {"ACC0001": "SCHEDULED"}
+        status, _reply = n_create(b, in_progress(), generate_uid())
+        assert status.Status == 0x0000
+        # STARTED is hidden from C-FIND by default: gone from both once the change is in
+        assert "ACC0001" not in accessions(b, tmp_path / "fb")
+        assert wait_for(a, tmp_path / "fa", lambda f: "ACC0001" not in f) == {}
     finally:
         for bridge in (a, b):
             assert bridge.stop() == 0, "".join(bridge.stderr_lines)

@@ -44,6 +44,9 @@ log = logging.getLogger("bridge.app.server")
 SWEEP_INTERVAL = 60.0  # seconds between removals of finished items past their retention
 STORE_PING_INTERVAL = 2.0  # seconds between checks that a PostgreSQL store answers (/readyz)
 RETRY_MEMORY_PRUNE_INTERVAL = 600.0  # seconds between prunings of the shared retry memory
+# seconds a delete stays visible to the change stream: a bridge whose stream was cut for
+# longer would miss it (a restart reloads everything)
+TOMBSTONE_RETENTION = 7 * 24 * 3600.0
 
 
 class AllowedSources:
@@ -230,7 +233,8 @@ class BridgeServer:
         try:
             self.storage.prepare()
             self.index.load_records(
-                (self.storage.path_of(key), record) for key, record in self.storage.scan()
+                ((self.storage.path_of(key), record) for key, record in self.storage.scan()),
+                [self.storage.own_partition],
             )
         except StoreError as exc:
             raise ConfigError(f"{_origin(s, 'store')}: store: {exc}") from None
@@ -243,12 +247,17 @@ class BridgeServer:
         self._store_pinger.clock = self.reactor
         self._store_pinger.start(STORE_PING_INTERVAL, now=False)
         self._memory_pruner = task.LoopingCall(
-            lambda: threads.deferToThread(self.bridge.retry_memory.prune).addErrback(
-                lambda f: log.warning("cannot prune the retry memory: %s", f.getErrorMessage())
+            lambda: threads.deferToThread(self._prune_shared).addErrback(
+                lambda f: log.warning("cannot prune the shared store: %s", f.getErrorMessage())
             )
         )
         self._memory_pruner.clock = self.reactor
         self._memory_pruner.start(RETRY_MEMORY_PRUNE_INTERVAL, now=True)
+
+    def _prune_shared(self) -> None:
+        """Forget old answers to control IDs and old deletes (in a worker thread)."""
+        self.bridge.retry_memory.prune()
+        self.storage.worklist.prune_tombstones(TOMBSTONE_RETENTION)
 
     def _follow_store(self, change: StorageChange) -> None:
         """Another bridge's change (on the reactor thread): the index serves it from now on."""

@@ -199,12 +199,15 @@ class WorklistService:
             return function(*args, **kwargs)
         return threads.blockingCallFromThread(self.reactor, function, *args, **kwargs)
 
-    # ---- look-ups (index only: never by patient alone)
+    # ---- look-ups (the index, or a shared store's database; never by patient alone)
 
     def find_by_study_and_step(self, study_uid: str, sps_id: str) -> list[Path]:
         """Items with this Study Instance UID and Scheduled Procedure Step ID."""
         if not study_uid or not sps_id:
             return []
+        shared = getattr(self.storage, "find_by_study_and_step", None)
+        if shared is not None:  # a shared store: the database, not an index that may lag
+            return [self.path_of(key) for key in shared(study_uid, sps_id)]
         identifier = Dataset()
         identifier.StudyInstanceUID = study_uid
         step = Dataset()
@@ -217,9 +220,13 @@ class WorklistService:
         or not recorded."""
         if not accession:
             return []
-        identifier = Dataset()
-        identifier.AccessionNumber = accession
-        paths = self.on_writer(self.index.paths_matching, identifier)
+        shared = getattr(self.storage, "find_by_accession", None)
+        if shared is not None:  # a shared store: the database, not an index that may lag
+            paths = [self.path_of(key) for key in shared(accession)]
+        else:
+            identifier = Dataset()
+            identifier.AccessionNumber = accession
+            paths = self.on_writer(self.index.paths_matching, identifier)
         if not issuer:
             return paths
         kept = []

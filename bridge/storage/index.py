@@ -264,6 +264,7 @@ class WorklistIndex:
         # called (on the reactor thread) for each change another program made: key, record or
         # None when the item is gone; the folder storage's change stream (bridge.storage.protocol)
         self.on_external_change: Callable[[str, Record | None], None] | None = None
+        self.partitions: set[str] | None = None  # set by load_records: no folders on disk
 
     # ---- paths
 
@@ -285,7 +286,11 @@ class WorklistIndex:
         return "" if len(parts) == 1 else None
 
     def ae_folders(self) -> set[str]:
-        """Names of the called AE sub-folders that exist now (per-ae layout)."""
+        """Names of the called AE sub-folders that exist now (per-ae layout); for a store
+        without folders (`load_records`), the partitions its items are in and its own."""
+        if self.partitions is not None:
+            with self._lock:
+                return {name for name in self._maps["folders"] if name} | self.partitions
         try:
             with os.scandir(self.root) as it:
                 return {e.name for e in it if e.is_dir() and not e.name.startswith(".")}
@@ -488,10 +493,14 @@ class WorklistIndex:
 
     # ---- items of a store that is no folder (PostgreSQL): records under virtual paths
 
-    def load_records(self, records: Iterable[tuple[str | os.PathLike, Record]]) -> None:
+    def load_records(
+        self, records: Iterable[tuple[str | os.PathLike, Record]], partitions: Iterable[str] = ()
+    ) -> None:
         """Replace the index with `records` ((path, record) pairs): the start-up load from a
-        store whose paths name items, not files (bridge.storage.postgres.storage)."""
+        store whose paths name items, not files (bridge.storage.postgres.storage). The called
+        AE titles served (per-ae) are then `partitions` and those of the items."""
         started = time.monotonic()
+        self.partitions = {name for name in partitions if name}
         loaded = [(self._key(path), record) for path, record in records]
         with self._lock:
             for key in list(self._entries):

@@ -230,3 +230,14 @@ def test_the_folder_backend_still_has_items_of_patient(tmp_path):
     storage.put(key, make_item("A9", patient_id="P9"), "acc:A9")
     [(path, item)] = storage.items_of_patient("P9")
     assert path == storage.path_of(key) and item.AccessionNumber == "A9"
+
+
+def test_what_an_mpps_looks_up_is_read_from_the_database(tmp_path, dsn):
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:M1")
+    storage.put(key, make_item("M1"), "acc:M1")
+    item = storage.dataset(key)
+    step_id = item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID
+    assert storage.find_by_study_and_step(item.StudyInstanceUID, step_id) == [key]
+    assert storage.find_by_study_and_step(item.StudyInstanceUID, "OTHER") == []
+    assert storage.find_by_accession("M1") == [key] and storage.find_by_accession("M2") == []

@@ -31,9 +31,15 @@ class RetryMemory:
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def remember(self, key: str, digest: str, ack: bytes) -> None:
-        """Committed before returning: the ACK it remembers is sent after it."""
+        """Committed before returning: the ACK it remembers is sent after it, and every bridge
+        sees it from then on. Not waiting for the disk (synchronous_commit off for this one
+        transaction, which saves a flush per message): a database crash may forget the last
+        answers of a fraction of a second, and a retry of one of those is then evaluated
+        afresh (the worklist change it answered is durable, and applying it again is a
+        no-op for the item)."""
 
         def upsert(cursor: psycopg.Cursor) -> None:
+            cursor.execute("SET LOCAL synchronous_commit = off")
             cursor.execute(
                 "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
                 " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"

@@ -92,6 +92,7 @@ class PostgresStorage:
         self.per_ae = settings.worklist_layout == "per-ae"
         self._applied: dict[ItemKey, int] = {}  # key -> newest change number applied here
         self._applied_lock = threading.Lock()
+        self._change_reads: tuple[int, dict] | None = None  # (thread, reads) of a change()
         self.delivered_seq = 0  # the newest change number of another writer's delivered change
         self._delivered = threading.Condition()
         self._ping_db = Database(settings.store)  # its own connection: never waits on a change
@@ -158,21 +159,36 @@ class PostgresStorage:
 
     # ---- the protocol
 
+    def _read(self, key: ItemKey) -> PgStoredItem | None:
+        """The row's item; inside a change() on its thread, read once and remembered (the
+        order is locked: nobody else changes it until the commit)."""
+        reads = self._change_reads
+        if reads is None or reads[0] != threading.get_ident():
+            return self.worklist.get(self._row_key(key))
+        if key not in reads[1]:
+            reads[1][key] = self.worklist.get(self._row_key(key))
+        return reads[1][key]
+
+    def _forget(self, key: ItemKey) -> None:
+        reads = self._change_reads
+        if reads is not None:
+            reads[1].pop(key, None)
+
     def get(self, key: ItemKey) -> StoredItem | None:
-        stored = self.worklist.get(self._row_key(key))
+        stored = self._read(key)
         if stored is None:
             return None
         return StoredItem(stored.data, record_of(stored.data))
 
     def contains(self, key: ItemKey) -> bool:
-        return self.worklist.get(self._row_key(key)) is not None
+        return self._read(key) is not None
 
     def record(self, key: ItemKey) -> Record | None:
         stored = self.get(key)
         return stored.record if stored is not None else None
 
     def dataset(self, key: ItemKey) -> Dataset | None:
-        stored = self.worklist.get(self._row_key(key))
+        stored = self._read(key)
         if stored is None:
             return None
         try:
@@ -184,10 +200,12 @@ class PostgresStorage:
         self, key: ItemKey, item: Dataset | PlainItem, order_identity: str | None = None
     ) -> None:
         data = item_bytes(item, order_identity, f"{key.identity}.wl")
+        self._forget(key)
         seq = self.worklist.put(self._row_key(key), data)
         self._mark(key, seq)
 
     def delete(self, key: ItemKey) -> bool:
+        self._forget(key)
         removed = self.worklist.delete(self._row_key(key))
         if removed:
             self._mark(key, self.worklist.last_seq)
@@ -198,7 +216,11 @@ class PostgresStorage:
         """A read-modify-write of one order, serialised with every other bridge (one
         transaction under the order's lock, committed when the block ends)."""
         with self.worklist.change(self._row_key(key)):
-            yield
+            self._change_reads = (threading.get_ident(), {})
+            try:
+                yield
+            finally:
+                self._change_reads = None
 
     def _keys(self, where: str, params: tuple) -> list[ItemKey]:
         rows = self.worklist.db.fetchall(
@@ -249,6 +271,13 @@ class PostgresStorage:
                     continue
             found.append(ItemKey(partition, name))
         return found
+
+    def find_by_study_and_step(self, study_uid: str, sps_id: str) -> list[ItemKey]:
+        """The items of a Study Instance UID and (first) step ID: how an MPPS finds its item."""
+        return self._keys("study_uid = %s AND sps_id = %s", (study_uid, sps_id))
+
+    def find_by_accession(self, accession: str) -> list[ItemKey]:
+        return self._keys("accession = %s", (accession,))
 
     def items_of_patient(
         self, patient_id: str, issuer: str | None = None
@@ -353,7 +382,10 @@ def follow_in_worker(settings: Settings, index: Any, committed: Any) -> Callable
     process sets before each ACK), so a C-FIND after an ACK finds the order."""
     storage = PostgresStorage(settings)
     storage.prepare()
-    index.load_records((storage.path_of(key), record) for key, record in storage.scan())
+    index.load_records(
+        ((storage.path_of(key), record) for key, record in storage.scan()),
+        [storage.own_partition],
+    )
 
     def apply(change: StorageChange) -> None:
         path = storage.path_of(change.key)

@@ -162,15 +162,19 @@ class PostgresWorklist:
         with self.db.transaction() as cursor:
             _lock_order(cursor, key)
             self._open.cursor = cursor
+            self._open.locked = {key}
             try:
                 yield
             finally:
                 self._open.cursor = None
+                self._open.locked = set()
 
     def _work(self, key: ItemKey, work: Callable[[psycopg.Cursor], Any]) -> Any:
         cursor = getattr(self._open, "cursor", None)
         if cursor is not None:
-            _lock_order(cursor, key)  # another key of the same change (advisory locks nest)
+            if key not in self._open.locked:  # another key of the same change
+                _lock_order(cursor, key)
+                self._open.locked.add(key)
             return work(cursor)
         with self.db.transaction() as cursor:
             _lock_order(cursor, key)
