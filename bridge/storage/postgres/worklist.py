@@ -421,10 +421,10 @@ class ChangeListener(threading.Thread):
                 self.connected.set()
                 delay = 0.1
                 while not self._stopping.is_set():
-                    woken = False
-                    for _ in self._conn.notifies(timeout=0.5, stop_after=1):
-                        woken = True
-                    if woken:
+                    others = False
+                    for notify in self._conn.notifies(timeout=0.5, stop_after=1):
+                        others |= not self._own(notify.payload)
+                    if others:
                         self._catch_up()
             except (psycopg.Error, StoreUnavailable) as exc:
                 if self._stopping.is_set():
@@ -446,12 +446,28 @@ class ChangeListener(threading.Thread):
             except psycopg.Error:
                 pass
 
+    def _own(self, payload: str) -> bool:
+        """Whether a notification is of this writer's own commit; then the change number
+        moves on without a read. Safe: notifications come in commit order on one connection,
+        change numbers are committed in order, and another writer's notification (or a
+        reconnect) reads every row after the last number seen."""
+        try:
+            note = json.loads(payload)
+            own = note.get("origin") == self.origin
+            seq = int(note["seq"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False  # not ours to judge: read
+        if own:  # every commit numbered below it was notified (and read) before it
+            self.last_seq = max(self.last_seq, seq)
+        return own
+
     def _catch_up(self) -> None:
         while True:
             rows = self._conn.execute(
-                "SELECT seq, partition, identity, deleted, data, origin FROM worklist_items"
+                "SELECT seq, partition, identity, deleted,"
+                " CASE WHEN origin = %s THEN NULL ELSE data END, origin FROM worklist_items"
                 " WHERE seq > %s ORDER BY seq LIMIT %s",
-                (self.last_seq, BATCH),
+                (self.origin, self.last_seq, BATCH),
             ).fetchall()
             for seq, partition, identity, deleted, data, origin in rows:
                 self.last_seq = seq
