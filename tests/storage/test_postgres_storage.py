@@ -241,3 +241,29 @@ def test_what_an_mpps_looks_up_is_read_from_the_database(tmp_path, dsn):
     assert storage.find_by_study_and_step(item.StudyInstanceUID, step_id) == [key]
     assert storage.find_by_study_and_step(item.StudyInstanceUID, "OTHER") == []
     assert storage.find_by_accession("M1") == [key] and storage.find_by_accession("M2") == []
+
+
+def test_a_new_item_s_look_up_columns_are_those_of_its_bytes(tmp_path, dsn):
+    """The columns of a new item come from its plain elements, not from its bytes: the same
+    values either way."""
+    from bridge.dicom.worklist_item import build_elements
+    from bridge.hl7.message import parse_message
+    from bridge.hl7.pipeline import interpret
+    from bridge.storage.postgres.worklist import columns_of
+    from tests.messages import orm
+
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn)
+    message = parse_message(orm(accession="ACC9", patient_id="P9").encode(), settings)
+    intent = interpret(message, settings)
+    item = build_elements(message, intent, intent.steps[0], settings)
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order(intent.steps[0].identity)
+    storage.put(key, item, intent.steps[0].identity)
+    [row] = storage.worklist.db.fetchall(
+        "SELECT patient_id, issuer, accession, placer, filler, study_uid, sps_id, status"
+        " FROM worklist_items"
+    )
+    expected = columns_of(storage.get(key).data)
+    assert dict(zip(expected, row, strict=True)) == expected
+    assert expected["accession"] == "ACC9" and expected["patient_id"] == "P9"
+    assert expected["sps_id"] and expected["status"] == "SCHEDULED"

@@ -102,7 +102,11 @@ def _text(value: Any) -> str:
 
 def columns_of(data: bytes) -> dict[str, str]:
     """The look-up columns of an item (the first scheduled step's ID and status)."""
-    record = record_of(data)
+    return columns_of_record(record_of(data))
+
+
+def columns_of_record(record: Record) -> dict[str, str]:
+    """The look-up columns of an item's record."""
     steps = record.get(SPS_SEQUENCE) or ()
     step = steps[0] if steps and isinstance(steps[0], Record) else None
     return {
@@ -195,10 +199,11 @@ class PostgresWorklist:
         with self.db.transaction() as cursor:  # a plain read takes no lock
             return read(cursor)
 
-    def put(self, key: ItemKey, item: StoredItem | bytes) -> int:
-        """Store the item durably (committed before returning); returns its change number."""
+    def put(self, key: ItemKey, item: StoredItem | bytes, record: Record | None = None) -> int:
+        """Store the item durably (committed before returning); returns its change number.
+        `record`: the item's record when the caller has it (else read from the bytes)."""
         data = item.data if isinstance(item, StoredItem) else bytes(item)
-        columns = columns_of(data)
+        columns = columns_of_record(record) if record is not None else columns_of(data)
 
         def write(cursor: psycopg.Cursor) -> int:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SEQUENCE_LOCK,))
