@@ -267,3 +267,30 @@ def test_a_new_item_s_look_up_columns_are_those_of_its_bytes(tmp_path, dsn):
     assert dict(zip(expected, row, strict=True)) == expected
     assert expected["accession"] == "ACC9" and expected["patient_id"] == "P9"
     assert expected["sps_id"] and expected["status"] == "SCHEDULED"
+
+
+def test_the_service_publishes_a_change_only_once_it_committed(tmp_path, dsn):
+    """Inside WorklistService.change() the ItemWritten waits for the commit, and a change
+    rolled back is never published: the index never serves what the database does not have."""
+    from bridge.core.events import EventBus, ItemWritten
+    from bridge.core.worklist_service import WorklistService
+    from bridge.storage.index import WorklistIndex
+
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn)
+    storage = make_storage(tmp_path, dsn)
+    index = WorklistIndex(settings)
+    events = EventBus()
+    service = WorklistService(settings, ItemFiles(storage), index, events, storage=storage)
+    written: list[ItemKey] = []
+    events.subscribe(ItemWritten, lambda event: written.append(event.key))
+    key = ItemKey.of_order("acc:T1")
+    with service.change(key):
+        service.put(key, make_item("T1"), "hl7", "acc:T1")
+        assert written == [] and index.record(storage.path_of(key)) is None
+    assert written == [key] and index.record(storage.path_of(key)) is not None
+    other = ItemKey.of_order("acc:T2")
+    with pytest.raises(RuntimeError), service.change(other):
+        service.put(other, make_item("T2"), "hl7", "acc:T2")
+        raise RuntimeError("a later step failed")
+    assert written == [key] and not storage.contains(other)
+    assert index.record(storage.path_of(other)) is None
