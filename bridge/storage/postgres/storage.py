@@ -428,7 +428,7 @@ class RoundLock:
             conn.commit()
         except psycopg.Error as exc:
             db.close()
-            raise StoreUnavailable(f"{redacted(self.url)}: {exc}") from exc
+            raise StoreUnavailable(f"store unavailable: {redacted(self.url)}: {exc}") from exc
         except StoreError:
             db.close()
             raise
