@@ -57,7 +57,9 @@ def connect(
             keepalives_count=3,
         )
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"cannot connect to {redacted(dsn)}: {_first_line(exc)}") from exc
+        raise StoreUnavailable(
+            f"store unavailable: cannot connect to {redacted(dsn)}: {_first_line(exc)}"
+        ) from exc
     return conn
 
 
@@ -100,7 +102,9 @@ class Database:
             except psycopg.OperationalError as exc:
                 self._drop()
                 if last:
-                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                    raise StoreUnavailable(
+                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                    ) from exc
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -112,11 +116,15 @@ class Database:
                     yield cursor
             except psycopg.OperationalError as exc:
                 self._drop()
-                raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                raise StoreUnavailable(
+                    f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                ) from exc
             except psycopg.Error as exc:
                 if conn.closed or conn.broken:
                     self._drop()
-                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                    raise StoreUnavailable(
+                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                    ) from exc
                 raise StoreError(f"database error: {_first_line(exc)}") from exc
 
     def run(self, work: Callable[[psycopg.Cursor], T]) -> T:
@@ -152,11 +160,15 @@ class Database:
                 except psycopg.OperationalError as exc:
                     self._drop()
                     if last:
-                        raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                        raise StoreUnavailable(
+                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                        ) from exc
                 except psycopg.Error as exc:
                     if self._conn is None or self._conn.closed or self._conn.broken:
                         self._drop()
-                        raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                        raise StoreUnavailable(
+                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                        ) from exc
                     raise StoreError(f"database error: {_first_line(exc)}") from exc
             raise AssertionError("unreachable")
 
