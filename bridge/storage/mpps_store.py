@@ -10,52 +10,21 @@ is changed on the writer thread only; it keeps each instance's status and patien
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from bridge.storage.mpps_instance import MPPS_SOP_CLASS, Known, encode_instance  # noqa: F401 (re-export)
+from bridge.storage.mpps_instance import known_of as _known
 from bridge.storage.store import StoreError
 
 log = logging.getLogger("bridge.storage.mpps_store")
 
-MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step
 TEMP_PREFIX = ".wlbridge-tmp-"
 SUFFIX = ".dcm"
-
-
-@dataclass
-class Known:
-    """What the store keeps in memory of one instance."""
-
-    status: str
-    patient_id: str
-    issuer: str
-
-
-def encode_instance(uid: str, dataset: Dataset) -> bytes:
-    """An MPPS instance as Part 10 bytes (Explicit VR Little Endian), its UIDs set; StoreError
-    for a value pydicom cannot write as the peer sent it. Shared by every MPPS backend."""
-    dataset.SOPClassUID = MPPS_SOP_CLASS
-    dataset.SOPInstanceUID = uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MPPS_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    dataset.file_meta = meta
-    buffer = io.BytesIO()
-    try:
-        dataset.save_as(buffer, enforce_file_format=True)
-    except Exception as exc:
-        raise StoreError(f"cannot encode MPPS instance: {type(exc).__name__}: {exc}") from exc
-    return buffer.getvalue()
 
 
 class MPPSStore:
@@ -157,14 +126,6 @@ class MPPSStore:
             for uid, known in self._known.items()
             if known.patient_id == patient_id and (not issuer or known.issuer in ("", issuer))
         ]
-
-
-def _known(ds: Dataset) -> Known:
-    return Known(
-        status=str(ds.get("PerformedProcedureStepStatus", "")),
-        patient_id=str(ds.get("PatientID", "")),
-        issuer=str(ds.get("IssuerOfPatientID", "")),
-    )
 
 
 def mpps_store_for(settings):

@@ -96,7 +96,7 @@ def test_api_metrics_and_the_outbox_command_read_and_change_the_table(tmp_path, 
         assert outbox(web)["messages"] == []
         unknown = wlbridge("outbox", "drop", "ris/000000000999", "--store", dsn)
         assert unknown.returncode == 1 and "no message 'ris/000000000999'" in unknown.stderr
-        assert wlbridge("outbox", "list", "--store", "/tmp/x").returncode == 2
+        assert wlbridge("outbox", "list", "--store", "not-a-url").returncode == 2
     finally:
         assert web.bridge.stop() == 0, "".join(web.bridge.stderr_lines)
 

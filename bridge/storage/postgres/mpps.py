@@ -1,7 +1,8 @@
-"""MPPS instances in PostgreSQL: the same calls as bridge.storage.mpps_store.MPPSStore, shared by
-every bridge (an N-SET may reach another bridge than its N-CREATE). Nothing is cached: every
-call reads the table, so an instance another bridge stored is seen at once. A call that cannot
-reach the database raises StoreUnavailable (the MPPS is answered 0110)."""
+"""MPPS instances in PostgreSQL: the same calls as the folder's MPPSStore
+(bridge.storage.mpps_store), shared by every bridge (an N-SET may reach another bridge than its
+N-CREATE). Nothing is cached: every call reads the table, so an instance another bridge stored
+is seen at once. A call that cannot reach the database raises StoreUnavailable (the MPPS is
+answered 0110)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import psycopg
 from pydicom import Dataset, dcmread
 
-from bridge.storage.mpps_store import Known, encode_instance
+from bridge.storage.mpps_instance import Known, encode_instance
 from bridge.storage.postgres.connection import Database, redacted
 
 
