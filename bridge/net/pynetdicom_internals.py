@@ -413,7 +413,11 @@ class _BriskDUL(_BoundedDUL):
     @property
     def _run_loop_delay(self) -> float:
         wakeup = self.__dict__.get("_wlb_wakeup")
-        if threading.current_thread() is not self or wakeup is None:
+        if (
+            threading.current_thread() is not self
+            or wakeup is None
+            or self.state_machine.current_state == "Sta1"  # closed: stop_dul() waits for us
+        ):
             return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
         if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
             _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT, wakeup)
