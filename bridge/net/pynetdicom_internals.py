@@ -413,7 +413,11 @@ class _BriskDUL(_BoundedDUL):
     @property
     def _run_loop_delay(self) -> float:
         wakeup = self.__dict__.get("_wlb_wakeup")
-        if threading.current_thread() is not self or wakeup is None:
+        if (
+            threading.current_thread() is not self
+            or wakeup is None
+            or self.state_machine.current_state == "Sta1"  # closed: stop_dul() waits for us
+        ):
             return self.__dict__["_run_loop_delay"]  # the value pynetdicom set
         if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
             _wait_readable(self.__dict__.get("socket"), _IDLE_WAIT, wakeup)
@@ -623,6 +627,7 @@ def prepare_association(assoc: Any, tuning: Tuning, limits: Limits) -> None:
     _lock_sends(dul.socket)
     wakeup = dul.__dict__["_wlb_wakeup"] = _Wakeup()
     weakref.finalize(dul, wakeup.close)  # should its thread never run
+    _quick_final_response(assoc)
     if _reactor_is_known(assoc):
         dul.to_user_queue.__class__ = _NotifyingQueue
         dul.to_user_queue.__dict__["_wlb_assoc"] = assoc
@@ -877,6 +882,65 @@ def _command_pdv(context_id: int, message_id: int, sop_class: str, status: int) 
     pdata = next(iter(message.encode_msg(context_id, 0)))  # 0: no PDU limit, one PDV
     ((_cx, command),) = pdata.presentation_data_value_list
     return bytes(command)
+
+
+@functools.lru_cache(maxsize=256)
+def _final_pdv(context_id: int, message_id: int, sop_class: str) -> bytes:
+    """The command PDV (control header byte + command set) of a C-FIND success response
+    without a data set, as pynetdicom encodes it."""
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = 0x0000
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    pdata = next(iter(message.encode_msg(context_id, 0)))
+    ((_cx, command),) = pdata.presentation_data_value_list
+    return bytes(command)
+
+
+def _quick_final_response(assoc: Any) -> None:
+    """pynetdicom builds and encodes every C-FIND's final success response with pydicom (a
+    command Dataset, validated, then written: ~12% of a query's CPU): for that one message,
+    with nothing else in it, the association sends the bytes pynetdicom makes once per message
+    ID (`_final_pdv`) through the same upper-layer queue. Every other message, or with a
+    handler bound to EVT_DIMSE_SENT, goes pynetdicom's way."""
+    dimse = getattr(assoc, "dimse", None)
+    send_msg = getattr(dimse, "send_msg", None)
+    if send_msg is None:
+        return
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.pdu_primitives import P_DATA
+
+    def send(primitive: Any, context_id: int) -> None:
+        try:
+            quick = (
+                type(primitive) is C_FIND
+                and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.Status == 0x0000
+                and primitive.Identifier is None
+                and primitive.ErrorComment is None
+                and primitive.OffendingElement is None
+                and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
+            )
+            if quick:
+                command = _final_pdv(int(context_id), int(primitive.MessageIDBeingRespondedTo),
+                                     str(primitive.AffectedSOPClassUID))  # fmt: skip
+                room = int(dimse.maximum_pdu_size or 0)
+                quick = not room or len(command) + 6 <= room
+        except Exception:  # not the pynetdicom we know
+            quick = False
+        if not quick:
+            send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[int(context_id), command]]
+        dimse.dul.send_pdu(pdata)
+
+    dimse.send_msg = send
 
 
 _MAX_QUEUED = 16  # outgoing PDUs (one an answer)

@@ -146,3 +146,55 @@ def test_the_upper_layer_sends_under_the_lock_the_direct_writes_take():
         wrapper.send(b"0123")
         assert held == [True]
         assert theirs.recv(16) == b"0123"
+
+
+def test_the_quick_final_response_is_the_one_pynetdicom_sends():
+    """A C-FIND's final success response, sent from cached bytes, is byte for byte what
+    pynetdicom's own send_msg queues; a failure response still goes pynetdicom's way."""
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.pdu import P_DATA_TF
+
+    def encoded(status: int, quick: bool, comment: str | None = None) -> list[bytes]:
+        assoc = Association(AE(), "acceptor")
+        sent = []
+        assoc.dul.send_pdu = sent.append
+        if quick:
+            internals._quick_final_response(assoc)
+            internals._quiet_logging(assoc)  # as prepare_association does
+        rsp = C_FIND()
+        rsp.MessageIDBeingRespondedTo = 9
+        rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.31"
+        rsp.Status = status
+        if comment:
+            rsp.ErrorComment = comment
+        assoc.dimse.send_msg(rsp, 5)
+        out = []
+        for primitive in sent:
+            pdu = P_DATA_TF()
+            pdu.from_primitive(primitive)
+            out.append(pdu.encode())
+        return out
+
+    assert encoded(0x0000, quick=True) == encoded(0x0000, quick=False)
+    hits = internals._final_pdv.cache_info().hits
+    encoded(0x0000, quick=True)
+    assert internals._final_pdv.cache_info().hits == hits + 1  # the quick path was taken
+    assert encoded(0xA700, quick=True, comment="narrow it") == encoded(
+        0xA700, quick=False, comment="narrow it"
+    )
+
+
+def test_a_served_c_find_ends_with_the_quick_final_response(tmp_path):
+    from bench.worklist_items import query
+    from tests.net.test_cfind import find
+
+    def calls() -> int:
+        info = internals._final_pdv.cache_info()
+        return info.hits + info.misses
+
+    generate(tmp_path, 3)
+    before = calls()
+    with bridge(tmp_path) as port:
+        status, answers, _ = find(port, query({}, AccessionNumber=""))
+    assert status == 0 and len(answers) == 3
+    assert calls() == before + 1
