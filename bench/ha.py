@@ -419,8 +419,8 @@ def bench_cfind(items: int, reps: int, workdir: Path, databases: Databases) -> l
     started = time.monotonic()
     import_items(data / AE_FOLDER, url)  # flat: the AE folder's items, no partition
     print(f"({items} items imported into PostgreSQL in {time.monotonic() - started:.0f} s)")
-    # The flat layout on both: with the per-ae layout, a bridge on PostgreSQL looks for the
-    # called AE title among the worklist folder's sub-folders (there are none).
+    # The flat layout on both (bench.cfind's AE folder as the worklist): the same items, keys
+    # and queries, without the per-ae partition look-up on either side.
     servers = {
         "folder": Bridge(workdir / "cfind-folder", worklists=data / AE_FOLDER, ae_title=AE_FOLDER),
         "postgresql": Bridge(workdir / "cfind-pg", store=url, ae_title=AE_FOLDER),
