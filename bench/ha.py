@@ -40,8 +40,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from bench.cfind import AE_FOLDER, _encode, c_find, ensure_items, queries
 from bench.ingest import (
@@ -92,20 +94,22 @@ class Databases:
     def new(self) -> str:
         """The URL of a new database with the bridge's tables."""
         import psycopg
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        from psycopg.conninfo import conninfo_to_dict
 
         from bridge.storage.postgres.schema import upgrade
 
-        name = f"wlbridge_bench_{os.getpid()}_{len(self.created)}"
+        name = f"wlbridge_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         self.created.append(name)
         info = conninfo_to_dict(self.dsn)
-        info["dbname"] = name
-        host, port = info.get("host", "localhost"), info.get("port", "5432")
-        url = f"postgresql://{info.get('user', '')}@{host}:{port}/{name}"
-        if set(info) - {"host", "port", "user", "dbname"}:  # a password or options: keep them
-            url = make_conninfo(**info)
+        host, port = info.pop("host", "localhost"), info.pop("port", "5432")
+        auth = quote(info.pop("user", ""), safe="")
+        if "password" in info:
+            auth += ":" + quote(info.pop("password"), safe="")
+        info.pop("dbname", None)
+        # a URL (what --store takes), with the server's other options as its parameters
+        url = f"postgresql://{auth}@{host}:{port}/{name}" + (f"?{urlencode(info)}" if info else "")
         upgrade(url)
         return url
 
