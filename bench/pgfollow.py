@@ -78,6 +78,9 @@ def visibility(tmp: Path, dsn: str, orders: int) -> list[float]:
                 query = Dataset()
                 query.AccessionNumber = accession
                 while True:
+                    if not assoc.is_established:  # aborted (a loaded machine): once more
+                        assoc = ae.associate("127.0.0.1", b.dicom_port, ae_title=b.ae_title)
+                        continue
                     found = [
                         ident
                         for status, ident in assoc.send_c_find(

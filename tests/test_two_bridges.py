@@ -168,7 +168,7 @@ def test_orders_get_ar_while_the_database_is_down_and_aa_once_it_is_back(
         for n, bridge in enumerate((a, b, a)):
             ack = send(bridge.mllp_port, orm(control_id=f"D{n}", accession=f"ACCD{n}"))
             assert ack_code(ack) in ("AR", "AE"), ack
-            assert b"ERR|" in ack
+            assert b"ERR|" in ack and b"store unavailable" in ack
         # C-FIND goes on from the index meanwhile.
         assert accessions(a, tmp_path / "fa") == {"ACC1": "SCHEDULED"}
         postgres.start()

@@ -241,3 +241,56 @@ def test_what_an_mpps_looks_up_is_read_from_the_database(tmp_path, dsn):
     assert storage.find_by_study_and_step(item.StudyInstanceUID, step_id) == [key]
     assert storage.find_by_study_and_step(item.StudyInstanceUID, "OTHER") == []
     assert storage.find_by_accession("M1") == [key] and storage.find_by_accession("M2") == []
+
+
+def test_a_new_item_s_look_up_columns_are_those_of_its_bytes(tmp_path, dsn):
+    """The columns of a new item come from its plain elements, not from its bytes: the same
+    values either way."""
+    from bridge.dicom.worklist_item import build_elements
+    from bridge.hl7.message import parse_message
+    from bridge.hl7.pipeline import interpret
+    from bridge.storage.postgres.worklist import columns_of
+    from tests.messages import orm
+
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn)
+    message = parse_message(orm(accession="ACC9", patient_id="P9").encode(), settings)
+    intent = interpret(message, settings)
+    item = build_elements(message, intent, intent.steps[0], settings)
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order(intent.steps[0].identity)
+    storage.put(key, item, intent.steps[0].identity)
+    [row] = storage.worklist.db.fetchall(
+        "SELECT patient_id, issuer, accession, placer, filler, study_uid, sps_id, status"
+        " FROM worklist_items"
+    )
+    expected = columns_of(storage.get(key).data)
+    assert dict(zip(expected, row, strict=True)) == expected
+    assert expected["accession"] == "ACC9" and expected["patient_id"] == "P9"
+    assert expected["sps_id"] and expected["status"] == "SCHEDULED"
+
+
+def test_the_service_publishes_a_change_only_once_it_committed(tmp_path, dsn):
+    """Inside WorklistService.change() the ItemWritten waits for the commit, and a change
+    rolled back is never published: the index never serves what the database does not have."""
+    from bridge.core.events import EventBus, ItemWritten
+    from bridge.core.worklist_service import WorklistService
+    from bridge.storage.index import WorklistIndex
+
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn)
+    storage = make_storage(tmp_path, dsn)
+    index = WorklistIndex(settings)
+    events = EventBus()
+    service = WorklistService(settings, ItemFiles(storage), index, events, storage=storage)
+    written: list[ItemKey] = []
+    events.subscribe(ItemWritten, lambda event: written.append(event.key))
+    key = ItemKey.of_order("acc:T1")
+    with service.change(key):
+        service.put(key, make_item("T1"), "hl7", "acc:T1")
+        assert written == [] and index.record(storage.path_of(key)) is None
+    assert written == [key] and index.record(storage.path_of(key)) is not None
+    other = ItemKey.of_order("acc:T2")
+    with pytest.raises(RuntimeError), service.change(other):
+        service.put(other, make_item("T2"), "hl7", "acc:T2")
+        raise RuntimeError("a later step failed")
+    assert written == [key] and not storage.contains(other)
+    assert index.record(storage.path_of(other)) is None

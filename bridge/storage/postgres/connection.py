@@ -35,14 +35,20 @@ def redacted(dsn: str) -> str:
     return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
 
 
-def connect(dsn: str, autocommit: bool = False) -> psycopg.Connection:
-    """A new connection, or StoreUnavailable saying why not."""
+def connect(
+    dsn: str, autocommit: bool = False, settings: dict[str, str] | None = None
+) -> psycopg.Connection:
+    """A new connection (with `settings`: server settings for its session), or
+    StoreUnavailable saying why not."""
+    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+    for name, value in (settings or {}).items():
+        options += f" -c {name}={value}"
     try:
         conn = psycopg.connect(
             dsn,
             autocommit=autocommit,
             connect_timeout=CONNECT_TIMEOUT,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            options=options,
             application_name="wlbridge",
             # A peer that vanished (a network cut, not a closed socket) is noticed in ~25 s.
             keepalives=1,
@@ -51,7 +57,9 @@ def connect(dsn: str, autocommit: bool = False) -> psycopg.Connection:
             keepalives_count=3,
         )
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"cannot connect to {redacted(dsn)}: {_first_line(exc)}") from exc
+        raise StoreUnavailable(
+            f"store unavailable: cannot connect to {redacted(dsn)}: {_first_line(exc)}"
+        ) from exc
     return conn
 
 
@@ -63,19 +71,21 @@ def _first_line(exc: BaseException) -> str:
 class Database:
     """A connection shared by one store's callers (one at a time, under a lock).
 
-    `transaction()` gives a cursor inside a transaction that commits when the block ends. A
-    lost connection becomes StoreUnavailable and is dropped, so the next call connects again:
-    a restarted database needs no new object.
+    `transaction()` gives a cursor inside a transaction that commits when the block ends;
+    `fetchall` and `execute` outside one are a single statement (one round trip, the
+    connection is in autocommit mode). A lost connection becomes StoreUnavailable and is
+    dropped, so the next call connects again: a restarted database needs no new object.
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, settings: dict[str, str] | None = None) -> None:
         self.dsn = dsn
+        self.settings = settings  # server settings of the session (synchronous_commit...)
         self._conn: psycopg.Connection | None = None
         self._lock = threading.RLock()
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.dsn)
+            self._conn = connect(self.dsn, autocommit=True, settings=self.settings)
         return self._conn
 
     def _begin(self) -> tuple[psycopg.Connection, ExitStack]:
@@ -92,7 +102,9 @@ class Database:
             except psycopg.OperationalError as exc:
                 self._drop()
                 if last:
-                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                    raise StoreUnavailable(
+                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                    ) from exc
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -104,11 +116,15 @@ class Database:
                     yield cursor
             except psycopg.OperationalError as exc:
                 self._drop()
-                raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                raise StoreUnavailable(
+                    f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                ) from exc
             except psycopg.Error as exc:
                 if conn.closed or conn.broken:
                     self._drop()
-                    raise StoreUnavailable(f"{redacted(self.dsn)}: {_first_line(exc)}") from exc
+                    raise StoreUnavailable(
+                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                    ) from exc
                 raise StoreError(f"database error: {_first_line(exc)}") from exc
 
     def run(self, work: Callable[[psycopg.Cursor], T]) -> T:
@@ -117,9 +133,44 @@ class Database:
             return work(cursor)
 
     def fetchall(self, sql: str, params: Any = None) -> list[tuple]:
-        with self.transaction() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall()
+        """The rows of one statement: inside an open transaction() of this thread, part of it;
+        else on its own (one round trip)."""
+        return self._statement(sql, params, rows=True)
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        """One statement, committed on its own (or part of an open transaction())."""
+        self._statement(sql, params, rows=False)
+
+    def _statement(self, sql: str, params: Any, rows: bool) -> Any:
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not (conn.closed or conn.broken):
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    # part of this thread's open transaction(), which turns an error into
+                    # StoreError / StoreUnavailable and rolls back
+                    cursor = conn.execute(sql, params)
+                    return cursor.fetchall() if rows else None
+            # A kept connection the server dropped since fails before anything was done:
+            # then once more on a new one (as _begin).
+            reused = conn is not None and not (conn.closed or conn.broken)
+            for last in (not reused, True):
+                try:
+                    cursor = self._connection().execute(sql, params)
+                    return cursor.fetchall() if rows else None
+                except psycopg.OperationalError as exc:
+                    self._drop()
+                    if last:
+                        raise StoreUnavailable(
+                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                        ) from exc
+                except psycopg.Error as exc:
+                    if self._conn is None or self._conn.closed or self._conn.broken:
+                        self._drop()
+                        raise StoreUnavailable(
+                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                        ) from exc
+                    raise StoreError(f"database error: {_first_line(exc)}") from exc
+            raise AssertionError("unreachable")
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -19,7 +19,8 @@ class RetryMemory:
     """lookup(key) -> (digest, ack) of the answer given to a control ID, on any bridge."""
 
     def __init__(self, dsn: str, keep: int = RECENT_MESSAGES, hours: float = RECENT_HOURS) -> None:
-        self.db = Database(dsn)
+        # its own session, whose commits do not wait for the disk (see remember())
+        self.db = Database(dsn, settings={"synchronous_commit": "off"})
         self.keep = keep
         self.hours = hours
 
@@ -37,17 +38,12 @@ class RetryMemory:
         answers of a fraction of a second, and a retry of one of those is then evaluated
         afresh (the worklist change it answered is durable, and applying it again is a
         no-op for the item)."""
-
-        def upsert(cursor: psycopg.Cursor) -> None:
-            cursor.execute("SET LOCAL synchronous_commit = off")
-            cursor.execute(
-                "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
-                " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
-                " ack = EXCLUDED.ack, at = now()",
-                (key, digest, ack),
-            )
-
-        self.db.run(upsert)
+        self.db.execute(
+            "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
+            " ack = EXCLUDED.ack, at = now()",
+            (key, digest, ack),
+        )
 
     def prune(self) -> int:
         """Forget answers older than `hours`, and all but the newest `keep`."""

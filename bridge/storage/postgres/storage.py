@@ -28,7 +28,7 @@ import psycopg
 from pydicom import Dataset, dcmread
 
 from bridge.config import Settings
-from bridge.dicom.matching import Record
+from bridge.dicom.matching import Record, record_from_elements
 from bridge.storage.postgres.connection import Database, StoreUnavailable, redacted
 from bridge.storage.postgres.worklist import (
     NAME_PREFIX,
@@ -200,8 +200,10 @@ class PostgresStorage:
         self, key: ItemKey, item: Dataset | PlainItem, order_identity: str | None = None
     ) -> None:
         data = item_bytes(item, order_identity, f"{key.identity}.wl")
+        # a new item's plain elements give its record cheaply; a Dataset's from its bytes
+        record = None if isinstance(item, Dataset) else record_from_elements(item.elements)
         self._forget(key)
-        seq = self.worklist.put(self._row_key(key), data)
+        seq = self.worklist.put(self._row_key(key), data, record)
         self._mark(key, seq)
 
     def delete(self, key: ItemKey) -> bool:
@@ -426,7 +428,7 @@ class RoundLock:
             conn.commit()
         except psycopg.Error as exc:
             db.close()
-            raise StoreUnavailable(f"{redacted(self.url)}: {exc}") from exc
+            raise StoreUnavailable(f"store unavailable: {redacted(self.url)}: {exc}") from exc
         except StoreError:
             db.close()
             raise
