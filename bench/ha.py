@@ -40,8 +40,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from bench.cfind import AE_FOLDER, _encode, c_find, ensure_items, queries
 from bench.ingest import (
@@ -92,20 +94,22 @@ class Databases:
     def new(self) -> str:
         """The URL of a new database with the bridge's tables."""
         import psycopg
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        from psycopg.conninfo import conninfo_to_dict
 
         from bridge.storage.postgres.schema import upgrade
 
-        name = f"wlbridge_bench_{os.getpid()}_{len(self.created)}"
+        name = f"wlbridge_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         self.created.append(name)
         info = conninfo_to_dict(self.dsn)
-        info["dbname"] = name
-        host, port = info.get("host", "localhost"), info.get("port", "5432")
-        url = f"postgresql://{info.get('user', '')}@{host}:{port}/{name}"
-        if set(info) - {"host", "port", "user", "dbname"}:  # a password or options: keep them
-            url = make_conninfo(**info)
+        host, port = info.pop("host", "localhost"), info.pop("port", "5432")
+        auth = quote(info.pop("user", ""), safe="")
+        if "password" in info:
+            auth += ":" + quote(info.pop("password"), safe="")
+        info.pop("dbname", None)
+        # a URL (what --store takes), with the server's other options as its parameters
+        url = f"postgresql://{auth}@{host}:{port}/{name}" + (f"?{urlencode(info)}" if info else "")
         upgrade(url)
         return url
 
@@ -419,8 +423,8 @@ def bench_cfind(items: int, reps: int, workdir: Path, databases: Databases) -> l
     started = time.monotonic()
     import_items(data / AE_FOLDER, url)  # flat: the AE folder's items, no partition
     print(f"({items} items imported into PostgreSQL in {time.monotonic() - started:.0f} s)")
-    # The flat layout on both: with the per-ae layout, a bridge on PostgreSQL looks for the
-    # called AE title among the worklist folder's sub-folders (there are none).
+    # The flat layout on both (bench.cfind's AE folder as the worklist): the same items, keys
+    # and queries, without the per-ae partition look-up on either side.
     servers = {
         "folder": Bridge(workdir / "cfind-folder", worklists=data / AE_FOLDER, ae_title=AE_FOLDER),
         "postgresql": Bridge(workdir / "cfind-pg", store=url, ae_title=AE_FOLDER),

@@ -172,9 +172,9 @@ class StreamingSender(threading.Thread):
     the other in turn; a message whose connection breaks before its ACK is sent again to the
     other bridge (what the engine behind a balancer does)."""
 
-    def __init__(self, ports: dict[str, Callable[[], int]], tags: list[str], progress) -> None:
+    def __init__(self, ports: dict[str, Callable[[], int]], tags, progress, stop) -> None:
         super().__init__(daemon=True)
-        self.ports, self.tags, self.progress = ports, tags, progress
+        self.ports, self.tags, self.progress, self.stop_sending = ports, tags, progress, stop
         self.answered: list[Answered] = []
         self.error: BaseException | None = None
 
@@ -184,6 +184,8 @@ class StreamingSender(threading.Thread):
         names = sorted(self.ports)
         try:
             for n, tag in enumerate(self.tags):
+                if self.stop_sending.is_set():
+                    return
                 order_of_targets = names[n % len(names) :] + names[: n % len(names)]
                 for target in order_of_targets:
                     if target in dead:
@@ -213,10 +215,11 @@ class StreamingSender(threading.Thread):
 
 def test_sigkill_of_one_bridge_while_two_senders_stream_to_both(bridges):
     a, b = bridges.start("a"), bridges.start("b")
-    progress = threading.Condition()
+    progress, stop = threading.Condition(), threading.Event()
     ports = {"a": lambda: a.mllp_port, "b": lambda: b.mllp_port}
     senders = [
-        StreamingSender(ports, [f"K{k}N{n:03d}" for n in range(60)], progress) for k in range(2)
+        StreamingSender(ports, [f"K{k}N{n:04d}" for n in range(2000)], progress, stop)
+        for k in range(2)
     ]
     for sender in senders:
         sender.start()
@@ -228,6 +231,13 @@ def test_sigkill_of_one_bridge_while_two_senders_stream_to_both(bridges):
         assert progress.wait_for(lambda: answered_by_a() >= 20, timeout=120), answered_by_a()
     bridges.kill("a")
     killed_at = time.monotonic()
+
+    def taken_over() -> int:
+        return sum(1 for s in senders for r in s.answered if r.bridge == "b" and r.sent > killed_at)
+
+    with progress:  # the senders go on with b alone for a while
+        assert progress.wait_for(lambda: taken_over() >= 20, timeout=120), taken_over()
+    stop.set()
     for sender in senders:
         sender.join(timeout=180)
         assert not sender.is_alive(), "a sender hung"
@@ -235,9 +245,8 @@ def test_sigkill_of_one_bridge_while_two_senders_stream_to_both(bridges):
     records = [r for s in senders for r in s.answered]
     assert all(r.code == "AA" for r in records), [r for r in records if r.code != "AA"]
     acked = sorted(f"A{r.tag}" for r in records)
-    assert len(acked) == 120 and len(set(acked)) == 120  # each order answered once
-    assert 20 <= sum(r.bridge == "a" for r in records) < 60  # a died mid-stream
-    assert sum(r.bridge == "b" and r.sent > killed_at for r in records) >= 10  # b took over
+    assert len(set(acked)) == len(acked)  # each order answered once
+    assert sum(r.bridge == "a" for r in records) >= 20
 
     # The survivor serves every acknowledged order, each once (those a committed arrive
     # through the change stream: poll until they are there, then compare exactly).
