@@ -538,3 +538,42 @@ def test_a_retry_sent_to_the_other_bridge_is_recognised_as_a_duplicate(bridges):
     (item,) = answers(b, accession="ARETRY")
     assert str(item.PatientID) == "PAT001"  # the default patient of tests.messages.orm
     assert bridges.stop_all() == {"a": 0, "b": 0}
+
+
+# ---- the change stream: several notifications in one wake-up --------------------------------
+
+
+def test_another_writers_change_is_read_when_our_own_notification_arrives_with_it(
+    postgres_dsn,  # noqa: F811
+):
+    """Both bridges writing at once: one wake-up of the listener may bring the other bridge's
+    notification and then one of our own with a higher change number (one packet). Our own
+    must not move the change number on past the other's row before it is read."""
+    from bridge.storage.postgres.worklist import CHANNEL, ItemKey, PostgresWorklist
+    from tests.storage.test_postgres_store import item_bytes
+
+    db_upgrade(postgres_dsn)
+    ours, theirs = PostgresWorklist(postgres_dsn, "ours"), PostgresWorklist(postgres_dsn, "theirs")
+    seen: list[str] = []
+    arrived = threading.Condition()
+
+    def changed(_kind, key, _item) -> None:
+        with arrived:
+            seen.append(key.identity)
+            arrived.notify_all()
+
+    listener = ours.watch(changed, since=0)
+    try:
+        assert listener.connected.wait(30)
+        key = ItemKey("", "acc:TOGETHER")
+        with theirs.change(key):  # their row, then a notification of ours, one commit
+            theirs.put(key, item_bytes("TOGETHER"))
+            cursor = theirs._open.cursor
+            payload = f'{{"seq": {theirs.last_seq + 1000}, "kind": "put", "partition": "", ' \
+                      '"origin": "ours"}'  # fmt: skip
+            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+        with arrived:
+            assert arrived.wait_for(lambda: "acc:TOGETHER" in seen, timeout=SETTLE), seen
+    finally:
+        ours.close()
+        theirs.close()

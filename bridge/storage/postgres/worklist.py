@@ -428,7 +428,11 @@ class ChangeListener(threading.Thread):
                 while not self._stopping.is_set():
                     others = False
                     for notify in self._conn.notifies(timeout=0.5, stop_after=1):
-                        others |= not self._own(notify.payload)
+                        # One wake-up may bring several; once another writer's is among them,
+                        # a later one of our own must not move the number past the rows the
+                        # read is about to fetch.
+                        if not others:
+                            others = not self._own(notify.payload)
                     if others:
                         self._catch_up()
             except (psycopg.Error, StoreUnavailable) as exc:
