@@ -85,6 +85,7 @@ class WorklistSCP:
         self.on_query = on_query  # told of every C-FIND once answered (the translation log)
         # Called before each search: a DICOM worker's index catches up with the writer there.
         self.before_query: Callable[[], None] | None = None
+        self.association_counts: tuple[Any, int] | None = None  # workers: (shared array, slot)
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
@@ -102,6 +103,7 @@ class WorklistSCP:
         """(event, handler) pairs for the AE's server; add other services' handlers here."""
         return [
             (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_CONN_CLOSE, self.on_close),
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_FIND, self.on_find),
@@ -109,6 +111,20 @@ class WorklistSCP:
 
     def on_open(self, event: Any) -> None:
         prepare_association(event.assoc, self.tuning, self.limits)
+
+    def on_close(self, event: Any) -> None:
+        if self.association_counts is not None:  # this one is still counted as open
+            self._open_associations(event.assoc, leaving=event.assoc)
+
+    def _open_associations(self, assoc: Any, leaving: Any = None) -> int:
+        """The server's open associations as acceptor: this process's, plus (DICOM workers)
+        the other workers' last published counts."""
+        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not leaving)
+        if self.association_counts is None:
+            return active
+        counts, slot = self.association_counts
+        counts[slot] = active
+        return sum(counts)
 
     def on_requested(self, event: Any) -> None:
         """Refuse unknown calling AE titles, (per-ae) unknown called AE titles, and requests
@@ -133,7 +149,7 @@ class WorklistSCP:
                 assoc.kill()
                 return
             assoc.acceptor.ae_title = called  # answer as the AE title that was called
-        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
+        active = self._open_associations(assoc)
         if active > self.settings.max_associations:
             LOG.warning("association from %s refused: %d associations open (max-associations)",
                         calling, active - 1)  # fmt: skip
@@ -293,12 +309,14 @@ class AnswerCache:
 
     An answer is a function of the query, the record and the transfer syntax: records are
     immutable, and an item that changes gets a new record, so a cached answer is never stale.
-    Bounded: QUERIES identifiers (least recently used dropped); a query's answers are pruned
-    to the records it returned last once they hold more than twice as many; queries with
-    more than MOST_ANSWERS answers are not cached."""
+    Bounded: QUERIES identifiers and TOTAL answers over all of them (least recently used
+    queries dropped first); a query's answers are pruned to the records it returned last once
+    they hold more than twice as many; queries with more than MOST_ANSWERS answers are not
+    cached, and no query keeps more than MOST_ANSWERS."""
 
     QUERIES = 256
     MOST_ANSWERS = 2000
+    TOTAL = 20000  # answers held at most (about 10-20 MB of encoded answers and their records)
 
     def __init__(self, own_items_only: bool) -> None:
         self.own_items_only = own_items_only  # the calling AE title is then part of the query
@@ -306,6 +324,7 @@ class AnswerCache:
             collections.OrderedDict()
         )
         self.lock = threading.Lock()
+        self.total = 0  # answers held over all queries
 
     def encoder(
         self, event: Any, query: Any, calling: str, records: list
@@ -317,42 +336,65 @@ class AnswerCache:
             encode = AnswerEncoder(query, implicit=implicit).encode
             if len(records) > self.MOST_ANSWERS:
                 return encode
-            answers = self._answers(event, implicit, calling)
+            key, answers = self._answers(event, implicit, calling)
             if answers is None:
                 return encode
             if len(answers) > 2 * len(records) + 16:  # items replaced since: never asked again
                 current = {id(r) for r in records}
-                for stale in [k for k in list(answers) if k not in current]:
-                    answers.pop(stale, None)
+                with self.lock:
+                    if self.queries.get(key) is not answers:
+                        return encode  # dropped meanwhile
+                    for stale in [k for k in list(answers) if k not in current]:
+                        if answers.pop(stale, None) is not None:
+                            self.total -= 1
 
             def cached(record: Any) -> bytes | None:
                 hit = answers.get(id(record))
                 if hit is not None and hit[0] is record:
                     return hit[1]
                 data = encode(record)
-                if data is not None and len(answers) < 2 * self.MOST_ANSWERS:
-                    answers[id(record)] = (record, data)  # the record held: its id stays its own
+                if data is not None and len(answers) < self.MOST_ANSWERS:
+                    with self.lock:
+                        if self.queries.get(key) is not answers:
+                            return data  # dropped meanwhile: not counted any more
+                        if id(record) not in answers:
+                            self.total += 1
+                        answers[id(record)] = (record, data)  # the record held: its id stays
+                        self._shed(keep=answers)
                 return data
 
             return cached
 
         return make_encoder
 
-    def _answers(self, event: Any, implicit: bool, calling: str) -> dict | None:
+    def _answers(self, event: Any, implicit: bool, calling: str) -> tuple[tuple, dict | None]:
         try:
             identifier = event.request.Identifier.getvalue()
         except AttributeError:
-            return None
+            return (), None
         key = (identifier, implicit, calling if self.own_items_only else None)
         with self.lock:
             answers = self.queries.get(key)
             if answers is None:
                 answers = self.queries[key] = {}
                 if len(self.queries) > self.QUERIES:
-                    self.queries.popitem(last=False)
+                    _key, dropped = self.queries.popitem(last=False)
+                    self.total -= len(dropped)
             else:
                 self.queries.move_to_end(key)
-        return answers
+        return key, answers
+
+    def _shed(self, keep: dict) -> None:
+        """Drop the least recently used queries' answers until TOTAL holds (under the lock)."""
+        while self.total > self.TOTAL and self.queries:
+            key, answers = next(iter(self.queries.items()))
+            if answers is keep:  # the query being answered is the only one left
+                break
+            del self.queries[key]
+            self.total -= len(answers)
+
+    def __len__(self) -> int:
+        return self.total
 
 
 def _search_guard(event: Any, deadline: float) -> Callable[[], None]:
@@ -388,17 +430,19 @@ def start_dicom_server(
     on_query: Callable[..., None] | None = None,
     listening_socket: socket.socket | None = None,  # a DICOM worker's, shared with the others
     before_query: Callable[[], None] | None = None,
+    association_counts: tuple[Any, int] | None = None,  # (shared array, this worker's slot)
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
     ae = make_dicom_ae(settings, index)
     scp = WorklistSCP(settings, index, on_query)
     scp.before_query = before_query
+    scp.association_counts = association_counts
     scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())
     if not scp.tuning.bounds:
         LOG.warning("DICOM: PDU lengths are not bounded with this pynetdicom version")
-    return start_server(
+    server = start_server(
         ae,
         (settings.host, settings.dicom_port),
         scp.handlers() + (extra_handlers or []),
@@ -408,3 +452,5 @@ def start_dicom_server(
         ssl_context=ssl_context,
         listening_socket=listening_socket,
     )
+    server.worklist_scp = scp  # for tests and metrics: its answer cache, its limits
+    return server

@@ -66,6 +66,11 @@ class DicomWorkers:
         # PostgreSQL store: the change number of the main process's last commit, which a
         # worker waits to have applied before a C-FIND (read-your-writes); set by the server
         self.committed = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
+        # Each worker's open associations, so that max-associations is the whole server's
+        # limit (not a share per worker that one busy worker would reach alone)
+        self.open_associations = multiprocessing.get_context("spawn").Array(
+            "i", max(1, dicom_worker_count(settings)), lock=False
+        )
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -90,7 +95,7 @@ class DicomWorkers:
             parent_end, child_end = spawn.Pipe()
             process = spawn.Process(
                 target=worker_main,
-                args=(s, sock, child_end, number, count, self.committed),
+                args=(s, sock, child_end, number, count, self.committed, self.open_associations),
                 name=f"wlbridge-dicom-{number}",
                 daemon=True,
             )
@@ -291,7 +296,8 @@ def _lower_priority() -> None:
 
 
 def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
-                count: int, committed: Any = None) -> None:  # fmt: skip
+                count: int, committed: Any = None,
+                open_associations: Any = None) -> None:  # fmt: skip
     """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
     shared socket, MPPS and the query log forwarded to the main process."""
     logging.basicConfig(
@@ -308,10 +314,11 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
     from bridge.net.tls import dicom_ssl_context
     from bridge.storage.index import WorklistIndex
 
-    # The association limit is the whole server's: each worker takes its share (never more:
-    # validate() makes sure there is one for each).
-    share = max(1, settings.max_associations // count)
-    settings = dataclasses.replace(settings, max_associations=share)
+    # The association limit is the whole server's: the workers count their open associations
+    # in one shared array (without it, as before, each takes its share).
+    if open_associations is None:
+        share = max(1, settings.max_associations // count)
+        settings = dataclasses.replace(settings, max_associations=share)
     link = _Link(connection)
     index = WorklistIndex(settings, log=logging.getLogger("bridge.storage.index"))
     index.refresh_inline = True  # changes are read by whoever calls sync_now()
@@ -340,6 +347,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         on_query=record_query,
         listening_socket=sock,
         before_query=sync_now,  # in the association's thread: no hand-over
+        association_counts=(open_associations, number) if open_associations is not None else None,
     )
 
     def keep_up() -> Any:  # while no query comes, changes are applied all the same

@@ -555,3 +555,33 @@ def test_own_items_only_answers_are_cached_per_calling_ae_title(folder):
             assert accessions(answers) == ["TWO"]
             _, answers, _ = find(port, q(AccessionNumber="", sps={"Modality": ""}), calling="CT1")
             assert "TWO" not in accessions(answers) and answers
+
+
+def test_the_answer_cache_holds_at_most_its_total_over_all_queries(tmp_path, monkeypatch):
+    """Distinct queries (a date each, say) never grow the cache past TOTAL answers: the least
+    recently asked are dropped, and answers stay right."""
+    from bridge.net.cfind import AnswerCache
+
+    monkeypatch.setattr(AnswerCache, "TOTAL", 12)
+    s = Settings(worklist_dir=tmp_path, host="127.0.0.1", dicom_port=peers.free_port())
+    index = WorklistIndex(s)
+    index.load()
+    for i in range(5):
+        index.put(tmp_path / f"{i}.wl", make_item(f"A{i}", patient_name=f"P^{i}"))
+    server = start_dicom_server(s, index)
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    try:
+        for round_ in range(2):
+            for n in range(8):  # 8 distinct identifiers of 5 answers each: 40 > 12
+                assoc = ae.associate("127.0.0.1", s.dicom_port, ae_title="WLBRIDGE")
+                query = q(AccessionNumber="", PatientName="", PatientID=f"*{'*' * n}")
+                answers = assoc.send_c_find(query, ModalityWorklistInformationFind)
+                got = sorted(str(i.PatientName) for st, i in answers if st.Status == 0xFF00)
+                assoc.release()
+                assert got == [f"P^{i}" for i in range(5)], (round_, n)
+                cache = server.worklist_scp.answer_cache
+                held = sum(len(a) for a in cache.queries.values())
+                assert held == len(cache) <= AnswerCache.TOTAL
+    finally:
+        server.ae.shutdown()

@@ -279,3 +279,36 @@ def _state(pid: str) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except OSError:
         return "Z"
+
+
+def test_max_associations_is_the_whole_servers_limit_whichever_worker_accepts(tmp_path):
+    """Three associations on two workers with max-associations = 3: all three are accepted,
+    wherever they land (not a share of one each), and the fourth is refused, logged."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "3")
+    ae = AE(ae_title="LIMIT")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    held = []
+    try:
+        for _ in range(3):
+            assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+            held.append(assoc)
+            assert assoc.is_established
+        extra = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+        assert extra.is_rejected
+        for assoc in held:
+            assoc.release()
+        held = []
+        deadline = time.monotonic() + 10  # a released association ends in its server thread
+        while True:
+            again = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+            if again.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert again.is_established  # the released ones no longer count
+        again.release()
+    finally:
+        for assoc in held:
+            assoc.abort()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    assert any("LIMIT" in line and "max-associations" in line for line in running.stderr_lines)
