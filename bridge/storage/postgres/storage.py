@@ -53,6 +53,9 @@ log = logging.getLogger("bridge.storage.postgres")
 
 REQUESTED_PROCEDURE_ID = 0x00401001
 HEALTH_STALE_AFTER = 15.0  # seconds: a ping older than this says nothing any more
+# Seconds the change stream may be down before /readyz says not ready: meanwhile C-FIND answers
+# miss what other bridges changed (a reconnect normally takes well under a second).
+CHANGE_STREAM_DOWN_AFTER = 5.0
 HOUSEKEEPING_LOCK = 0x77_6C_68_6B  # "wlhk": one bridge at a time runs a housekeeping round
 SWEEP_LOCK = 0x77_6C_73_77  # "wlsw": one bridge at a time runs an expiry sweep
 _ORDER_COLUMNS = (
@@ -102,6 +105,7 @@ class PostgresStorage:
         self._delivered = threading.Condition()
         self._ping_db = Database(settings.store)  # its own connection: never waits on a change
         self._health: dict[str, Any] = {"ok": False, "error": "not checked yet", "at": 0.0}
+        self._stream_down_since: float | None = None  # when the change stream was seen down
 
     # ---- start, stop, health
 
@@ -115,9 +119,22 @@ class PostgresStorage:
         self.worklist.close()
         self._ping_db.close()
 
+    def change_stream_down_for(self) -> float:
+        """Seconds since the change stream was first seen down (0 while it is connected);
+        looked at by every ping and health check."""
+        listener = self.worklist._listener
+        if listener is None or listener.connected.is_set():
+            self._stream_down_since = None
+            return 0.0
+        now = time.monotonic()
+        if self._stream_down_since is None:
+            self._stream_down_since = now
+        return now - self._stream_down_since
+
     def ping(self) -> bool:
         """One `SELECT 1` on a connection of its own (in a worker thread); the result is what
         `health()` reports until the next ping."""
+        self.change_stream_down_for()
         try:
             self._ping_db.fetchall("SELECT 1")
         except StoreError as exc:
@@ -135,6 +152,13 @@ class PostgresStorage:
         listener = self.worklist._listener
         if listener is not None:
             state["change_stream"] = "connected" if listener.connected.is_set() else "reconnecting"
+            down_for = self.change_stream_down_for()
+            if state.get("ok") and down_for > CHANGE_STREAM_DOWN_AFTER:
+                state["ok"] = False
+                state["error"] = (
+                    f"change stream down for {down_for:.0f} s: other bridges' changes"
+                    " are not served"
+                )
         state["store"] = redacted(self.url)
         return state
 
