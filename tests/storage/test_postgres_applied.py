@@ -4,6 +4,7 @@ a rolled-back change leaves none behind, and the map does not grow with the work
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,27 @@ def test_the_numbers_are_forgotten_once_the_stream_has_passed_them(tmp_path, dsn
         here.stop_watching()
         here.close()
         other.close()
+
+
+def test_a_bridge_that_hears_no_other_writer_still_forgets_its_numbers(tmp_path, dsn, monkeypatch):
+    from bridge.storage.postgres import storage as pg_storage
+
+    monkeypatch.setattr(pg_storage, "APPLIED_PRUNE_SIZE", 5)
+    here = make_storage(tmp_path, dsn)
+    list(here.scan())
+    here.watch(lambda change: None)
+    try:
+        assert here.listener.connected.wait(WAIT)
+        for n in range(10):
+            here.put(ItemKey.of_order(f"acc:S{n}"), make_item(f"S{n}"), f"acc:S{n}")
+        newest = here.worklist.last_seq
+        deadline = time.monotonic() + WAIT
+        while here.listener.last_seq < newest and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the stream's own notifications, not synchronising
+        assert here.listener.last_seq >= newest
+        here._pruned_at = 0.0
+        here.put(ItemKey.of_order("acc:LAST"), make_item("LAST"), "acc:LAST")
+        assert len(here._applied) <= 2  # the newest ones only
+    finally:
+        here.stop_watching()
+        here.close()

@@ -56,6 +56,8 @@ HEALTH_STALE_AFTER = 15.0  # seconds: a ping older than this says nothing any mo
 # Seconds the change stream may be down before /readyz says not ready: meanwhile C-FIND answers
 # miss what other bridges changed (a reconnect normally takes well under a second).
 CHANGE_STREAM_DOWN_AFTER = 5.0
+# A bridge that hears no other writer still prunes its change numbers past this many.
+APPLIED_PRUNE_SIZE = 10_000
 HOUSEKEEPING_LOCK = 0x77_6C_68_6B  # "wlhk": one bridge at a time runs a housekeeping round
 SWEEP_LOCK = 0x77_6C_73_77  # "wlsw": one bridge at a time runs an expiry sweep
 _ORDER_COLUMNS = (
@@ -412,6 +414,8 @@ class PostgresStorage:
         with self._applied_lock:
             if seq > self._applied.get(key, 0):
                 self._applied[key] = seq
+            if len(self._applied) > APPLIED_PRUNE_SIZE and self._queued == 0:
+                self._prune_applied()
 
     def stop_watching(self) -> None:
         self.worklist.stop_watching()
