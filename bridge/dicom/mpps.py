@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +149,17 @@ class MPPSService:
                 f"more than {MAX_SCHEDULED_STEPS} scheduled steps referenced",
             )  # fmt: skip
 
+    def _instance_step(self, uid: str) -> AbstractContextManager[None]:
+        """A shared store's lock on the instance around its check and write (PostgreSQL: one
+        transaction); the folder's store has one writer, this thread: a plain block."""
+        locked = getattr(self.store, "locked", None)
+        return locked(uid) if locked is not None else nullcontext()
+
     def _create(self, uid: str, attributes: Dataset, calling: str, result: Outcome) -> None:
+        with self._instance_step(uid):
+            self._create_now(uid, attributes, calling, result)
+
+    def _create_now(self, uid: str, attributes: Dataset, calling: str, result: Outcome) -> None:
         """On the writer thread: the duplicate check, the worklist changes, the durable store."""
         if uid in self.store:
             self._refuse(result, DUPLICATE_INSTANCE, "an MPPS instance with this UID exists")
@@ -179,6 +190,10 @@ class MPPSService:
         return result
 
     def _update(self, uid: str, modifications: Dataset, calling: str, result: Outcome) -> None:
+        with self._instance_step(uid):
+            self._update_now(uid, modifications, calling, result)
+
+    def _update_now(self, uid: str, modifications: Dataset, calling: str, result: Outcome) -> None:
         stored_status = self.store.status(uid)
         if stored_status is None:
             self._refuse(result, NO_SUCH_INSTANCE, "no MPPS instance with this UID")

@@ -336,6 +336,11 @@ class Bridge:
         self._delete(key)
         return "removed"
 
+    @property
+    def _shared_store(self) -> bool:
+        """Whether other writers change the same worklist (PostgreSQL: `change()` locks)."""
+        return getattr(self.service.storage, "change", None) is not None
+
     def _write(self, key: ItemKey, item: Dataset | worklist_item.Item, identity: str = "") -> None:
         self.service.put(key, item, "hl7", identity or None)
 
@@ -350,16 +355,25 @@ class Bridge:
         items = self.service.items_of_patient(lookup_id, lookup_issuer or None)
         updated = 0
         for path, item in items:
-            try:
-                worklist_item.apply_patient(item, patient, message)
-                if update.event == "A10" and _status(item) == "SCHEDULED":
-                    worklist_item.set_status(item, "ARRIVED")  # not finished or started items
-            except (AttributeError, KeyError, IndexError, ValueError, TypeError) as exc:
-                # An item another program wrote, which the update cannot be applied to, must
-                # not hold back the patient's feed: it is named in the log instead.
-                message.notes.append(f"{path.name} not updated: {type(exc).__name__}: {exc}")
-                continue
-            self._write(self.service.key_of(path), item)
+            key = self.service.key_of(path)
+            # On a shared store each item is read again under its order's lock and written in
+            # the same transaction: a cancel or an MPPS another bridge committed since the
+            # look-up is not overwritten by the stale copy (the folder has one writer: as read).
+            with self.service.change(key):
+                if self._shared_store:
+                    item = self.service.dataset(key)
+                    if item is None or item.get("PatientID", "") != lookup_id:
+                        continue  # removed or moved to another patient meanwhile
+                try:
+                    worklist_item.apply_patient(item, patient, message)
+                    if update.event == "A10" and _status(item) == "SCHEDULED":
+                        worklist_item.set_status(item, "ARRIVED")  # not finished or started
+                except (AttributeError, KeyError, IndexError, ValueError, TypeError) as exc:
+                    # An item another program wrote, which the update cannot be applied to,
+                    # must not hold back the patient's feed: it is named in the log instead.
+                    message.notes.append(f"{path.name} not updated: {type(exc).__name__}: {exc}")
+                    continue
+                self._write(key, item)
             result.files.append(path.name)
             updated += 1
         if update.event in ("A40", "A47") and update.previous_id:

@@ -270,6 +270,8 @@ def outbox_action(ctx: Context):
     if action not in ("retry", "drop"):
         raise ActionError(404, "not found")
     server = ctx.app.server
+    if outbound.on_database(server):
+        return outbound.act_in_thread(server, ident, action, ctx.who).addCallback(json_response)
     if "/" in ident:
         return json_response(outbound.act(server, ident, action, ctx.who))
     # A control ID: found in the thread pool (it reads every file), then acted on here.
@@ -285,7 +287,8 @@ def list_mpps(ctx: Context):
     status = ctx.params.get("status", "").upper()
     patient_id = ctx.params.get("patient_id", "")
     limit = limit_of(ctx)
-    known = store.snapshot()  # here, on the thread that writes the store
+    # here, on the thread that writes the folder's store; a database's in the thread pool
+    known = None if outbound.on_database(ctx.app.server) else store.snapshot()
 
     def answer(result: tuple[list, int]) -> Any:
         listed, total = result

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
+from twisted.internet import threads
 
 from bridge.http.actions import ActionError
 from bridge.net.outbox import RECEIVER_NAME, OutboxError, message_facts
@@ -100,10 +101,24 @@ def detail(outbox: Any, ident: str) -> dict[str, Any]:
     return {**entry, "message": data.decode("utf-8", "replace").replace("\r", "\n")}
 
 
+def on_database(server: Any) -> bool:
+    """Whether the outbox and MPPS instances are in PostgreSQL: then their calls go to the
+    thread pool (a slow database must not hold the reactor); the folder's stay on the reactor
+    thread, their one writer."""
+    return bool(getattr(server, "shared_store", False))
+
+
+def act_in_thread(server: Any, ident: str, action: str, who: str) -> Any:
+    """`act` in the thread pool, for a database outbox (a Deferred of its result); `ident`
+    may be a control ID."""
+    return threads.deferToThread(lambda: act(server, resolve(server.outbox, ident), action, who))
+
+
 def act(server: Any, ident: str, action: str, who: str) -> dict[str, Any]:
-    """Retry or drop one message (by `<receiver>/<sequence>`), on the reactor thread, where the
-    outbox delivers; the translation log says who did it, naming the message's receiver,
-    control ID and accession (so the item's history shows it)."""
+    """Retry or drop one message (by `<receiver>/<sequence>`), on the reactor thread, where
+    the outbox delivers (a database outbox: in a thread, see `act_in_thread`); the translation
+    log says who did it, naming the message's receiver, control ID and accession (so the
+    item's history shows it)."""
     outbox = server.outbox
     data, entry = find(outbox, ident)
     facts = message_facts(data)
@@ -131,9 +146,12 @@ def act(server: Any, ident: str, action: str, who: str) -> dict[str, Any]:
 
 # -- MPPS instances
 def mpps_listing(
-    store: Any, known: dict[str, Any], status: str, patient_id: str, limit: int
+    store: Any, known: dict[str, Any] | None, status: str, patient_id: str, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """(the newest `limit` instances that pass the filters, how many pass); in a thread."""
+    """(the newest `limit` instances that pass the filters, how many pass); in a thread.
+    `known`: the store's snapshot, None to take it here (a database store)."""
+    if known is None:
+        known = store.snapshot()
     wanted = [
         uid
         for uid, facts in known.items()

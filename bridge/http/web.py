@@ -388,14 +388,27 @@ def outbox_form(ctx: Context):
     action = ctx.match["action"]
     if action not in ("retry", "drop"):
         raise ActionError(404, "not found")
-    try:
-        done = outbound.act(ctx.app.server, ident, action, ctx.who)
+
+    def answer(done: dict[str, Any]) -> Response:
         result = f"{done['id']} ({done['control_id']}): " + (
             "dropped" if action == "drop" else "queued to be sent again"
         )
+        return _redirect("/outbox?" + urlencode({"result": result}))
+
+    def refused(failure: Any) -> Response:
+        failure.trap(ActionError)
+        return _redirect("/outbox?" + urlencode({"result": f"{ident}: {failure.value.message}"}))
+
+    if outbound.on_database(ctx.app.server):
+        return (
+            outbound.act_in_thread(ctx.app.server, ident, action, ctx.who)
+            .addCallback(answer)
+            .addErrback(refused)
+        )
+    try:
+        return answer(outbound.act(ctx.app.server, ident, action, ctx.who))
     except ActionError as exc:
-        result = f"{ident}: {exc.message}"
-    return _redirect("/outbox?" + urlencode({"result": result}))
+        return _redirect("/outbox?" + urlencode({"result": f"{ident}: {exc.message}"}))
 
 
 MPPS_SHOWN = 200  # instances on the MPPS page
@@ -406,7 +419,8 @@ def mpps_page(ctx: Context):
     if store is None:
         return page(ctx, "MPPS", "<p>This bridge keeps no MPPS instances.</p>")
     status = ctx.params.get("status", "").upper()
-    known = store.snapshot()  # on the thread that writes the store
+    # on the thread that writes the folder's store; a database's in the thread pool
+    known = None if outbound.on_database(ctx.app.server) else store.snapshot()
 
     def render(result: tuple[list[dict[str, Any]], int]) -> Response:
         listed, total = result

@@ -42,6 +42,7 @@ from typing import Any
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.python import threadable
 from zope.interface import implementer
 
 from bridge.config import OutboundReceiver, Settings, receivers_from_toml  # noqa: F401 (re-export)
@@ -1156,6 +1157,18 @@ class Outbox:
     def retry(self, entry_id: str) -> str:
         """Send a parked message again (in its place in the queue), or a waiting one now."""
         found, receiver = self.queue.retry(entry_id)
+        self._on_reactor(self._retried, receiver)
+        return found
+
+    def _on_reactor(self, function: Any, *args: Any) -> None:
+        """The lanes are the reactor's: a retry or drop made in a thread (a database outbox,
+        from the HTTP API) hands their part over."""
+        if threadable.ioThread is None or threadable.isInIOThread():  # (no reactor running)
+            function(*args)
+        else:
+            self.reactor.callFromThread(function, *args)
+
+    def _retried(self, receiver: str) -> None:
         lane = self.lanes.get(receiver)
         if lane is not None:
             if lane.retry_timer is not None and lane.retry_timer.active():
@@ -1164,13 +1177,15 @@ class Outbox:
             lane.failures = 0
             if self._running:
                 self.reactor.callLater(0, self._next, lane)
-        return found
 
     def drop(self, entry_id: str) -> str:
         found = self.queue.drop(entry_id)
+        self._on_reactor(self._dropped)
+        return found
+
+    def _dropped(self) -> None:
         if self._running:
             self.reactor.callLater(0, self.kick)  # it may have held others
-        return found
 
     def state(self) -> dict[str, dict[str, Any]]:
         """Per receiver (configured, or with messages left in the outbox): messages waiting,

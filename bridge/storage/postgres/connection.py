@@ -14,6 +14,14 @@ from bridge.storage.store import StoreError
 T = TypeVar("T")
 CONNECT_TIMEOUT = 5  # seconds: an unreachable database is an AR within a few seconds, not a hang
 STATEMENT_TIMEOUT_MS = 30_000  # a lock wait or a query that never ends fails instead
+# A bridge that vanished inside a transaction (a crash of its host, a network cut) would hold
+# its order's and the change sequence's locks until the server noticed (~2 h of TCP
+# keepalive): the server ends such a session after this long idle in a transaction instead.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT_MS = 20_000  # a lock wait fails (AR) before the statement timeout would
+# A database that stops answering (blackholed) fails a call within seconds, not after the
+# kernel's ~15 min of retransmissions with the reactor waiting.
+TCP_USER_TIMEOUT_MS = 15_000
 
 
 class StoreUnavailable(StoreError):
@@ -40,7 +48,10 @@ def connect(
 ) -> psycopg.Connection:
     """A new connection (with `settings`: server settings for its session), or
     StoreUnavailable saying why not."""
-    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+    options = (
+        f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}"
+        f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+    )
     for name, value in (settings or {}).items():
         options += f" -c {name}={value}"
     try:
@@ -55,6 +66,7 @@ def connect(
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            tcp_user_timeout=TCP_USER_TIMEOUT_MS,
         )
     except psycopg.Error as exc:
         raise StoreUnavailable(

@@ -7,12 +7,18 @@ answered 0110)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from pydicom import Dataset, dcmread
 
 from bridge.storage.mpps_instance import Known, encode_instance
 from bridge.storage.postgres.connection import Database, redacted
+
+# The class of the instances' advisory locks: two-key locks, a key space apart from the
+# worklist's one-key order locks.
+INSTANCE_LOCK_CLASS = 0x6D707073  # "mpps"
 
 
 class PostgresMPPSStore:
@@ -22,6 +28,17 @@ class PostgresMPPSStore:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def locked(self, uid: str) -> Iterator[None]:
+        """The instance's check and write as one step across bridges: the calls inside the
+        block run in one transaction under the instance's lock, committed when it ends (a
+        retried N-CREATE, or N-SETs sent to two bridges, are applied one after the other)."""
+        with self.db.transaction() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (INSTANCE_LOCK_CLASS, uid)
+            )
+            yield
 
     def load(self) -> int:
         return len(self)

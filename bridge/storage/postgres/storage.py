@@ -53,6 +53,11 @@ log = logging.getLogger("bridge.storage.postgres")
 
 REQUESTED_PROCEDURE_ID = 0x00401001
 HEALTH_STALE_AFTER = 15.0  # seconds: a ping older than this says nothing any more
+# Seconds the change stream may be down before /readyz says not ready: meanwhile C-FIND answers
+# miss what other bridges changed (a reconnect normally takes well under a second).
+CHANGE_STREAM_DOWN_AFTER = 5.0
+# A bridge that hears no other writer still prunes its change numbers past this many.
+APPLIED_PRUNE_SIZE = 10_000
 HOUSEKEEPING_LOCK = 0x77_6C_68_6B  # "wlhk": one bridge at a time runs a housekeeping round
 SWEEP_LOCK = 0x77_6C_73_77  # "wlsw": one bridge at a time runs an expiry sweep
 _ORDER_COLUMNS = (
@@ -93,10 +98,16 @@ class PostgresStorage:
         self._applied: dict[ItemKey, int] = {}  # key -> newest change number applied here
         self._applied_lock = threading.Lock()
         self._change_reads: tuple[int, dict] | None = None  # (thread, reads) of a change()
+        # the change numbers of an open change(): into _applied once it committed, never when
+        # it rolled back (a delivery with a lower number would be dropped for nothing)
+        self._pending_marks: tuple[int, list[tuple[ItemKey, int]]] | None = None
+        self._queued = 0  # deliveries handed to the reactor and not yet run
+        self._pruned_at = 0.0
         self.delivered_seq = 0  # the newest change number of another writer's delivered change
         self._delivered = threading.Condition()
         self._ping_db = Database(settings.store)  # its own connection: never waits on a change
         self._health: dict[str, Any] = {"ok": False, "error": "not checked yet", "at": 0.0}
+        self._stream_down_since: float | None = None  # when the change stream was seen down
 
     # ---- start, stop, health
 
@@ -110,9 +121,22 @@ class PostgresStorage:
         self.worklist.close()
         self._ping_db.close()
 
+    def change_stream_down_for(self) -> float:
+        """Seconds since the change stream was first seen down (0 while it is connected);
+        looked at by every ping and health check."""
+        listener = self.worklist._listener
+        if listener is None or listener.connected.is_set():
+            self._stream_down_since = None
+            return 0.0
+        now = time.monotonic()
+        if self._stream_down_since is None:
+            self._stream_down_since = now
+        return now - self._stream_down_since
+
     def ping(self) -> bool:
         """One `SELECT 1` on a connection of its own (in a worker thread); the result is what
         `health()` reports until the next ping."""
+        self.change_stream_down_for()
         try:
             self._ping_db.fetchall("SELECT 1")
         except StoreError as exc:
@@ -130,6 +154,13 @@ class PostgresStorage:
         listener = self.worklist._listener
         if listener is not None:
             state["change_stream"] = "connected" if listener.connected.is_set() else "reconnecting"
+            down_for = self.change_stream_down_for()
+            if state.get("ok") and down_for > CHANGE_STREAM_DOWN_AFTER:
+                state["ok"] = False
+                state["error"] = (
+                    f"change stream down for {down_for:.0f} s: other bridges' changes"
+                    " are not served"
+                )
         state["store"] = redacted(self.url)
         return state
 
@@ -217,12 +248,17 @@ class PostgresStorage:
     def change(self, key: ItemKey) -> Iterator[None]:
         """A read-modify-write of one order, serialised with every other bridge (one
         transaction under the order's lock, committed when the block ends)."""
+        marks: list[tuple[ItemKey, int]] = []
         with self.worklist.change(self._row_key(key)):
             self._change_reads = (threading.get_ident(), {})
+            self._pending_marks = (threading.get_ident(), marks)
             try:
                 yield
             finally:
                 self._change_reads = None
+                self._pending_marks = None
+        for marked, seq in marks:  # committed
+            self._mark(marked, seq)
 
     def _keys(self, where: str, params: tuple) -> list[ItemKey]:
         rows = self.worklist.db.fetchall(
@@ -320,6 +356,8 @@ class PostgresStorage:
                 except StoreError as exc:
                     log.warning("worklist item %s not served: %s", key.identity, exc)
             seq = stored.seq if stored is not None else self.worklist._listener.last_seq
+            with self._applied_lock:
+                self._queued += 1
             if reactor is None:
                 self._deliver(callback, key, record, seq)
             else:
@@ -334,9 +372,16 @@ class PostgresStorage:
             with self._applied_lock:
                 if self._applied.get(key, 0) >= seq:
                     return  # this bridge has applied a newer version of the item already
-                self._applied[key] = seq
+                if record is None:
+                    self._applied.pop(key, None)  # later deliveries have higher numbers
+                else:
+                    self._applied[key] = seq
             callback(StorageChange(key, record))
         finally:
+            with self._applied_lock:
+                self._queued = max(0, self._queued - 1)  # (a direct call was never queued)
+                if self._queued == 0:
+                    self._prune_applied()
             with self._delivered:
                 self.delivered_seq = max(self.delivered_seq, seq)
                 self._delivered.notify_all()
@@ -349,10 +394,28 @@ class PostgresStorage:
         with self._delivered:
             return self._delivered.wait_for(lambda: self.delivered_seq >= seq, timeout)
 
+    def _prune_applied(self) -> None:
+        """Forget change numbers no delivery can be older than (under `_applied_lock`, with no
+        delivery queued): every later one reads rows after the listener's last number. At
+        most once a second, so a busy stream does not walk the whole map each change."""
+        listener = self.worklist._listener
+        now = time.monotonic()
+        if listener is None or now - self._pruned_at < 1.0:
+            return
+        self._pruned_at = now
+        watermark = listener.last_seq
+        self._applied = {key: seq for key, seq in self._applied.items() if seq >= watermark}
+
     def _mark(self, key: ItemKey, seq: int) -> None:
+        pending = self._pending_marks
+        if pending is not None and pending[0] == threading.get_ident():
+            pending[1].append((key, seq))  # applied once the change() committed
+            return
         with self._applied_lock:
             if seq > self._applied.get(key, 0):
                 self._applied[key] = seq
+            if len(self._applied) > APPLIED_PRUNE_SIZE and self._queued == 0:
+                self._prune_applied()
 
     def stop_watching(self) -> None:
         self.worklist.stop_watching()
