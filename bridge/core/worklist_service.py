@@ -192,6 +192,15 @@ class WorklistService:
         for event in pending:
             self.events.publish(event)
 
+    def with_commit(self, sql: str, params: Any = None) -> bool:
+        """Add a statement to the transaction of the open change() (a shared store: sent with
+        its COMMIT, committed or rolled back with it); False when there is none to add it to
+        (the folder store, or no change() open on this thread)."""
+        add = getattr(self.storage, "on_commit", None)
+        if add is None or self._pending is None:
+            return False
+        return bool(add(sql, params))
+
     def on_writer(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `function` on the writer thread and return its result (or raise its exception).
         Adapters use it to make a check and the changes it leads to one step."""

@@ -54,6 +54,11 @@ class Outcome:
     kept_as: str = ""
     # the message's procedure steps, for what each became (station, modality, start)
     steps: list[order.ProcedureStep] = field(default_factory=list)
+    # (retry key, digest, header) of the message; with a shared retry memory its AA is
+    # remembered in the change's own transaction (`ack`, `remembered`: then done)
+    retry: tuple[str, str, MessageHeader | None] | None = None
+    ack: bytes | None = None
+    remembered: bool = False
 
 
 class RecentAnswers:
@@ -139,7 +144,7 @@ class Bridge:
             )
             return ack
         message: HL7Message | None = None
-        result = Outcome()
+        result = Outcome(retry=(key, digest, header) if key is not None else None)
         try:
             message = parse_message(raw, self.settings)
             intent = interpret(message, self.settings)
@@ -163,13 +168,17 @@ class Bridge:
             result.outcomes.append("rejected")  # after the steps a failure left applied, if any
             result.kept_as = self._keep_rejected(raw, header, result.error)
             _add_readable_ids(result, raw, message)
-        ack = build_ack(
-            header,
-            result.ack_code,
-            [result.error] if result.error else [],
-            text=result.error.text if result.error else "",
-        )
-        if key is not None and result.ack_code != "AR":  # AR may be transient: retry afresh
+        if result.error is None and result.ack is not None:
+            ack = result.ack  # the ACK remembered with the change
+        else:
+            ack = build_ack(
+                header,
+                result.ack_code,
+                [result.error] if result.error else [],
+                text=result.error.text if result.error else "",
+            )
+        # AR may be transient: retry afresh
+        if key is not None and result.ack_code != "AR" and not result.remembered:
             self._remember(key, digest, ack)
         self._record(peer, header, message, result, ack, started)
         return ack
@@ -226,6 +235,8 @@ class Bridge:
         first = self.service.key_of_order(intent.steps[0].identity) if intent.steps else None
         with self.service.change(first):
             self._apply_steps(message, intent, planned, result)
+            remembered = self._remember_with_change(result)
+        result.remembered = remembered  # committed with the change
 
     def _apply_steps(
         self,
@@ -415,6 +426,21 @@ class Bridge:
         except StoreError as exc:  # the shared memory is unreachable: evaluated afresh
             log.warning("cannot look up the retry memory: %s", exc)
             return None
+
+    def _remember_with_change(self, result: Outcome) -> bool:
+        """On a shared store, the AA of an order goes into the retry memory in the change's
+        own transaction (one commit for both, and no extra round trip): True when it did."""
+        statement = getattr(self.retry_memory, "statement", None)
+        if statement is None or result.retry is None or result.error is not None:
+            return False
+        key, digest, header = result.retry
+        ack = build_ack(header, result.ack_code, [], text="")
+        if len(ack) > MAX_REMEMBERED_ACK or not self.service.with_commit(
+            *statement(key, digest, ack)
+        ):
+            return False
+        result.ack = ack
+        return True
 
     def _remember(self, key: str, digest: str, ack: bytes) -> None:
         if len(ack) > MAX_REMEMBERED_ACK:

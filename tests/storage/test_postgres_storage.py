@@ -294,3 +294,82 @@ def test_the_service_publishes_a_change_only_once_it_committed(tmp_path, dsn):
         raise RuntimeError("a later step failed")
     assert written == [key] and not storage.contains(other)
     assert index.record(storage.path_of(other)) is None
+
+
+def _round_trips(storage: PostgresStorage, work) -> int:
+    """How many times the store's connection waited for the server during `work()` (one
+    ReadyForQuery a round trip: a Sync of the pipeline or a simple query), from libpq's trace
+    of the protocol."""
+    import tempfile
+
+    import psycopg
+
+    conn = storage.worklist.db._connection()
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            work()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return sum("\tReadyForQuery\t" in line for line in trace)
+
+
+def test_a_new_order_s_change_with_its_answer_is_two_round_trips(tmp_path, dsn):
+    """BEGIN, the order's lock and the read in one; the write, the retry memory's record of
+    the answer and the COMMIT in the other. Both are then committed, together."""
+    from bridge.storage.postgres.memory import RetryMemory
+
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT1")
+
+    def change() -> None:
+        with storage.change(key):
+            assert storage.get(key) is None and not storage.contains(key)
+            storage.put(key, make_item("RT1"), "acc:RT1")
+            assert storage.on_commit(*RetryMemory.statement("rt1", "digest", b"MSA|AA|RT1"))
+
+    assert _round_trips(storage, change) == 2
+    memory = RetryMemory(dsn)
+    try:
+        assert memory.lookup("rt1") == ("digest", b"MSA|AA|RT1")
+    finally:
+        memory.close()
+    assert make_storage(tmp_path, dsn).get(key).record.get(ACCESSION_NUMBER) == "RT1"
+    assert storage.worklist.last_seq > 0  # the change number, known once committed
+
+
+def test_a_change_whose_commit_fails_keeps_neither_the_item_nor_the_answer(tmp_path, dsn):
+    from bridge.storage.postgres.memory import RetryMemory
+
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT2")
+    with pytest.raises(StoreError, match="division by zero"):
+        with storage.change(key):
+            storage.put(key, make_item("RT2"), "acc:RT2")
+            storage.on_commit(*RetryMemory.statement("rt2", "digest", b"MSA|AA|RT2"))
+            storage.on_commit("SELECT 1 / 0")  # fails with the COMMIT's round trip
+    memory = RetryMemory(dsn)
+    try:
+        assert memory.lookup("rt2") is None
+    finally:
+        memory.close()
+    assert storage.get(key) is None
+    storage.put(key, make_item("RT2"), "acc:RT2")  # the connection is usable again
+    assert storage.contains(key)
+
+
+def test_a_look_up_after_a_write_in_one_change_sees_the_write(tmp_path, dsn):
+    """The writes of a change wait for its COMMIT, unless a statement comes that must see
+    them (a read of the item, a look-up by identifier): they go first."""
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT3")
+    other = ItemKey.of_order("acc:RT4")
+    with storage.change(key):
+        storage.put(key, make_item("RT3", patient_id="PRT3"), "acc:RT3")
+        assert storage.find_by_accession("RT3") == [key]
+        assert storage.contains(key)
+        storage.put(other, make_item("RT4", patient_id="PRT3"), "acc:RT4")  # another order
+        assert len(storage.find_by_patient("PRT3")) == 2
+    assert storage.on_commit("SELECT 1") is False  # no change open any more

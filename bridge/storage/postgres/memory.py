@@ -38,7 +38,14 @@ class RetryMemory:
         answers of a fraction of a second, and a retry of one of those is then evaluated
         afresh (the worklist change it answered is durable, and applying it again is a
         no-op for the item)."""
-        self.db.execute(
+        self.db.execute(*self.statement(key, digest, ack))
+
+    @staticmethod
+    def statement(key: str, digest: str, ack: bytes) -> tuple[str, tuple]:
+        """The statement that remembers an answer: what remember() runs, and what the
+        pipeline sends with the COMMIT of an order's change (the answer then is exactly as
+        durable as the change, and costs no round trip of its own)."""
+        return (
             "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
             " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
             " ack = EXCLUDED.ack, at = now()",

@@ -203,8 +203,8 @@ class PostgresStorage:
         # a new item's plain elements give its record cheaply; a Dataset's from its bytes
         record = None if isinstance(item, Dataset) else record_from_elements(item.elements)
         self._forget(key)
-        seq = self.worklist.put(self._row_key(key), data, record)
-        self._mark(key, seq)
+        # inside a change() the write goes with its COMMIT: the number is known then
+        self.worklist.put(self._row_key(key), data, record, lambda seq: self._mark(key, seq))
 
     def delete(self, key: ItemKey) -> bool:
         self._forget(key)
@@ -223,6 +223,10 @@ class PostgresStorage:
                 yield
             finally:
                 self._change_reads = None
+
+    def on_commit(self, sql: str, params: Any = None) -> bool:
+        """A statement sent with the COMMIT of this thread's open change(); False: none open."""
+        return self.worklist.on_commit(sql, params)
 
     def _keys(self, where: str, params: tuple) -> list[ItemKey]:
         rows = self.worklist.db.fetchall(
