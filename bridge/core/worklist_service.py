@@ -15,7 +15,7 @@ one step, against the other bridges too on PostgreSQL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,22 +170,28 @@ class WorklistService:
             self.events.publish(event)
 
     @contextmanager
-    def change(self, key: ItemKey | None) -> Iterator[None]:
+    def change(
+        self, key: ItemKey | None, also: Iterable[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None] | None]:
         """Make the reads and changes inside the block one step for the order of `key`, also
         against other writers of a shared store (PostgreSQL: one transaction under the order's
         lock, so the same order received by two bridges is applied one after the other). The
         ItemWritten / ItemRemoved of the block are published once it committed, none when it
         failed. With the folder (one writer: this thread) it is a plain block. On the writer
-        thread only; nested blocks are part of the outer one."""
+        thread only; nested blocks are part of the outer one.
+
+        `also`: statements a shared store runs at the start of the transaction, after the
+        lock, in the same round trip; the block gets their first rows (None: not run, as on
+        the folder store)."""
         begin = getattr(self.storage, "change", None)
         off_writer = self.reactor is not None and not threadable.isInIOThread()
         if begin is None or key is None or self._pending is not None or off_writer:
-            yield
+            yield None
             return
         self._pending = []
         try:
-            with begin(key):
-                yield
+            with begin(key, also) as rows:
+                yield rows
             pending = self._pending
         finally:
             self._pending = None

@@ -59,6 +59,16 @@ class Outcome:
     retry: tuple[str, str, MessageHeader | None] | None = None
     ack: bytes | None = None
     remembered: bool = False
+    looked_up: bool = False  # the retry memory was read in the change's first round trip
+
+
+class _Answered(Exception):
+    """Raised inside an order's change that finds the message answered already (a retry sent
+    while the first was being applied, or to another bridge): the change rolls back."""
+
+    def __init__(self, ack: bytes) -> None:
+        super().__init__("answered already")
+        self.ack = ack
 
 
 class RecentAnswers:
@@ -129,20 +139,12 @@ class Bridge:
         header = read_header(raw.strip(b"\r\n\t "))
         digest = hashlib.sha256(raw).hexdigest()
         key = self._retry_key(header, digest)
-        remembered = self._remembered(key)
+        # A shared retry memory is read in the first round trip of an order's change, under
+        # the order's lock; for any other message before it is applied or answered.
+        deferred = key is not None and hasattr(self.retry_memory, "lookup_statement")
+        remembered = None if deferred else self._remembered(key)
         if remembered is not None and remembered[0] == digest:
-            # An engine re-sending after a lost ACK: applied once, answered the same way.
-            ack = remembered[1]
-            self._record(
-                peer,
-                header,
-                None,
-                Outcome(outcomes=["duplicate"]),
-                ack,
-                started,
-                ack_code=_ack_code(ack),
-            )
-            return ack
+            return self._answer_duplicate(peer, header, remembered[1], started)
         message: HL7Message | None = None
         result = Outcome(retry=(key, digest, header) if key is not None else None)
         try:
@@ -150,7 +152,13 @@ class Bridge:
             intent = interpret(message, self.settings)
             if isinstance(intent, OrderMessage):
                 result.steps = intent.steps
+            elif deferred:
+                deferred, remembered = False, self._remembered(key)
+                if remembered is not None and remembered[0] == digest:
+                    return self._answer_duplicate(peer, header, remembered[1], started)
             self._apply(message, intent, result)
+        except _Answered as answered:  # the change found it answered: rolled back
+            return self._answer_duplicate(peer, header, answered.ack, started)
         except HL7Error as exc:
             # Without its traceback: the frames would tie the message's text into a reference
             # cycle that only the cyclic collector frees, megabytes a message for large ones.
@@ -164,6 +172,10 @@ class Bridge:
             result.error = HL7Error(
                 APPLICATION_INTERNAL_ERROR, "", f"internal error: {type(exc).__name__}", "AR"
             )
+        if result.error is not None and deferred and not result.looked_up:
+            remembered = self._remembered(key)  # a retry of a refused message: the same answer
+            if remembered is not None and remembered[0] == digest:
+                return self._answer_duplicate(peer, header, remembered[1], started)
         if result.error is not None:
             result.outcomes.append("rejected")  # after the steps a failure left applied, if any
             result.kept_as = self._keep_rejected(raw, header, result.error)
@@ -181,6 +193,21 @@ class Bridge:
         if key is not None and result.ack_code != "AR" and not result.remembered:
             self._remember(key, digest, ack)
         self._record(peer, header, message, result, ack, started)
+        return ack
+
+    def _answer_duplicate(
+        self, peer: str, header: MessageHeader | None, ack: bytes, started: float
+    ) -> bytes:
+        """An engine re-sending after a lost ACK: applied once, answered the same way."""
+        self._record(
+            peer,
+            header,
+            None,
+            Outcome(outcomes=["duplicate"]),
+            ack,
+            started,
+            ack_code=_ack_code(ack),
+        )
         return ack
 
     def refuse_oversized(self, head: bytes, peer: str) -> bytes | None:
@@ -233,7 +260,16 @@ class Bridge:
         # The look-ups, checks and writes of the order are one step (on a shared store, under
         # the order's lock in one transaction, committed before the ACK).
         first = self.service.key_of_order(intent.steps[0].identity) if intent.steps else None
-        with self.service.change(first):
+        lookup = self._lookup_statement(result)
+        with self.service.change(first, [lookup] if lookup else []) as rows:
+            if lookup is not None:
+                result.looked_up = True
+                if rows is not None:
+                    answer = self.retry_memory.answer_of(rows[0])
+                else:  # no transaction was begun: on its own
+                    answer = self._remembered(result.retry[0])
+                if answer is not None and answer[0] == result.retry[1]:
+                    raise _Answered(answer[1])  # a retry: nothing is changed
             self._apply_steps(message, intent, planned, result)
             remembered = self._remember_with_change(result)
         result.remembered = remembered  # committed with the change
@@ -426,6 +462,12 @@ class Bridge:
         except StoreError as exc:  # the shared memory is unreachable: evaluated afresh
             log.warning("cannot look up the retry memory: %s", exc)
             return None
+
+    def _lookup_statement(self, result: Outcome) -> tuple[str, tuple] | None:
+        statement = getattr(self.retry_memory, "lookup_statement", None)
+        if statement is None or result.retry is None:
+            return None
+        return statement(result.retry[0])
 
     def _remember_with_change(self, result: Outcome) -> bool:
         """On a shared store, the AA of an order goes into the retry memory in the change's

@@ -19,7 +19,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -214,13 +214,16 @@ class PostgresStorage:
         return removed
 
     @contextmanager
-    def change(self, key: ItemKey) -> Iterator[None]:
+    def change(
+        self, key: ItemKey, also: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None]]:
         """A read-modify-write of one order, serialised with every other bridge (one
-        transaction under the order's lock, committed when the block ends)."""
-        with self.worklist.change(self._row_key(key)):
+        transaction under the order's lock, committed when the block ends). The block gets
+        the first row of each `also` statement, run after the lock in the same round trip."""
+        with self.worklist.change(self._row_key(key), also) as rows:
             self._change_reads = (threading.get_ident(), {})
             try:
-                yield
+                yield rows
             finally:
                 self._change_reads = None
 

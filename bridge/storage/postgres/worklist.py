@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -195,25 +195,29 @@ class PostgresWorklist:
     # -- changes -------------------------------------------------------------------------
 
     @contextmanager
-    def change(self, key: ItemKey) -> Iterator[None]:
+    def change(
+        self, key: ItemKey, also: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None]]:
         """Serialise a read-modify-write of one order with every other bridge: get/put/delete
         inside the block run in one transaction under the order's lock, committed at the end
         (an ACK follows the block, never comes from inside it).
 
         Two round trips for a change that reads and writes its order: BEGIN, the lock and
         the read of the row in one (the read is its own statement after the lock, so it sees
-        what the lock's previous holder committed); the writes go with the COMMIT."""
+        what the lock's previous holder committed); the writes go with the COMMIT. The block
+        gets the first row (or None) of each `also` statement, run after the read."""
         if getattr(self._open, "batch", None) is not None:
             raise StoreError("change() blocks do not nest")
-        first = [_lock_statement(key), _read_statement(key)]
-        with self.db.batched_transaction(first) as (batch, (_lock, read)):
-            row = read.fetchone()
+        first = [_lock_statement(key), _read_statement(key), *also]
+        with self.db.batched_transaction(first) as (batch, cursors):
+            row = cursors[1].fetchone()
+            rows = [cursor.fetchone() for cursor in cursors[2:]]
             self._open.batch = batch
             self._open.locked = {key}
             self._open.read = {key: StoredItem(bytes(row[0]), row[1]) if row else None}
             self._open.numbered = False
             try:
-                yield
+                yield rows
             finally:
                 self._open.batch = None
                 self._open.locked = set()
