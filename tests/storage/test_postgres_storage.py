@@ -300,11 +300,16 @@ def _round_trips(storage: PostgresStorage, work) -> int:
     """How many times the store's connection waited for the server during `work()` (one
     ReadyForQuery a round trip: a Sync of the pipeline or a simple query), from libpq's trace
     of the protocol."""
+    return _round_trips_of(storage.worklist.db, work)
+
+
+def _round_trips_of(db, work) -> int:
+    """The same for any Database's connection."""
     import tempfile
 
     import psycopg
 
-    conn = storage.worklist.db._connection()
+    conn = db._connection()
     with tempfile.TemporaryFile("w+") as trace:
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
@@ -373,3 +378,53 @@ def test_a_look_up_after_a_write_in_one_change_sees_the_write(tmp_path, dsn):
         storage.put(other, make_item("RT4", patient_id="PRT3"), "acc:RT4")  # another order
         assert len(storage.find_by_patient("PRT3")) == 2
     assert storage.on_commit("SELECT 1") is False  # no change open any more
+
+
+def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_retry(tmp_path, dsn):
+    """Bridge.handle on the PostgreSQL store with the shared retry memory: a new order is
+    two round trips (the retry memory read and its AA written in the change's own), none on
+    the retry memory's session; a retry of it gets the same ACK bytes and changes nothing."""
+    import logging
+
+    from bridge.core.events import EventBus
+    from bridge.core.worklist_service import WorklistService
+    from bridge.hl7.pipeline import Bridge
+    from bridge.ops.translation_log import TranslationLog
+    from bridge.storage.index import WorklistIndex
+    from bridge.storage.postgres.memory import RetryMemory
+    from tests.messages import orm
+
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn, rejected_dir=tmp_path / "rejected")
+    storage = PostgresStorage(settings)
+    storage.prepare()
+    index = WorklistIndex(settings, log=logging.getLogger("test"))
+    files = ItemFiles(storage)
+    service = WorklistService(settings, files, index, EventBus(), storage=storage)
+    memory = RetryMemory(dsn)
+    log = TranslationLog(tmp_path / "translation.log")
+    bridge = Bridge(settings, files, index, log, service=service, retry_memory=memory)
+    raw = orm(control_id="RTPIPE1", accession="RTPIPE1").encode()
+    try:
+        memory_trips: list[int] = []
+        acks: list[bytes] = []
+
+        def first() -> None:
+            memory_trips.append(_round_trips_of(memory.db, lambda: acks.append(bridge.handle(raw))))
+
+        assert _round_trips(storage, first) == 2
+        assert memory_trips == [0]
+        assert b"MSA|AA|RTPIPE1" in acks[0]
+        (item_key,) = storage.find_by_accession("RTPIPE1")
+        seq = storage.worklist.db.fetchall(
+            "SELECT seq FROM worklist_items WHERE name = %s", (item_key.identity,)
+        )[0][0]
+        assert bridge.handle(raw) == acks[0]  # the retry: the same bytes, not applied again
+        assert (
+            storage.worklist.db.fetchall(
+                "SELECT seq FROM worklist_items WHERE name = %s", (item_key.identity,)
+            )[0][0]
+            == seq
+        )
+    finally:
+        memory.close()
+        storage.close()
