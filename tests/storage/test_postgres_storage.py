@@ -380,10 +380,9 @@ def test_a_look_up_after_a_write_in_one_change_sees_the_write(tmp_path, dsn):
     assert storage.on_commit("SELECT 1") is False  # no change open any more
 
 
-def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_retry(tmp_path, dsn):
-    """Bridge.handle on the PostgreSQL store with the shared retry memory: a new order is
-    two round trips (the retry memory read and its AA written in the change's own), none on
-    the retry memory's session; a retry of it gets the same ACK bytes and changes nothing."""
+def _pipeline_on(tmp_path: Path, dsn: str):
+    """(Bridge, its PostgresStorage, its RetryMemory): the pipeline as `serve` builds it on a
+    shared store, in the caller's thread."""
     import logging
 
     from bridge.core.events import EventBus
@@ -392,8 +391,8 @@ def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_ret
     from bridge.ops.translation_log import TranslationLog
     from bridge.storage.index import WorklistIndex
     from bridge.storage.postgres.memory import RetryMemory
-    from tests.messages import orm
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     settings = Settings(worklist_dir=tmp_path / "wl", store=dsn, rejected_dir=tmp_path / "rejected")
     storage = PostgresStorage(settings)
     storage.prepare()
@@ -403,6 +402,16 @@ def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_ret
     memory = RetryMemory(dsn)
     log = TranslationLog(tmp_path / "translation.log")
     bridge = Bridge(settings, files, index, log, service=service, retry_memory=memory)
+    return bridge, storage, memory
+
+
+def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_retry(tmp_path, dsn):
+    """Bridge.handle on the PostgreSQL store with the shared retry memory: a new order is
+    two round trips (the retry memory read and its AA written in the change's own), none on
+    the retry memory's session; a retry of it gets the same ACK bytes and changes nothing."""
+    from tests.messages import orm
+
+    bridge, storage, memory = _pipeline_on(tmp_path, dsn)
     raw = orm(control_id="RTPIPE1", accession="RTPIPE1").encode()
     try:
         memory_trips: list[int] = []
@@ -428,3 +437,55 @@ def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_ret
     finally:
         memory.close()
         storage.close()
+
+
+def test_one_order_sent_to_two_bridges_at_once_is_applied_once(tmp_path, dsn):
+    """Both copies wait for the order's lock (held here); the one that gets it second reads
+    the retry memory after the first's commit and answers with the first's ACK."""
+    from bridge.hl7.message import parse_message
+    from bridge.hl7.pipeline import interpret
+    from tests.messages import orm
+
+    a, a_storage, a_memory = _pipeline_on(tmp_path / "a", dsn)
+    b, b_storage, b_memory = _pipeline_on(tmp_path / "b", dsn)
+    holder = make_storage(tmp_path, dsn)
+    raw = orm(control_id="RTBOTH1", accession="RTBOTH1").encode()
+    intent = interpret(parse_message(raw, a.settings), a.settings)
+    order_key = a.service.key_of_order(intent.steps[0].identity)
+    acks: dict[str, bytes] = {}
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.change(order_key):
+            held.set()
+            release.wait(WAIT)
+
+    def send(name: str, bridge) -> None:
+        acks[name] = bridge.handle(raw)
+
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    assert held.wait(WAIT)
+    threads += [threading.Thread(target=send, args=(n, br)) for n, br in (("a", a), ("b", b))]
+    for thread in threads[1:]:
+        thread.start()
+    try:
+        waiting, deadline = 0, time.monotonic() + WAIT
+        while waiting < 2 and time.monotonic() < deadline:  # both copies wait for the lock
+            waiting = a_memory.db.fetchall(  # a session of its own, not in a change
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+            )[0][0]
+            time.sleep(0.01)
+        assert waiting >= 2, (acks, waiting)
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+    try:
+        assert set(acks) == {"a", "b"} and b"MSA|AA|RTBOTH1" in acks["a"]
+        assert acks["a"] == acks["b"]  # the second copy got the first's ACK, byte for byte
+        lines = [line for br in (a, b) for line in br.translation_log.path.read_text().splitlines()]
+        assert sum("duplicate" in line for line in lines) == 1, lines
+    finally:
+        for closing in (a_memory, a_storage, b_memory, b_storage, holder):
+            closing.close()
