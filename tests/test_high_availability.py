@@ -568,10 +568,9 @@ def test_another_writers_change_is_read_when_our_own_notification_arrives_with_i
         key = ItemKey("", "acc:TOGETHER")
         with theirs.change(key):  # their row, then a notification of ours, one commit
             theirs.put(key, item_bytes("TOGETHER"))
-            cursor = theirs._open.cursor
-            payload = f'{{"seq": {theirs.last_seq + 1000}, "kind": "put", "partition": "", ' \
-                      '"origin": "ours"}'  # fmt: skip
-            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            # a number above any change's (the put's own is known only once committed)
+            payload = '{"seq": 1000000000, "kind": "put", "partition": "", "origin": "ours"}'
+            assert theirs.on_commit("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
         with arrived:
             assert arrived.wait_for(lambda: "acc:TOGETHER" in seen, timeout=SETTLE), seen
     finally:

@@ -15,7 +15,7 @@ one step, against the other bridges too on PostgreSQL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,27 +170,42 @@ class WorklistService:
             self.events.publish(event)
 
     @contextmanager
-    def change(self, key: ItemKey | None) -> Iterator[None]:
+    def change(
+        self, key: ItemKey | None, also: Iterable[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None] | None]:
         """Make the reads and changes inside the block one step for the order of `key`, also
         against other writers of a shared store (PostgreSQL: one transaction under the order's
         lock, so the same order received by two bridges is applied one after the other). The
         ItemWritten / ItemRemoved of the block are published once it committed, none when it
         failed. With the folder (one writer: this thread) it is a plain block. On the writer
-        thread only; nested blocks are part of the outer one."""
+        thread only; nested blocks are part of the outer one.
+
+        `also`: statements a shared store runs at the start of the transaction, after the
+        lock, in the same round trip; the block gets their first rows (None: not run, as on
+        the folder store)."""
         begin = getattr(self.storage, "change", None)
         off_writer = self.reactor is not None and not threadable.isInIOThread()
         if begin is None or key is None or self._pending is not None or off_writer:
-            yield
+            yield None
             return
         self._pending = []
         try:
-            with begin(key):
-                yield
+            with begin(key, also) as rows:
+                yield rows
             pending = self._pending
         finally:
             self._pending = None
         for event in pending:
             self.events.publish(event)
+
+    def with_commit(self, sql: str, params: Any = None) -> bool:
+        """Add a statement to the transaction of the open change() (a shared store: sent with
+        its COMMIT, committed or rolled back with it); False when there is none to add it to
+        (the folder store, or no change() open on this thread)."""
+        add = getattr(self.storage, "on_commit", None)
+        if add is None or self._pending is None:
+            return False
+        return bool(add(sql, params))
 
     def on_writer(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `function` on the writer thread and return its result (or raise its exception).

@@ -54,6 +54,21 @@ class Outcome:
     kept_as: str = ""
     # the message's procedure steps, for what each became (station, modality, start)
     steps: list[order.ProcedureStep] = field(default_factory=list)
+    # (retry key, digest, header) of the message; with a shared retry memory its AA is
+    # remembered in the change's own transaction (`ack`, `remembered`: then done)
+    retry: tuple[str, str, MessageHeader | None] | None = None
+    ack: bytes | None = None
+    remembered: bool = False
+    looked_up: bool = False  # the retry memory was read in the change's first round trip
+
+
+class _Answered(Exception):
+    """Raised inside an order's change that finds the message answered already (a retry sent
+    while the first was being applied, or to another bridge): the change rolls back."""
+
+    def __init__(self, ack: bytes) -> None:
+        super().__init__("answered already")
+        self.ack = ack
 
 
 class RecentAnswers:
@@ -124,28 +139,26 @@ class Bridge:
         header = read_header(raw.strip(b"\r\n\t "))
         digest = hashlib.sha256(raw).hexdigest()
         key = self._retry_key(header, digest)
-        remembered = self._remembered(key)
+        # A shared retry memory is read in the first round trip of an order's change, under
+        # the order's lock; for any other message before it is applied or answered.
+        deferred = key is not None and hasattr(self.retry_memory, "lookup_statement")
+        remembered = None if deferred else self._remembered(key)
         if remembered is not None and remembered[0] == digest:
-            # An engine re-sending after a lost ACK: applied once, answered the same way.
-            ack = remembered[1]
-            self._record(
-                peer,
-                header,
-                None,
-                Outcome(outcomes=["duplicate"]),
-                ack,
-                started,
-                ack_code=_ack_code(ack),
-            )
-            return ack
+            return self._answer_duplicate(peer, header, remembered[1], started)
         message: HL7Message | None = None
-        result = Outcome()
+        result = Outcome(retry=(key, digest, header) if key is not None else None)
         try:
             message = parse_message(raw, self.settings)
             intent = interpret(message, self.settings)
             if isinstance(intent, OrderMessage):
                 result.steps = intent.steps
+            elif deferred:
+                deferred, remembered = False, self._remembered(key)
+                if remembered is not None and remembered[0] == digest:
+                    return self._answer_duplicate(peer, header, remembered[1], started)
             self._apply(message, intent, result)
+        except _Answered as answered:  # the change found it answered: rolled back
+            return self._answer_duplicate(peer, header, answered.ack, started)
         except HL7Error as exc:
             # Without its traceback: the frames would tie the message's text into a reference
             # cycle that only the cyclic collector frees, megabytes a message for large ones.
@@ -159,19 +172,42 @@ class Bridge:
             result.error = HL7Error(
                 APPLICATION_INTERNAL_ERROR, "", f"internal error: {type(exc).__name__}", "AR"
             )
+        if result.error is not None and deferred and not result.looked_up:
+            remembered = self._remembered(key)  # a retry of a refused message: the same answer
+            if remembered is not None and remembered[0] == digest:
+                return self._answer_duplicate(peer, header, remembered[1], started)
         if result.error is not None:
             result.outcomes.append("rejected")  # after the steps a failure left applied, if any
             result.kept_as = self._keep_rejected(raw, header, result.error)
             _add_readable_ids(result, raw, message)
-        ack = build_ack(
-            header,
-            result.ack_code,
-            [result.error] if result.error else [],
-            text=result.error.text if result.error else "",
-        )
-        if key is not None and result.ack_code != "AR":  # AR may be transient: retry afresh
+        if result.error is None and result.ack is not None:
+            ack = result.ack  # the ACK remembered with the change
+        else:
+            ack = build_ack(
+                header,
+                result.ack_code,
+                [result.error] if result.error else [],
+                text=result.error.text if result.error else "",
+            )
+        # AR may be transient: retry afresh
+        if key is not None and result.ack_code != "AR" and not result.remembered:
             self._remember(key, digest, ack)
         self._record(peer, header, message, result, ack, started)
+        return ack
+
+    def _answer_duplicate(
+        self, peer: str, header: MessageHeader | None, ack: bytes, started: float
+    ) -> bytes:
+        """An engine re-sending after a lost ACK: applied once, answered the same way."""
+        self._record(
+            peer,
+            header,
+            None,
+            Outcome(outcomes=["duplicate"]),
+            ack,
+            started,
+            ack_code=_ack_code(ack),
+        )
         return ack
 
     def refuse_oversized(self, head: bytes, peer: str) -> bytes | None:
@@ -224,8 +260,19 @@ class Bridge:
         # The look-ups, checks and writes of the order are one step (on a shared store, under
         # the order's lock in one transaction, committed before the ACK).
         first = self.service.key_of_order(intent.steps[0].identity) if intent.steps else None
-        with self.service.change(first):
+        lookup = self._lookup_statement(result)
+        with self.service.change(first, [lookup] if lookup else []) as rows:
+            if lookup is not None:
+                result.looked_up = True
+                if rows is not None:
+                    answer = self.retry_memory.answer_of(rows[0])
+                else:  # no transaction was begun: on its own
+                    answer = self._remembered(result.retry[0])
+                if answer is not None and answer[0] == result.retry[1]:
+                    raise _Answered(answer[1])  # a retry: nothing is changed
             self._apply_steps(message, intent, planned, result)
+            remembered = self._remember_with_change(result)
+        result.remembered = remembered  # committed with the change
 
     def _apply_steps(
         self,
@@ -429,6 +476,27 @@ class Bridge:
         except StoreError as exc:  # the shared memory is unreachable: evaluated afresh
             log.warning("cannot look up the retry memory: %s", exc)
             return None
+
+    def _lookup_statement(self, result: Outcome) -> tuple[str, tuple] | None:
+        statement = getattr(self.retry_memory, "lookup_statement", None)
+        if statement is None or result.retry is None:
+            return None
+        return statement(result.retry[0])
+
+    def _remember_with_change(self, result: Outcome) -> bool:
+        """On a shared store, the AA of an order goes into the retry memory in the change's
+        own transaction (one commit for both, and no extra round trip): True when it did."""
+        statement = getattr(self.retry_memory, "statement", None)
+        if statement is None or result.retry is None or result.error is not None:
+            return False
+        key, digest, header = result.retry
+        ack = build_ack(header, result.ack_code, [], text="")
+        if len(ack) > MAX_REMEMBERED_ACK or not self.service.with_commit(
+            *statement(key, digest, ack)
+        ):
+            return False
+        result.ack = ack
+        return True
 
     def _remember(self, key: str, digest: str, ack: bytes) -> None:
         if len(ack) > MAX_REMEMBERED_ACK:

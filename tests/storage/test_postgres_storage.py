@@ -294,3 +294,198 @@ def test_the_service_publishes_a_change_only_once_it_committed(tmp_path, dsn):
         raise RuntimeError("a later step failed")
     assert written == [key] and not storage.contains(other)
     assert index.record(storage.path_of(other)) is None
+
+
+def _round_trips(storage: PostgresStorage, work) -> int:
+    """How many times the store's connection waited for the server during `work()` (one
+    ReadyForQuery a round trip: a Sync of the pipeline or a simple query), from libpq's trace
+    of the protocol."""
+    return _round_trips_of(storage.worklist.db, work)
+
+
+def _round_trips_of(db, work) -> int:
+    """The same for any Database's connection."""
+    import tempfile
+
+    import psycopg
+
+    conn = db._connection()
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            work()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return sum("\tReadyForQuery\t" in line for line in trace)
+
+
+def test_a_new_order_s_change_with_its_answer_is_two_round_trips(tmp_path, dsn):
+    """BEGIN, the order's lock and the read in one; the write, the retry memory's record of
+    the answer and the COMMIT in the other. Both are then committed, together."""
+    from bridge.storage.postgres.memory import RetryMemory
+
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT1")
+
+    def change() -> None:
+        with storage.change(key):
+            assert storage.get(key) is None and not storage.contains(key)
+            storage.put(key, make_item("RT1"), "acc:RT1")
+            assert storage.on_commit(*RetryMemory.statement("rt1", "digest", b"MSA|AA|RT1"))
+
+    assert _round_trips(storage, change) == 2
+    memory = RetryMemory(dsn)
+    try:
+        assert memory.lookup("rt1") == ("digest", b"MSA|AA|RT1")
+    finally:
+        memory.close()
+    assert make_storage(tmp_path, dsn).get(key).record.get(ACCESSION_NUMBER) == "RT1"
+    assert storage.worklist.last_seq > 0  # the change number, known once committed
+
+
+def test_a_change_whose_commit_fails_keeps_neither_the_item_nor_the_answer(tmp_path, dsn):
+    from bridge.storage.postgres.memory import RetryMemory
+
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT2")
+    with pytest.raises(StoreError, match="division by zero"):
+        with storage.change(key):
+            storage.put(key, make_item("RT2"), "acc:RT2")
+            storage.on_commit(*RetryMemory.statement("rt2", "digest", b"MSA|AA|RT2"))
+            storage.on_commit("SELECT 1 / 0")  # fails with the COMMIT's round trip
+    memory = RetryMemory(dsn)
+    try:
+        assert memory.lookup("rt2") is None
+    finally:
+        memory.close()
+    assert storage.get(key) is None
+    storage.put(key, make_item("RT2"), "acc:RT2")  # the connection is usable again
+    assert storage.contains(key)
+
+
+def test_a_look_up_after_a_write_in_one_change_sees_the_write(tmp_path, dsn):
+    """The writes of a change wait for its COMMIT, unless a statement comes that must see
+    them (a read of the item, a look-up by identifier): they go first."""
+    storage = make_storage(tmp_path, dsn)
+    key = ItemKey.of_order("acc:RT3")
+    other = ItemKey.of_order("acc:RT4")
+    with storage.change(key):
+        storage.put(key, make_item("RT3", patient_id="PRT3"), "acc:RT3")
+        assert storage.find_by_accession("RT3") == [key]
+        assert storage.contains(key)
+        storage.put(other, make_item("RT4", patient_id="PRT3"), "acc:RT4")  # another order
+        assert len(storage.find_by_patient("PRT3")) == 2
+    assert storage.on_commit("SELECT 1") is False  # no change open any more
+
+
+def _pipeline_on(tmp_path: Path, dsn: str):
+    """(Bridge, its PostgresStorage, its RetryMemory): the pipeline as `serve` builds it on a
+    shared store, in the caller's thread."""
+    import logging
+
+    from bridge.core.events import EventBus
+    from bridge.core.worklist_service import WorklistService
+    from bridge.hl7.pipeline import Bridge
+    from bridge.ops.translation_log import TranslationLog
+    from bridge.storage.index import WorklistIndex
+    from bridge.storage.postgres.memory import RetryMemory
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    settings = Settings(worklist_dir=tmp_path / "wl", store=dsn, rejected_dir=tmp_path / "rejected")
+    storage = PostgresStorage(settings)
+    storage.prepare()
+    index = WorklistIndex(settings, log=logging.getLogger("test"))
+    files = ItemFiles(storage)
+    service = WorklistService(settings, files, index, EventBus(), storage=storage)
+    memory = RetryMemory(dsn)
+    log = TranslationLog(tmp_path / "translation.log")
+    bridge = Bridge(settings, files, index, log, service=service, retry_memory=memory)
+    return bridge, storage, memory
+
+
+def test_the_pipeline_applies_a_new_order_in_two_round_trips_and_answers_its_retry(tmp_path, dsn):
+    """Bridge.handle on the PostgreSQL store with the shared retry memory: a new order is
+    two round trips (the retry memory read and its AA written in the change's own), none on
+    the retry memory's session; a retry of it gets the same ACK bytes and changes nothing."""
+    from tests.messages import orm
+
+    bridge, storage, memory = _pipeline_on(tmp_path, dsn)
+    raw = orm(control_id="RTPIPE1", accession="RTPIPE1").encode()
+    try:
+        memory_trips: list[int] = []
+        acks: list[bytes] = []
+
+        def first() -> None:
+            memory_trips.append(_round_trips_of(memory.db, lambda: acks.append(bridge.handle(raw))))
+
+        assert _round_trips(storage, first) == 2
+        assert memory_trips == [0]
+        assert b"MSA|AA|RTPIPE1" in acks[0]
+        (item_key,) = storage.find_by_accession("RTPIPE1")
+        seq = storage.worklist.db.fetchall(
+            "SELECT seq FROM worklist_items WHERE name = %s", (item_key.identity,)
+        )[0][0]
+        assert bridge.handle(raw) == acks[0]  # the retry: the same bytes, not applied again
+        assert (
+            storage.worklist.db.fetchall(
+                "SELECT seq FROM worklist_items WHERE name = %s", (item_key.identity,)
+            )[0][0]
+            == seq
+        )
+    finally:
+        memory.close()
+        storage.close()
+
+
+def test_one_order_sent_to_two_bridges_at_once_is_applied_once(tmp_path, dsn):
+    """Both copies wait for the order's lock (held here); the one that gets it second reads
+    the retry memory after the first's commit and answers with the first's ACK."""
+    from bridge.hl7.message import parse_message
+    from bridge.hl7.pipeline import interpret
+    from tests.messages import orm
+
+    a, a_storage, a_memory = _pipeline_on(tmp_path / "a", dsn)
+    b, b_storage, b_memory = _pipeline_on(tmp_path / "b", dsn)
+    holder = make_storage(tmp_path, dsn)
+    raw = orm(control_id="RTBOTH1", accession="RTBOTH1").encode()
+    intent = interpret(parse_message(raw, a.settings), a.settings)
+    order_key = a.service.key_of_order(intent.steps[0].identity)
+    acks: dict[str, bytes] = {}
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.change(order_key):
+            held.set()
+            release.wait(WAIT)
+
+    def send(name: str, bridge) -> None:
+        acks[name] = bridge.handle(raw)
+
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    assert held.wait(WAIT)
+    threads += [threading.Thread(target=send, args=(n, br)) for n, br in (("a", a), ("b", b))]
+    for thread in threads[1:]:
+        thread.start()
+    try:
+        waiting, deadline = 0, time.monotonic() + WAIT
+        while waiting < 2 and time.monotonic() < deadline:  # both copies wait for the lock
+            waiting = a_memory.db.fetchall(  # a session of its own, not in a change
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+            )[0][0]
+            time.sleep(0.01)
+        assert waiting >= 2, (acks, waiting)
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+    try:
+        assert set(acks) == {"a", "b"} and b"MSA|AA|RTBOTH1" in acks["a"]
+        assert acks["a"] == acks["b"]  # the second copy got the first's ACK, byte for byte
+        lines = [line for br in (a, b) for line in br.translation_log.path.read_text().splitlines()]
+        assert sum("duplicate" in line for line in lines) == 1, lines
+    finally:
+        for closing in (a_memory, a_storage, b_memory, b_storage, holder):
+            closing.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
@@ -80,6 +80,40 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class Batch:
+    """The open transaction of Database.batched_transaction: `cursor` runs a statement at
+    once (after the deferred ones, so it sees them); `defer` queues one to go with the next
+    statement sent, at the latest with the COMMIT."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self._deferred: list[tuple[str, Any, Callable[[tuple | None], None] | None]] = []
+
+    @property
+    def cursor(self) -> psycopg.Cursor:
+        self.send()
+        return self.conn.cursor()
+
+    def defer(
+        self, sql: str, params: Any = None, then: Callable[[tuple | None], None] | None = None
+    ) -> None:
+        """Send `sql` later; `then(first row or None)` once it ran."""
+        self._deferred.append((sql, params, then))
+
+    def send(self, commit: bool = False) -> None:
+        """The deferred statements (and with `commit`, the COMMIT) in one round trip."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred and not commit:
+            return
+        with self.conn.pipeline():
+            cursors = [self.conn.execute(sql, params) for sql, params, _ in deferred]
+            if commit:
+                self.conn.execute("COMMIT")
+        for cursor, (_sql, _params, then) in zip(cursors, deferred, strict=True):
+            if then is not None:
+                then(cursor.fetchone() if cursor.description is not None else None)
+
+
 class Database:
     """A connection shared by one store's callers (one at a time, under a lock).
 
@@ -94,6 +128,7 @@ class Database:
         self.settings = settings  # server settings of the session (synchronous_commit...)
         self._conn: psycopg.Connection | None = None
         self._lock = threading.RLock()
+        self._batch: Batch | None = None  # the open batched_transaction's
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -139,6 +174,68 @@ class Database:
                     ) from exc
                 raise StoreError(f"database error: {_first_line(exc)}") from exc
 
+    @contextmanager
+    def batched_transaction(
+        self, first: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[tuple[Batch, list[psycopg.Cursor]]]:
+        """A transaction whose statements travel together (psycopg's pipeline mode): BEGIN
+        and the `first` statements in one round trip (their cursors are yielded, results
+        read), and the statements the block `defer`s sent with the COMMIT in one more. The
+        COMMIT has succeeded when the block ends without an exception (then each deferred
+        statement's `then` got its row); on an exception nothing is committed."""
+        with self._lock:
+            reused = self._conn is not None and not (self._conn.closed or self._conn.broken)
+            for last in (not reused, True):
+                conn = self._connection()
+                try:
+                    with conn.pipeline():
+                        conn.execute("BEGIN")
+                        cursors = [conn.execute(sql, params) for sql, params in first]
+                    break
+                except psycopg.OperationalError as exc:
+                    # a kept connection the server dropped since: nothing was done (as _begin)
+                    self._drop()
+                    if last:
+                        raise StoreUnavailable(
+                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                        ) from exc
+                except psycopg.Error as exc:
+                    self._rollback_or_drop(conn)
+                    raise StoreError(f"database error: {_first_line(exc)}") from exc
+            batch = self._batch = Batch(conn)
+            try:
+                yield batch, cursors
+                self._batch = None
+                batch.send(commit=True)
+            except psycopg.OperationalError as exc:
+                self._drop()
+                raise StoreUnavailable(
+                    f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                ) from exc
+            except psycopg.Error as exc:
+                self._rollback_or_drop(conn)
+                if self._conn is None:
+                    raise StoreUnavailable(
+                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
+                    ) from exc
+                raise StoreError(f"database error: {_first_line(exc)}") from exc
+            except BaseException:
+                self._rollback_or_drop(conn)
+                raise
+            finally:
+                self._batch = None
+
+    def _rollback_or_drop(self, conn: psycopg.Connection) -> None:
+        """End a failed or abandoned transaction; a connection that cannot is dropped."""
+        if conn.closed or conn.broken:
+            self._drop()
+            return
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+        except psycopg.Error:
+            self._drop()
+
     def run(self, work: Callable[[psycopg.Cursor], T]) -> T:
         """`work(cursor)` in one transaction."""
         with self.transaction() as cursor:
@@ -160,6 +257,8 @@ class Database:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     # part of this thread's open transaction(), which turns an error into
                     # StoreError / StoreUnavailable and rolls back
+                    if self._batch is not None:
+                        self._batch.send()  # what it deferred first: this statement sees it
                     cursor = conn.execute(sql, params)
                     return cursor.fetchall() if rows else None
             # A kept connection the server dropped since fails before anything was done:

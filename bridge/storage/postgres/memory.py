@@ -28,8 +28,18 @@ class RetryMemory:
         self.db.close()
 
     def lookup(self, key: str) -> tuple[str, bytes] | None:
-        rows = self.db.fetchall("SELECT digest, ack FROM recent_messages WHERE key = %s", (key,))
-        return (rows[0][0], bytes(rows[0][1])) if rows else None
+        rows = self.db.fetchall(*self.lookup_statement(key))
+        return self.answer_of(rows[0] if rows else None)
+
+    @staticmethod
+    def lookup_statement(key: str) -> tuple[str, tuple]:
+        """The statement lookup() runs; the pipeline sends it in the first round trip of an
+        order's change, under the order's lock (answer_of reads its row)."""
+        return "SELECT digest, ack FROM recent_messages WHERE key = %s", (key,)
+
+    @staticmethod
+    def answer_of(row: tuple | None) -> tuple[str, bytes] | None:
+        return (row[0], bytes(row[1])) if row else None
 
     def remember(self, key: str, digest: str, ack: bytes) -> None:
         """Committed before returning: the ACK it remembers is sent after it, and every bridge
@@ -38,7 +48,14 @@ class RetryMemory:
         answers of a fraction of a second, and a retry of one of those is then evaluated
         afresh (the worklist change it answered is durable, and applying it again is a
         no-op for the item)."""
-        self.db.execute(
+        self.db.execute(*self.statement(key, digest, ack))
+
+    @staticmethod
+    def statement(key: str, digest: str, ack: bytes) -> tuple[str, tuple]:
+        """The statement that remembers an answer: what remember() runs, and what the
+        pipeline sends with the COMMIT of an order's change (the answer then is exactly as
+        durable as the change, and costs no round trip of its own)."""
+        return (
             "INSERT INTO recent_messages (key, digest, ack) VALUES (%s, %s, %s)"
             " ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,"
             " ack = EXCLUDED.ack, at = now()",

@@ -19,7 +19,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -234,8 +234,8 @@ class PostgresStorage:
         # a new item's plain elements give its record cheaply; a Dataset's from its bytes
         record = None if isinstance(item, Dataset) else record_from_elements(item.elements)
         self._forget(key)
-        seq = self.worklist.put(self._row_key(key), data, record)
-        self._mark(key, seq)
+        # inside a change() the write goes with its COMMIT: the number is known then
+        self.worklist.put(self._row_key(key), data, record, lambda seq: self._mark(key, seq))
 
     def delete(self, key: ItemKey) -> bool:
         self._forget(key)
@@ -245,20 +245,27 @@ class PostgresStorage:
         return removed
 
     @contextmanager
-    def change(self, key: ItemKey) -> Iterator[None]:
+    def change(
+        self, key: ItemKey, also: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None]]:
         """A read-modify-write of one order, serialised with every other bridge (one
-        transaction under the order's lock, committed when the block ends)."""
+        transaction under the order's lock, committed when the block ends). The block gets
+        the first row of each `also` statement, run after the lock in the same round trip."""
         marks: list[tuple[ItemKey, int]] = []
-        with self.worklist.change(self._row_key(key)):
+        with self.worklist.change(self._row_key(key), also) as rows:
             self._change_reads = (threading.get_ident(), {})
             self._pending_marks = (threading.get_ident(), marks)
             try:
-                yield
+                yield rows
             finally:
                 self._change_reads = None
                 self._pending_marks = None
         for marked, seq in marks:  # committed
             self._mark(marked, seq)
+
+    def on_commit(self, sql: str, params: Any = None) -> bool:
+        """A statement sent with the COMMIT of this thread's open change(); False: none open."""
+        return self.worklist.on_commit(sql, params)
 
     def _keys(self, where: str, params: tuple) -> list[ItemKey]:
         rows = self.worklist.db.fetchall(

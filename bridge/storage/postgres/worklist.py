@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -121,9 +121,47 @@ def columns_of_record(record: Record) -> dict[str, str]:
     }
 
 
-def _lock_order(cursor: psycopg.Cursor, key: ItemKey) -> None:
+def _lock_statement(key: ItemKey) -> tuple[str, tuple]:
     lock_name = f"{key.partition}/{item_name(key.identity)}"
-    cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock_name,))
+    return "SELECT pg_advisory_xact_lock(hashtext(%s))", (lock_name,)
+
+
+def _lock_order(cursor: psycopg.Cursor, key: ItemKey) -> None:
+    cursor.execute(*_lock_statement(key))
+
+
+def _read_statement(key: ItemKey) -> tuple[str, tuple]:
+    return (
+        "SELECT data, seq FROM worklist_items WHERE partition = %s AND name = %s AND NOT deleted",
+        (key.partition, item_name(key.identity)),
+    )
+
+
+# The upsert and its NOTIFY in one statement (one round trip fewer a change).
+UPSERT = (
+    "WITH written AS ("
+    "INSERT INTO worklist_items (partition, name, identity, data, deleted,"
+    " patient_id, issuer, accession, placer, filler, study_uid, sps_id, status,"
+    " seq, origin)"
+    " VALUES (%(partition)s, %(name)s, %(identity)s, %(data)s, false,"
+    " %(patient_id)s, %(issuer)s, %(accession)s, %(placer)s, %(filler)s,"
+    " %(study_uid)s, %(sps_id)s, %(status)s, nextval('worklist_change_seq'),"
+    " %(origin)s)"
+    " ON CONFLICT (partition, name) DO UPDATE SET"
+    " identity = CASE WHEN EXCLUDED.identity LIKE 'name:%%'"
+    "   THEN worklist_items.identity ELSE EXCLUDED.identity END,"
+    " data = EXCLUDED.data, deleted = false, patient_id = EXCLUDED.patient_id,"
+    " issuer = EXCLUDED.issuer, accession = EXCLUDED.accession,"
+    " placer = EXCLUDED.placer, filler = EXCLUDED.filler,"
+    " study_uid = EXCLUDED.study_uid, sps_id = EXCLUDED.sps_id,"
+    " status = EXCLUDED.status, seq = EXCLUDED.seq, origin = EXCLUDED.origin,"
+    " updated_at = now()"
+    " RETURNING seq)"
+    " SELECT seq, pg_notify(%(channel)s, json_strip_nulls(json_build_object("
+    "'seq', seq, 'kind', 'put', 'partition', %(partition)s::text,"
+    " 'origin', %(origin)s::text, 'identity', %(notified)s::text))::text)"
+    " FROM written"
+)
 
 
 def _notify(cursor: psycopg.Cursor, kind: str, key: ItemKey, seq: int, origin: str) -> None:
@@ -142,7 +180,7 @@ class PostgresWorklist:
         self.origin = origin or uuid.uuid4().hex
         self.scanned_seq = 0  # the change number the last scan() started from
         self.last_seq = 0  # the change number of this object's last put or delete
-        self._open = threading.local()  # the cursor of an open change()
+        self._open = threading.local()  # the batch of an open change(), its locks and reads
         self._listener: ChangeListener | None = None
 
     def prepare(self) -> None:
@@ -157,25 +195,47 @@ class PostgresWorklist:
     # -- changes -------------------------------------------------------------------------
 
     @contextmanager
-    def change(self, key: ItemKey) -> Iterator[None]:
+    def change(
+        self, key: ItemKey, also: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[list[tuple | None]]:
         """Serialise a read-modify-write of one order with every other bridge: get/put/delete
         inside the block run in one transaction under the order's lock, committed at the end
-        (an ACK follows the block, never comes from inside it)."""
-        if getattr(self._open, "cursor", None) is not None:
+        (an ACK follows the block, never comes from inside it).
+
+        Two round trips for a change that reads and writes its order: BEGIN, the lock and
+        the read of the row in one (the read is its own statement after the lock, so it sees
+        what the lock's previous holder committed); the writes go with the COMMIT. The block
+        gets the first row (or None) of each `also` statement, run after the read."""
+        if getattr(self._open, "batch", None) is not None:
             raise StoreError("change() blocks do not nest")
-        with self.db.transaction() as cursor:
-            _lock_order(cursor, key)
-            self._open.cursor = cursor
+        first = [_lock_statement(key), _read_statement(key), *also]
+        with self.db.batched_transaction(first) as (batch, cursors):
+            row = cursors[1].fetchone()
+            rows = [cursor.fetchone() for cursor in cursors[2:]]
+            self._open.batch = batch
             self._open.locked = {key}
+            self._open.read = {key: StoredItem(bytes(row[0]), row[1]) if row else None}
+            self._open.numbered = False
             try:
-                yield
+                yield rows
             finally:
-                self._open.cursor = None
+                self._open.batch = None
                 self._open.locked = set()
+                self._open.read = {}
+
+    def on_commit(self, sql: str, params: Any = None) -> bool:
+        """Send `sql` with the COMMIT of this thread's open change() (part of its transaction);
+        False when no change() is open."""
+        batch = getattr(self._open, "batch", None)
+        if batch is None:
+            return False
+        batch.defer(sql, params)
+        return True
 
     def _work(self, key: ItemKey, work: Callable[[psycopg.Cursor], Any]) -> Any:
-        cursor = getattr(self._open, "cursor", None)
-        if cursor is not None:
+        batch = getattr(self._open, "batch", None)
+        if batch is not None:
+            cursor = batch.cursor  # after the statements deferred so far
             if key not in self._open.locked:  # another key of the same change
                 _lock_order(cursor, key)
                 self._open.locked.add(key)
@@ -186,65 +246,63 @@ class PostgresWorklist:
 
     def get(self, key: ItemKey) -> StoredItem | None:
         def read(cursor: psycopg.Cursor) -> StoredItem | None:
-            cursor.execute(
-                "SELECT data, seq FROM worklist_items"
-                " WHERE partition = %s AND name = %s AND NOT deleted",
-                (key.partition, item_name(key.identity)),
-            )
+            cursor.execute(*_read_statement(key))
             row = cursor.fetchone()
             return StoredItem(bytes(row[0]), row[1]) if row else None
 
-        if getattr(self._open, "cursor", None) is not None:
+        if getattr(self._open, "batch", None) is not None:
+            if key in self._open.read:  # read with the lock, unchanged since
+                return self._open.read[key]
             return self._work(key, read)
         with self.db.transaction() as cursor:  # a plain read takes no lock
             return read(cursor)
 
-    def put(self, key: ItemKey, item: StoredItem | bytes, record: Record | None = None) -> int:
-        """Store the item durably (committed before returning); returns its change number.
+    def put(
+        self,
+        key: ItemKey,
+        item: StoredItem | bytes,
+        record: Record | None = None,
+        numbered: Callable[[int], None] | None = None,
+    ) -> int | None:
+        """Store the item durably; returns its change number (`numbered(seq)` is called with
+        it too). Outside a change() committed before returning; inside one the write goes
+        with the change's COMMIT: then None, and `numbered` is called once it committed.
         `record`: the item's record when the caller has it (else read from the bytes)."""
         data = item.data if isinstance(item, StoredItem) else bytes(item)
         columns = columns_of_record(record) if record is not None else columns_of(data)
+        params = {
+            "partition": key.partition,
+            "name": item_name(key.identity),
+            "identity": key.identity,
+            "data": data,
+            "origin": self.origin,
+            "channel": CHANNEL,
+            "notified": key.identity if len(key.identity) <= MAX_NOTIFY_IDENTITY else None,
+            **columns,
+        }
+
+        def written(seq: int) -> int:
+            self.last_seq = seq
+            if numbered is not None:
+                numbered(seq)
+            return seq
+
+        batch = getattr(self._open, "batch", None)
+        if batch is not None:
+            if key not in self._open.locked:
+                _lock_order(batch.cursor, key)
+                self._open.locked.add(key)
+            self._open.read.pop(key, None)
+            if not self._open.numbered:  # held until the commit: once is enough
+                batch.defer("SELECT pg_advisory_xact_lock(%s)", (SEQUENCE_LOCK,))
+                self._open.numbered = True
+            batch.defer(UPSERT, params, lambda row: written(row[0]))
+            return None
 
         def write(cursor: psycopg.Cursor) -> int:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SEQUENCE_LOCK,))
-            # The upsert and its NOTIFY in one statement (one round trip fewer a change).
-            cursor.execute(
-                "WITH written AS ("
-                "INSERT INTO worklist_items (partition, name, identity, data, deleted,"
-                " patient_id, issuer, accession, placer, filler, study_uid, sps_id, status,"
-                " seq, origin)"
-                " VALUES (%(partition)s, %(name)s, %(identity)s, %(data)s, false,"
-                " %(patient_id)s, %(issuer)s, %(accession)s, %(placer)s, %(filler)s,"
-                " %(study_uid)s, %(sps_id)s, %(status)s, nextval('worklist_change_seq'),"
-                " %(origin)s)"
-                " ON CONFLICT (partition, name) DO UPDATE SET"
-                " identity = CASE WHEN EXCLUDED.identity LIKE 'name:%%'"
-                "   THEN worklist_items.identity ELSE EXCLUDED.identity END,"
-                " data = EXCLUDED.data, deleted = false, patient_id = EXCLUDED.patient_id,"
-                " issuer = EXCLUDED.issuer, accession = EXCLUDED.accession,"
-                " placer = EXCLUDED.placer, filler = EXCLUDED.filler,"
-                " study_uid = EXCLUDED.study_uid, sps_id = EXCLUDED.sps_id,"
-                " status = EXCLUDED.status, seq = EXCLUDED.seq, origin = EXCLUDED.origin,"
-                " updated_at = now()"
-                " RETURNING seq)"
-                " SELECT seq, pg_notify(%(channel)s, json_strip_nulls(json_build_object("
-                "'seq', seq, 'kind', 'put', 'partition', %(partition)s::text,"
-                " 'origin', %(origin)s::text, 'identity', %(notified)s::text))::text)"
-                " FROM written",
-                {
-                    "partition": key.partition,
-                    "name": item_name(key.identity),
-                    "identity": key.identity,
-                    "data": data,
-                    "origin": self.origin,
-                    "channel": CHANNEL,
-                    "notified": key.identity if len(key.identity) <= MAX_NOTIFY_IDENTITY else None,
-                    **columns,
-                },
-            )
-            seq = cursor.fetchone()[0]
-            self.last_seq = seq
-            return seq
+            cursor.execute(UPSERT, params)
+            return written(cursor.fetchone()[0])
 
         return self._work(key, write)
 
@@ -252,6 +310,8 @@ class PostgresWorklist:
         """Remove the item durably; False when there was none."""
 
         def remove(cursor: psycopg.Cursor) -> bool:
+            if getattr(self._open, "batch", None) is not None:
+                self._open.read.pop(key, None)
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SEQUENCE_LOCK,))
             cursor.execute(
                 "UPDATE worklist_items SET deleted = true, data = NULL,"
