@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,18 +133,24 @@ def settle(pid: int, timeout: float = 120.0) -> None:
 
 
 class BridgeUnderLoad:
-    """`wlbridge serve` on the generated folder (per-ae layout, so the bridge's own orders land
-    beside the generated items in the AE folder and every query scans the same partition)."""
+    """`wlbridge serve` on a copy of the generated folder (per-ae layout, so the bridge's own
+    orders land beside the generated items in the AE folder and every query scans the same
+    partition). The copy is of hard links: the bridge replaces files by renaming, so the
+    generated folder keeps its N items for the next run and for the peers."""
 
     def __init__(self, root: Path, logs: Path, options: list[str] = ()) -> None:
         self.mllp_port, self.dicom_port = _free_port(), _free_port()
+        served = logs / "worklist"
+        shutil.copytree(root, served, copy_function=os.link)
+        root = served
         cmd = [
             sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1",
             "--mllp-port", str(self.mllp_port), "--dicom-port", str(self.dicom_port),
             "--ae-title", AE_FOLDER, "--worklist-dir", str(root),
             "--worklist-layout", "per-ae", "--max-associations", "200",
             "--translation-log", str(logs / "translation.log"),
-            "--rejected-dir", str(logs / "rejected"), *options,
+            "--rejected-dir", str(logs / "rejected"), "--mpps-dir", str(logs / "mpps"),
+            "--outbox-dir", str(logs / "outbox"), *options,
         ]  # fmt: skip
         self.log = open(logs / "server.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
