@@ -11,7 +11,7 @@ accession, placer or filler number) and lets the others go, as the folder outbox
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -57,6 +57,21 @@ _STORED = (
 )
 
 
+def _insert(
+    cursor: psycopg.Cursor, receiver: str, control_id: str, data: bytes, order_keys: Iterable[str]
+) -> int:
+    """One message at the end of its receiver's queue (the lane made on first use)."""
+    cursor.execute(
+        "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING", (receiver,)
+    )
+    cursor.execute(
+        "INSERT INTO outbox_messages (receiver, control_id, data, order_keys)"
+        " VALUES (%s, %s, %s, %s) RETURNING id",
+        (receiver, control_id, data, sorted(order_keys)),
+    )
+    return cursor.fetchone()[0]
+
+
 class PostgresOutbox:
     def __init__(self, dsn: str, bridge_id: str) -> None:
         self.db = Database(dsn)
@@ -74,19 +89,7 @@ class PostgresOutbox:
     ) -> int:
         """Write a message durably (committed before returning); returns its id."""
 
-        def insert(cursor: psycopg.Cursor) -> int:
-            cursor.execute(
-                "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING",
-                (receiver,),
-            )
-            cursor.execute(
-                "INSERT INTO outbox_messages (receiver, control_id, data, order_keys)"
-                " VALUES (%s, %s, %s, %s) RETURNING id",
-                (receiver, control_id, data, sorted(order_keys)),
-            )
-            return cursor.fetchone()[0]
-
-        return self.db.run(insert)
+        return self.db.run(lambda cursor: _insert(cursor, receiver, control_id, data, order_keys))
 
     def enqueue_built(
         self, receiver: str, build: Callable[[int], tuple[str, bytes, set[str]]]
@@ -97,16 +100,7 @@ class PostgresOutbox:
         def insert(cursor: psycopg.Cursor) -> int:
             cursor.execute("SELECT nextval('outbox_control_seq')")
             control_id, data, order_keys = build(cursor.fetchone()[0])
-            cursor.execute(
-                "INSERT INTO outbox_lanes (receiver) VALUES (%s) ON CONFLICT DO NOTHING",
-                (receiver,),
-            )
-            cursor.execute(
-                "INSERT INTO outbox_messages (receiver, control_id, data, order_keys)"
-                " VALUES (%s, %s, %s, %s) RETURNING id",
-                (receiver, control_id, data, sorted(order_keys)),
-            )
-            return cursor.fetchone()[0]
+            return _insert(cursor, receiver, control_id, data, order_keys)
 
         return self.db.run(insert)
 
