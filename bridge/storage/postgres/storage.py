@@ -35,6 +35,7 @@ from bridge.storage.postgres.worklist import (
     PostgresWorklist,
     item_name,
     record_of,
+    record_text,
 )
 from bridge.storage.postgres.worklist import (
     StoredItem as PgStoredItem,
@@ -78,12 +79,6 @@ def item_bytes(item: Dataset | PlainItem, order_identity: str | None, name: str)
     if body is None:  # something only pydicom writes
         return encode_file(item.to_dataset(), uid)
     return _file_meta(uid) + body
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, tuple):
-        value = value[0] if value else ""
-    return value if isinstance(value, str) else ""
 
 
 class PostgresStorage:
@@ -312,7 +307,7 @@ class PostgresStorage:
                     record = record_of(bytes(data))
                 except StoreError:
                     continue
-                if _text(record.get(REQUESTED_PROCEDURE_ID)) != requested:
+                if record_text(record.get(REQUESTED_PROCEDURE_ID)) != requested:
                     continue
             found.append(ItemKey(partition, name))
         return found

@@ -94,7 +94,8 @@ def record_of(data: bytes) -> Record:
     return record
 
 
-def _text(value: Any) -> str:
+def record_text(value: Any) -> str:
+    """A record value as one string (the first of several; '' for anything else)."""
     if isinstance(value, tuple):
         value = value[0] if value else ""
     return value if isinstance(value, str) else ""
@@ -110,14 +111,14 @@ def columns_of_record(record: Record) -> dict[str, str]:
     steps = record.get(SPS_SEQUENCE) or ()
     step = steps[0] if steps and isinstance(steps[0], Record) else None
     return {
-        "patient_id": _text(record.get(PATIENT_ID)),
-        "issuer": _text(record.get(ISSUER_OF_PATIENT_ID)),
-        "accession": _text(record.get(ACCESSION_NUMBER)),
-        "placer": _text(record.get(PLACER_ORDER)),
-        "filler": _text(record.get(FILLER_ORDER)),
-        "study_uid": _text(record.get(STUDY_INSTANCE_UID)),
-        "sps_id": _text(step.get(SPS_ID)) if step is not None else "",
-        "status": _text(step.get(SPS_STATUS)) if step is not None else "",
+        "patient_id": record_text(record.get(PATIENT_ID)),
+        "issuer": record_text(record.get(ISSUER_OF_PATIENT_ID)),
+        "accession": record_text(record.get(ACCESSION_NUMBER)),
+        "placer": record_text(record.get(PLACER_ORDER)),
+        "filler": record_text(record.get(FILLER_ORDER)),
+        "study_uid": record_text(record.get(STUDY_INSTANCE_UID)),
+        "sps_id": record_text(step.get(SPS_ID)) if step is not None else "",
+        "status": record_text(step.get(SPS_STATUS)) if step is not None else "",
     }
 
 
