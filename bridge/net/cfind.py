@@ -25,7 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
 from bridge.config import Settings
-from bridge.dicom.matching import AnswerEncoder, QueryError, SearchStopped, compile_query
+from bridge.dicom.matching import AnswerEncoder, Query, QueryError, SearchStopped, compile_query
 from bridge.net.pynetdicom_internals import (
     FastSender,
     Limits,
@@ -86,11 +86,13 @@ class WorklistSCP:
         # Called before each search: a DICOM worker's index catches up with the writer there.
         self.before_query: Callable[[], None] | None = None
         self.association_counts: tuple[Any, int] | None = None  # workers: (shared array, slot)
+        self.accept_gate: Any = None  # a DICOM worker's AcceptGate: told of each connection
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
         self.tuning = Tuning(settings.dicom_speedups)
         self.answer_cache = AnswerCache(own_items_only=settings.own_items_only)
+        self.compiled_queries = CompiledQueries(own_items_only=settings.own_items_only)
         self.limits = Limits(
             max_pdu=16382,  # what we advertise: the AE's maximum_pdu_size (pynetdicom's default)
             max_associate_request=settings.max_associate_request_size,
@@ -110,9 +112,13 @@ class WorklistSCP:
         ]
 
     def on_open(self, event: Any) -> None:
+        if self.accept_gate is not None:
+            self.accept_gate.opened(event.assoc)
         prepare_association(event.assoc, self.tuning, self.limits)
 
     def on_close(self, event: Any) -> None:
+        if self.accept_gate is not None:
+            self.accept_gate.closed(event.assoc)
         if self.association_counts is not None:  # this one is still counted as open
             self._open_associations(event.assoc, leaving=event.assoc)
 
@@ -156,6 +162,14 @@ class WorklistSCP:
             assoc.acse.send_reject(*_REJECT_BUSY)
             assoc.kill()
 
+    def _compile(self, event: Any, calling: str) -> Query:
+        return compile_query(
+            event.identifier,
+            pn_case_insensitive=self.settings.pn_case_insensitive,
+            hidden_statuses=self.hidden,
+            station_aet=calling if self.settings.own_items_only else None,
+        )
+
     def on_echo(self, event: Any) -> int:
         return 0x0000
 
@@ -169,13 +183,7 @@ class WorklistSCP:
         sent = total = 0
         try:
             try:
-                identifier = event.identifier
-                query = compile_query(
-                    identifier,
-                    pn_case_insensitive=self.settings.pn_case_insensitive,
-                    hidden_statuses=self.hidden,
-                    station_aet=calling if self.settings.own_items_only else None,
-                )
+                query = self.compiled_queries.query(event, calling, self._compile)
             except QueryError as exc:
                 outcome = f"refused ({exc})"
                 yield _failure(IDENTIFIER_ERROR, str(exc), exc.tag), None
@@ -301,6 +309,44 @@ class WorklistSCP:
 
 # Answers written at once by the direct path: a C-CANCEL is noticed between two batches.
 ANSWER_BATCH = 16
+
+
+class CompiledQueries:
+    """The compiled form of recent identifiers, by their bytes as the SCU sent them: a modality
+    that polls asks the same question each time, and decoding and compiling it again took a
+    tenth of a worker's time. A compiled query is immutable but for its per-search state
+    (guard, count), which each search gets fresh in a copy. Bounded: QUERIES identifiers, the
+    least recently used dropped first; identifiers longer than LONGEST are not kept."""
+
+    QUERIES = 256
+    LONGEST = 4096  # bytes
+
+    def __init__(self, own_items_only: bool) -> None:
+        self.own_items_only = own_items_only  # the calling AE title is then part of the query
+        self.compiled: collections.OrderedDict[tuple, Query] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def query(self, event: Any, calling: str, compile_: Callable[[Any, str], Query]) -> Query:
+        """The event's identifier compiled (by `compile_(event, calling)` unless kept)."""
+        try:
+            raw = event.request.Identifier.getvalue()
+            syntax = str(event.context.transfer_syntax)
+        except AttributeError:
+            return compile_(event, calling)
+        if len(raw) > self.LONGEST:
+            return compile_(event, calling)
+        key = (raw, syntax, calling if self.own_items_only else None)
+        with self.lock:
+            kept = self.compiled.get(key)
+            if kept is not None:
+                self.compiled.move_to_end(key)
+        if kept is None:
+            kept = compile_(event, calling)  # a QueryError is not kept: it is cheap to repeat
+            with self.lock:
+                self.compiled[key] = kept
+                if len(self.compiled) > self.QUERIES:
+                    self.compiled.popitem(last=False)
+        return dataclasses.replace(kept, guard=None, matched=0)
 
 
 class AnswerCache:
@@ -431,6 +477,7 @@ def start_dicom_server(
     listening_socket: socket.socket | None = None,  # a DICOM worker's, shared with the others
     before_query: Callable[[], None] | None = None,
     association_counts: tuple[Any, int] | None = None,  # (shared array, this worker's slot)
+    accept_gate: Any = None,  # a DICOM worker's: accept only while it has room
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
     blocking. Stop it with `server.ae.shutdown()` (aborts open associations too)."""
@@ -438,6 +485,7 @@ def start_dicom_server(
     scp = WorklistSCP(settings, index, on_query)
     scp.before_query = before_query
     scp.association_counts = association_counts
+    scp.accept_gate = accept_gate
     scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())
     if not scp.tuning.bounds:
@@ -451,6 +499,7 @@ def start_dicom_server(
         handshake_timeout=settings.acse_timeout,
         ssl_context=ssl_context,
         listening_socket=listening_socket,
+        accept_gate=accept_gate,
     )
     server.worklist_scp = scp  # for tests and metrics: its answer cache, its limits
     return server

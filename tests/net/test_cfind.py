@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom import Dataset
@@ -18,8 +20,8 @@ from bench.cfind import c_find
 from bench.worklist_items import generate, make_item, write_item
 from bench.worklist_items import query as q
 from bridge.config import Settings
-from bridge.dicom.matching import REQUIRED_TOP
-from bridge.net.cfind import start_dicom_server
+from bridge.dicom.matching import REQUIRED_TOP, QueryError, compile_query
+from bridge.net.cfind import CompiledQueries, start_dicom_server
 from bridge.storage.index import WorklistIndex
 from tests import peers
 
@@ -587,3 +589,65 @@ def test_the_answer_cache_holds_at_most_its_total_over_all_queries(tmp_path, mon
                 assert held == len(cache) <= AnswerCache.TOTAL
     finally:
         server.ae.shutdown()
+
+
+class _Identified:
+    """What CompiledQueries reads of a C-FIND event."""
+
+    def __init__(self, raw: bytes, syntax: str = "1.2.840.10008.1.2.1") -> None:
+        self.request = SimpleNamespace(Identifier=io.BytesIO(raw))
+        self.context = SimpleNamespace(transfer_syntax=syntax)
+
+
+def _counting_compiler(calls: list):
+    def compile_(event, calling):
+        calls.append((event.request.Identifier.getvalue(), calling))
+        return compile_query(q(sps={"ScheduledStationAETitle": calling}))
+
+    return compile_
+
+
+def test_an_identifier_asked_again_is_compiled_once_and_each_search_gets_its_own_state():
+    cache = CompiledQueries(own_items_only=False)
+    calls: list = []
+    first = cache.query(_Identified(b"same"), "CT1", _counting_compiler(calls))
+    first.guard, first.matched = (lambda: None), 99  # one search's state
+    second = cache.query(_Identified(b"same"), "CT2", _counting_compiler(calls))
+    assert len(calls) == 1
+    assert second is not first and second.guard is None and second.matched == 0
+    assert second.tests is first.tests  # the compiled part is shared
+    cache.query(_Identified(b"same", "1.2.840.10008.1.2"), "CT1", _counting_compiler(calls))
+    cache.query(_Identified(b"other"), "CT1", _counting_compiler(calls))
+    assert len(calls) == 3  # another transfer syntax, another identifier: compiled
+
+
+def test_with_own_items_only_the_calling_ae_title_is_part_of_the_compiled_query():
+    cache = CompiledQueries(own_items_only=True)
+    calls: list = []
+    cache.query(_Identified(b"same"), "CT1", _counting_compiler(calls))
+    cache.query(_Identified(b"same"), "CT2", _counting_compiler(calls))
+    cache.query(_Identified(b"same"), "CT1", _counting_compiler(calls))
+    assert [calling for _raw, calling in calls] == ["CT1", "CT2"]
+
+
+def test_refused_long_and_many_identifiers_stay_bounded():
+    cache = CompiledQueries(own_items_only=False)
+    calls: list = []
+
+    def refuse(event, calling):
+        calls.append(calling)
+        raise QueryError("bad range")
+
+    for _ in range(2):
+        with pytest.raises(QueryError):
+            cache.query(_Identified(b"bad"), "CT1", refuse)
+    assert len(calls) == 2  # a refusal is not kept
+    long = b"x" * (CompiledQueries.LONGEST + 1)
+    for _ in range(2):
+        cache.query(_Identified(long), "CT1", _counting_compiler(calls))
+    assert len(calls) == 4  # nor an identifier longer than LONGEST
+    for n in range(CompiledQueries.QUERIES + 10):
+        cache.query(_Identified(b"q%d" % n), "CT1", _counting_compiler(calls))
+    assert len(cache.compiled) == CompiledQueries.QUERIES
+    cache.query(_Identified(b"q0"), "CT1", _counting_compiler(calls))  # the oldest went first
+    assert calls[-1] == (b"q0", "CT1")

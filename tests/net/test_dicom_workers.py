@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from bench.cfind import _associate_rq, _encode, c_find
 from bench.load import listen_drops
 from bench.worklist_items import query as q
 from bridge.net.client import worklist_query
+from bridge.net.dicom_workers import ACCEPT_ROOM, AcceptGate
 from tests.conftest import start_bridge
 from tests.dicom.test_mpps import in_progress, mpps_records, n_create, statuses, stored_statuses
 from tests.messages import orm
@@ -312,3 +314,68 @@ def test_max_associations_is_the_whole_servers_limit_whichever_worker_accepts(tm
         code = running.stop()
     assert code == 0, "".join(running.stderr_lines)
     assert any("LIMIT" in line and "max-associations" in line for line in running.stderr_lines)
+
+
+def test_the_accept_gate_has_room_until_room_connections_are_fresh():
+    gate = AcceptGate(room=2, fresh_for=60)
+    started = time.monotonic()
+    gate.opened("a")
+    gate.wait_for_room(longest=30)  # one fresh of two: room
+    assert time.monotonic() - started < 10
+    gate.opened("b")
+    waiter = threading.Thread(target=gate.wait_for_room, kwargs={"longest": 30})
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # two fresh: the next connection waits in the kernel's queue
+    gate.closed("a")
+    waiter.join(10)
+    assert not waiter.is_alive()  # a closed connection makes room at once
+
+
+def test_a_connection_counts_against_the_gate_for_fresh_for_seconds_at_most():
+    """An idle association (or a slow peer) never keeps a worker from accepting for long."""
+    gate = AcceptGate(room=1, fresh_for=0.1)
+    gate.opened("idle")
+    started = time.monotonic()
+    gate.wait_for_room(longest=30)
+    waited = time.monotonic() - started
+    assert 0.05 <= waited < 10
+    gate.closed("never-opened")  # a connection the gate never saw (accepted before it)
+    gate.closed("idle")
+    gate.closed("idle")  # told twice: no harm
+
+
+def _accessions(assoc, accession: str) -> list[str]:
+    return [
+        ds.AccessionNumber for status, ds in assoc.send_c_find(
+            worklist_query(accession=accession), ModalityWorklistInformationFind
+        ) if status is not None and status.Status in (0xFF00, 0xFF01)
+    ]  # fmt: skip
+
+
+def test_idle_associations_never_stop_the_workers_accepting(tmp_path):
+    """More idle associations than both workers' room together: new modalities are still
+    accepted and answered, and the idle ones still work afterwards."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "40")
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    idle = []
+    try:
+        for _ in range(2 * ACCEPT_ROOM + 2):
+            assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+            assert assoc.is_established
+            idle.append(assoc)
+        ack = raw_send(running.mllp_port, orm(control_id="I1", accession="IDLE1"))
+        assert msa(ack)[0] == "AA"
+        for _ in range(6):  # each on an association of its own
+            fresh = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+            assert fresh.is_established
+            assert _accessions(fresh, "IDLE1") == ["IDLE1"]
+            fresh.release()
+        for assoc in idle:
+            assert _accessions(assoc, "IDLE1") == ["IDLE1"]
+    finally:
+        for assoc in idle:
+            assoc.release()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)

@@ -4,6 +4,7 @@ then re-read the upstream code, adapt the copy, and update the version and the h
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pynetdicom
@@ -198,3 +199,19 @@ def test_a_served_c_find_ends_with_the_quick_final_response(tmp_path):
         status, answers, _ = find(port, query({}, AccessionNumber=""))
     assert status == 0 and len(answers) == 3
     assert calls() == before + 1
+
+
+def test_the_contexts_copied_for_an_association_equal_a_deepcopy_and_share_no_list():
+    ae = AE()
+    ae.add_supported_context(Verification)
+    ae.add_supported_context("1.2.840.10008.5.1.4.31", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    contexts = internals._ContextList(ae.supported_contexts)
+    copies = copy.deepcopy(contexts)
+    reference = copy.deepcopy(list(ae.supported_contexts))
+    assert [vars(c) for c in copies] == [vars(c) for c in reference]
+    assert all(a is not b for a, b in zip(copies, contexts, strict=True))
+    copies[0].transfer_syntax.append("1.2.3.4")
+    copies[1].context_id = 3
+    assert "1.2.3.4" in copies[0].transfer_syntax
+    assert "1.2.3.4" not in contexts[0].transfer_syntax
+    assert contexts[1].context_id is None
