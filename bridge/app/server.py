@@ -162,16 +162,6 @@ class BridgeServer:
             **MLLPFactory.settings_options(s, self.bridge.record_refused),
         )
         factory.allowed_sources = AllowedSources(s.allowed_mllp_sources)  # networks, not strings
-        tls = self._tls("mllp", mllp_tls_options)
-        try:
-            if tls is not None:
-                self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
-            else:
-                self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
-        except CannotListenError as exc:
-            raise ConfigError(
-                self._cannot_listen("mllp_port", s.mllp_port, exc.socketError)
-            ) from None
         ssl_context = self._tls("dicom", dicom_ssl_context)
         try:
             if dicom_worker_count(s) > 0:
@@ -185,9 +175,20 @@ class BridgeServer:
                     on_query=query_recorder(self.translation_log),
                 )
         except OSError as exc:
-            self.mllp_port.stopListening()
-            self.mllp_port = None
             raise ConfigError(self._cannot_listen("dicom_port", s.dicom_port, exc)) from None
+        # MLLP listens once DICOM serves (the workers take a second or two to start): an engine
+        # that connects meanwhile is refused and retries, rather than waiting for its ACK.
+        tls = self._tls("mllp", mllp_tls_options)
+        try:
+            if tls is not None:
+                self.mllp_port = self.reactor.listenSSL(s.mllp_port, factory, tls, interface=s.host)
+            else:
+                self.mllp_port = self.reactor.listenTCP(s.mllp_port, factory, interface=s.host)
+        except CannotListenError as exc:
+            self._stop_dicom()
+            raise ConfigError(
+                self._cannot_listen("mllp_port", s.mllp_port, exc.socketError)
+            ) from None
         if s.http_port:
             from bridge.http.serve import start_http
 
@@ -196,11 +197,7 @@ class BridgeServer:
             except CannotListenError as exc:
                 self.mllp_port.stopListening()
                 self.mllp_port = None
-                if isinstance(self.dicom_server, DicomWorkers):
-                    self.dicom_server.stop()
-                else:
-                    self.dicom_server.ae.shutdown()
-                self.dicom_server = None
+                self._stop_dicom()
                 raise ConfigError(
                     self._cannot_listen("http_port", s.http_port, exc.socketError)
                 ) from None
@@ -225,6 +222,14 @@ class BridgeServer:
         # Once the reactor runs: its SIGINT/SIGTERM handlers are in place by then, so whoever
         # waits for this line may stop the server at once.
         self.reactor.callWhenRunning(lambda: log.info("%s", self.startup_line()))
+
+    def _stop_dicom(self) -> None:
+        """Stop the DICOM service of a start that failed after it."""
+        if isinstance(self.dicom_server, DicomWorkers):
+            self.dicom_server.stop()
+        elif self.dicom_server is not None:
+            self.dicom_server.ae.shutdown()
+        self.dicom_server = None
 
     def _open_shared_store(self) -> None:
         """Connect, check the schema, load the index from the database and follow the other
