@@ -4,7 +4,7 @@ listening socket.
 Why: in one process, the reactor thread (HL7 intake, the worklist's one writer) shares one GIL with
 pynetdicom's two threads per association; under 20 querying modalities its ACKs waited for the
 GIL, and the C-FIND work could use one core at most. Here the main process makes the listening
-socket (bound, listening, backlog 512) and starts N worker processes that all accept from it;
+socket (bound, listening, backlog 4096) and starts N worker processes that all accept from it;
 the kernel's one accept queue serves whichever worker is free.
 
 Each worker has its own WorklistIndex following the folder through inotify, like any other
@@ -41,7 +41,8 @@ from bridge.config import Settings, dicom_worker_count
 
 log = logging.getLogger("bridge.net.dicom_workers")
 
-LISTEN_BACKLOG = 512  # connection attempts the kernel queues while every worker is busy
+LISTEN_BACKLOG = 4096  # connection attempts the kernel queues while every worker is busy (Linux caps
+# it at net.core.somaxconn, 4096 by default)
 WORKER_START_TIMEOUT = 900.0  # seconds a worker may take to load the index (100,000s of items)
 WORKER_STOP_TIMEOUT = 10.0  # seconds a worker gets to close its associations at shutdown
 PARENT_CHECK_INTERVAL = 1.0  # seconds between a worker's checks that the main process lives

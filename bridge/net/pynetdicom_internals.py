@@ -992,7 +992,7 @@ class Server(ThreadedAssociationServer):
     delayed ACKs added ~90 ms to every C-FIND. Listens with a backlog for bursts of modalities
     (socketserver's default is 5)."""
 
-    request_queue_size = 512
+    request_queue_size = 4096  # capped by the kernel at net.core.somaxconn (4096 by default)
     tls_context: ssl.SSLContext | None = None
     handshake_timeout: float = 30.0
     network_timeout: float = 60.0
