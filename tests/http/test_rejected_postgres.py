@@ -100,6 +100,14 @@ def test_a_replay_refused_again_keeps_the_row_with_its_new_reason(tmp_path: Path
         assert again.status == 422 and again.json()["ack"] in ("AE", "AR"), again.body
         (still,) = a.call("GET", "/api/rejected").json()["rejected"]
         assert still["name"] == entry["name"]  # one row, not replayed away
+        page = a.call("GET", "/rejected")  # the web view lists the table's rows too
+        assert page.status == 200 and entry["name"] in page.body.decode()
+        form = a.call("POST", f"/rejected/{entry['name']}/replay")  # its Replay button
+        assert form.status in (302, 303) and "result=" in form.headers["location"], form
+        assert "AE" in form.headers["location"] or "AR" in form.headers["location"]
+        assert [e["name"] for e in a.call("GET", "/api/rejected").json()["rejected"]] == [
+            entry["name"]
+        ]
     finally:
         stop(a)
 
