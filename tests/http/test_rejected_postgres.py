@@ -190,5 +190,11 @@ def test_wlbridge_replay_with_the_store_lists_and_replays_once(tmp_path: Path, d
         assert replay().stdout == ""
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+        down = subprocess.run(
+            [sys.executable, "-m", "bridge", "replay", "--store", "postgresql://x@127.0.0.1:1/x"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert down.returncode == 2 and "store unavailable" in down.stderr, down
+        assert "Traceback" not in down.stderr
     finally:
         stop(a, b)

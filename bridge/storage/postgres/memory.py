@@ -192,7 +192,7 @@ class RejectedMessages:
             return Replay(conn, row_id, bytes(row[5]))
         except psycopg.Error as exc:
             conn.close()
-            raise StoreError(f"cannot read the kept message {name}: {exc}") from exc
+            raise StoreError(f"cannot read the kept message {name}: {_first_line(exc)}") from exc
         except BaseException:
             conn.close()
             raise
@@ -237,7 +237,9 @@ class Replay:
             if accepted:
                 self.conn.execute("DELETE FROM rejected_messages WHERE id = %s", (self.row_id,))
         except psycopg.Error as exc:
-            raise StoreError(f"replayed, but cannot remove the kept message: {exc}") from exc
+            raise StoreError(
+                f"replayed, but cannot remove the kept message: {_first_line(exc)}"
+            ) from exc
         finally:
             self.conn.close()
 
@@ -245,6 +247,11 @@ class Replay:
 def row_id_of(name: str) -> int | None:
     match = ROW_NAME.match(name.removesuffix(".hl7"))
     return int(match.group(1)) if match else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _lock_key(row_id: int) -> int:
