@@ -41,9 +41,7 @@ from bridge.config import Settings, dicom_worker_count
 
 log = logging.getLogger("bridge.net.dicom_workers")
 
-LISTEN_BACKLOG = (
-    4096  # connection attempts the kernel queues while every worker is busy (Linux caps
-)
+LISTEN_BACKLOG = 4096  # connection attempts the kernel queues while every worker is busy (Linux caps
 # it at net.core.somaxconn, 4096 by default)
 WORKER_START_TIMEOUT = 900.0  # seconds a worker may take to load the index (100,000s of items)
 WORKER_STOP_TIMEOUT = 10.0  # seconds a worker gets to close its associations at shutdown
