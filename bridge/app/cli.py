@@ -75,6 +75,11 @@ def _replay(args: argparse.Namespace) -> int:
     """Send rejected messages again; those now accepted move to a `replayed` folder beside."""
     from bridge.net.client import MLLPClient, ack_summary
 
+    if args.store:
+        return _replay_shared(args)
+    if not args.files:
+        print("wlbridge: replay: name the files to send (or --store URL)", file=sys.stderr)
+        return 2
     failures = 0
     try:
         tls = _client_tls_context(args)
@@ -94,6 +99,49 @@ def _replay(args: argparse.Namespace) -> int:
                     failures += 1
     except (OSError, ValueError) as exc:
         return _connection_failed(args, exc)
+    return 1 if failures else 0
+
+
+def _replay_shared(args: argparse.Namespace) -> int:
+    """The kept messages of the PostgreSQL store (every bridge's): without names, list them;
+    with names, send each to the bridge at --host/--port while holding its replay lock, and
+    remove it from the table once accepted (so no one replays it twice)."""
+    from bridge.net.client import MLLPClient, ack_summary
+    from bridge.storage.postgres.memory import RejectedMessages, ReplayRefused
+    from bridge.storage.store import StoreError
+
+    shared = RejectedMessages(args.store)
+    failures = 0
+    try:
+        if not args.files:
+            for row in shared.entries(10_000):
+                print(f"{row.name}  {row.control_id}  {row.reason.strip()}")
+            return 0
+        tls = _client_tls_context(args)
+        with MLLPClient(args.host, args.port, timeout=args.timeout, tls_context=tls) as client:
+            for given in args.files:
+                name = given.name.removesuffix(".hl7")
+                try:
+                    claimed = shared.claim(name, 16 * 1024 * 1024)
+                except ReplayRefused as exc:
+                    print(f"{name}: {exc.message}")
+                    failures += 1
+                    continue
+                accepted = False
+                try:
+                    code, control, detail = ack_summary(client.send(claimed.data))
+                    accepted = code == "AA"
+                finally:
+                    claimed.finish(accepted)
+                print(f"{name}: {code} {control}" + (f"  {detail}" if detail else ""))
+                failures += not accepted
+    except StoreError as exc:
+        print(f"wlbridge: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        return _connection_failed(args, exc)
+    finally:
+        shared.close()
     return 1 if failures else 0
 
 
@@ -369,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", _replay, "send rejected messages again (from the rejected folder)"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("files", nargs="+", type=Path)
+        p.add_argument("files", nargs="*" if name == "replay" else "+", type=Path)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=2575)
         p.add_argument("--timeout", type=float, default=30.0)
@@ -378,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-key", default="", help="client private key (PEM)")
         if name == "send":
             p.add_argument("--raw", action="store_true", help="print the whole ACK")
+        else:  # the shared table of the PostgreSQL store: names as /api/rejected lists them
+            p.add_argument(
+                "--store",
+                default="",
+                help="replay the PostgreSQL store's kept messages by name (none: list them)",
+            )
         p.set_defaults(func=func)
 
     query = sub.add_parser("query", help="C-FIND the worklist and print the answers")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from twisted.internet import defer, threads
 
 from bridge.dicom import worklist_item
 from bridge.http import items
@@ -143,9 +144,18 @@ class WorklistActions:
             raise ActionError(404, f"no kept message {name}")
         return path
 
-    def replay(self, name: str, who: str) -> HL7Answer:
+    def shared_rejected(self) -> Any:
+        """The kept messages every bridge shares (PostgreSQL's RejectedMessages), or None:
+        then this bridge's rejected folder is what the API lists and replays."""
+        return getattr(self.bridge, "rejected_store", None)
+
+    def replay(self, name: str, who: str) -> HL7Answer | defer.Deferred:
         """Run a kept message through the pipeline again (after someone fixed its file); once
-        accepted it moves to `replayed/` beside the others, as `wlbridge replay` does."""
+        accepted it moves to `replayed/` beside the others, as `wlbridge replay` does. On a
+        shared store: a Deferred (the database is read in the thread pool) of the answer."""
+        shared = self.shared_rejected()
+        if shared is not None:
+            return self._replay_shared(shared, name, who)
         path = self.rejected_path(name)
         if path.stat().st_size > MAX_REJECTED_BYTES:
             raise ActionError(413, f"{path.name} is larger than {MAX_REJECTED_BYTES} bytes")
@@ -158,6 +168,31 @@ class WorklistActions:
             if reason.exists():
                 reason.rename(done / reason.name)
         return HL7Answer(code, text)
+
+    def _replay_shared(self, shared: Any, name: str, who: str) -> defer.Deferred:
+        """A row of the shared table, replayed through this bridge's pipeline (the one
+        writer) while its session holds the row's replay lock; removed once accepted, so a
+        second replay, here or on another bridge, finds nothing (404) or the lock (409)."""
+        from bridge.storage.postgres.memory import ReplayRefused
+
+        def run(claimed: Any) -> defer.Deferred:
+            try:
+                code, text = _ack_of(self.bridge.handle(claimed.data, f"http:{who} replay"))
+            except BaseException:
+                threads.deferToThread(claimed.finish, False)
+                raise
+            done = threads.deferToThread(claimed.finish, code == "AA")
+            return done.addCallback(lambda _: HL7Answer(code, text))
+
+        def refused(failure: Any) -> Any:
+            if failure.check(ReplayRefused):
+                raise ActionError(failure.value.status, failure.value.message)
+            if failure.check(StoreError):
+                raise ActionError(503, str(failure.value))
+            return failure
+
+        claiming = threads.deferToThread(shared.claim, name, MAX_REJECTED_BYTES)
+        return claiming.addCallback(run).addErrback(refused)
 
     # -- helpers
     def _path(self, item_id: str) -> Path:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.twisted import MetricsResource
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from bridge import __version__
 from bridge.dicom.matching import QueryError
@@ -164,6 +165,12 @@ def search_messages(ctx: Context, query: logsearch.LogQuery | None = None):
 
 # -- kept (rejected) messages
 def rejected_entries(app: HttpApp, limit: int) -> list[dict[str, Any]]:
+    """The newest kept messages, newest first: the shared table's on PostgreSQL (whichever
+    bridge refused them), else this bridge's folder. Reads files or the database: run it in
+    the thread pool."""
+    shared = app.actions.shared_rejected()
+    if shared is not None:
+        return [_row_entry(row) for row in shared.entries(limit)]
     folder = Path(app.server.bridge.rejected_dir)
     try:
         names = sorted((p.name for p in folder.glob("*.hl7")), reverse=True)[:limit]
@@ -192,6 +199,17 @@ def rejected_entries(app: HttpApp, limit: int) -> list[dict[str, Any]]:
     return out
 
 
+def _row_entry(row: Any) -> dict[str, Any]:
+    """A row of the shared table (memory.KeptRow), in the shape of a folder's entry."""
+    return {
+        "name": row.name,
+        "kept_at": row.received_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "control_id": row.control_id,
+        "size": row.size,
+        "reason": row.reason[:MAX_REASON].strip(),
+    }
+
+
 def _stamp(text: str) -> str:
     try:
         t = time.strptime(text[:15], "%Y%m%dT%H%M%S")
@@ -208,6 +226,18 @@ def list_rejected(ctx: Context):
 
 
 def get_rejected(ctx: Context):
+    shared = ctx.app.actions.shared_rejected()
+    if shared is not None:
+        name = ctx.match["name"]
+
+        def shown(found: Any) -> Any:
+            if found is None:
+                raise ActionError(404, f"no kept message {name}")
+            row, data = found
+            message = data.decode("utf-8", "replace")
+            return json_response({**_row_entry(row), "message": message})
+
+        return threads.deferToThread(shared.entry, name, MAX_MESSAGE_SHOWN).addCallback(shown)
     path = ctx.app.actions.rejected_path(ctx.match["name"])
     with open(path, "rb") as f:
         data = f.read(MAX_MESSAGE_SHOWN)
@@ -216,11 +246,16 @@ def get_rejected(ctx: Context):
 
 
 def replay_rejected(ctx: Context):
+    def answered(answer: Any) -> Any:
+        status = 200 if answer.ack_code == "AA" else 422
+        return json_response(
+            {"name": ctx.match["name"], "ack": answer.ack_code, "text": answer.text}, status
+        )
+
     answer = ctx.app.actions.replay(ctx.match["name"], ctx.who)
-    status = 200 if answer.ack_code == "AA" else 422
-    return json_response(
-        {"name": ctx.match["name"], "ack": answer.ack_code, "text": answer.text}, status
-    )
+    if isinstance(answer, defer.Deferred):  # the shared table's, through the thread pool
+        return answer.addCallback(answered)
+    return answered(answer)
 
 
 # -- the outbox and MPPS
@@ -329,10 +364,12 @@ def _plain(value: Any) -> Any:
 
 
 # -- summary, health, metrics
-def status_summary(app: HttpApp) -> dict[str, Any]:
+def status_summary(app: HttpApp, rejected: tuple[int, int] | None = None) -> dict[str, Any]:
+    """`rejected`: (kept, today) of the shared table, read in the thread pool; without it
+    this bridge's folder is counted."""
     s = app.settings
     server = app.server
-    kept, today = rejected_count(Path(server.bridge.rejected_dir))
+    kept, today = rejected or rejected_count(Path(server.bridge.rejected_dir))
     mllp_port = server.mllp_port.getHost().port if server.mllp_port is not None else None
     return {
         "version": __version__,
@@ -375,7 +412,16 @@ def add_routes(app: HttpApp) -> None:
     r("GET", "/healthz", "public")(healthz)
     r("GET", "/readyz", "public")(readyz)
     r("GET", "/metrics", "read" if app.settings.http_metrics_need_token else "public")(metrics)
-    r("GET", "/api/status", "read")(lambda ctx: json_response(status_summary(app)))
+
+    def status(ctx: Context):
+        shared = app.actions.shared_rejected()
+        if shared is None:
+            return json_response(status_summary(app))
+        return threads.deferToThread(shared.count).addCallback(
+            lambda counted: json_response(status_summary(app, counted))
+        )
+
+    r("GET", "/api/status", "read")(status)
     r("GET", "/api/items", "read")(list_items)
     r("POST", "/api/items", "write")(create_item)
     r("GET", "/api/items/{id}", "read")(get_item)

@@ -322,9 +322,15 @@ def rejected_page(ctx: Context):
 
 def replay_form(ctx: Context):
     name = ctx.match["name"]
+
+    def shown(answer: Any) -> Response:
+        result = f"{name}: {answer.ack_code} {answer.text}".strip()
+        return _redirect("/rejected?" + urlencode({"result": result}))
+
     answer = ctx.app.actions.replay(name, ctx.who)
-    result = f"{name}: {answer.ack_code} {answer.text}".strip()
-    return _redirect("/rejected?" + urlencode({"result": result}))
+    if hasattr(answer, "addCallback"):  # the shared table's (PostgreSQL), in the thread pool
+        return answer.addCallback(shown)
+    return shown(answer)
 
 
 OUTBOX_SHOWN = 500  # messages on the outbox page

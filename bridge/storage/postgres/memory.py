@@ -1,18 +1,28 @@
 """What every bridge must know of the messages any bridge answered: the retry memory of
 recent control IDs (a retry sent to the other bridge is still recognised) and the kept
-rejected messages (for `wlbridge replay`)."""
+rejected messages (listed, shown and replayed by any bridge: the HTTP API, `wlbridge replay`)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psycopg
 
-from bridge.storage.postgres.connection import Database
+from bridge.storage.postgres.connection import Database, connect
+from bridge.storage.store import StoreError
 
 RECENT_MESSAGES = 10_000  # as the pipeline's in-memory memory
 RECENT_HOURS = 24.0
 KEPT_REJECTED = 10_000
+# The advisory lock class of a replay (two-key form: (class, row id)); held by the session that
+# replays a row, so a second replay of it, from any bridge or tool, is refused meanwhile.
+REPLAY_LOCK_CLASS = 0x776C_7270  # "wlrp"
+# A row's name: as the folder's (time, control ID, then an id); `r<id>` where the folder has
+# the first 8 hex digits of the digest, so the two kinds of names never match each other.
+ROW_NAME = re.compile(r"^[0-9]{8}T[0-9]{12}-[A-Za-z0-9_-]*-r([0-9]{1,18})$")
 
 
 class RetryMemory:
@@ -116,3 +126,133 @@ class RejectedMessages:
             "SELECT id, control_id, reason, data FROM rejected_messages ORDER BY id"
         )
         return [(i, c, r, bytes(d)) for i, c, r, d in rows]
+
+    def count(self) -> tuple[int, int]:
+        """(rows kept, of which received today (UTC))."""
+        rows = self.db.fetchall(
+            "SELECT count(*), count(*) FILTER (WHERE received_at >= date_trunc('day', now()"
+            " AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') FROM rejected_messages"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def entries(self, limit: int) -> list[KeptRow]:
+        """The newest `limit` rows, newest first, without their bytes (their size only)."""
+        rows = self.db.fetchall(
+            "SELECT id, control_id, reason, octet_length(data), received_at"
+            " FROM rejected_messages ORDER BY id DESC LIMIT %s",
+            (limit,),
+        )
+        return [KeptRow(*row) for row in rows]
+
+    def entry(self, name: str, max_bytes: int) -> tuple[KeptRow, bytes] | None:
+        """The row `name` names and its first `max_bytes` bytes, or None."""
+        name = name.removesuffix(".hl7")
+        row_id = row_id_of(name)
+        if row_id is None:
+            return None
+        rows = self.db.fetchall(
+            "SELECT id, control_id, reason, octet_length(data), received_at,"
+            " substring(data FROM 1 FOR %s) FROM rejected_messages WHERE id = %s",
+            (max_bytes, row_id),
+        )
+        if not rows or rows[0][0] is None or KeptRow(*rows[0][:5]).name != name:
+            return None
+        return KeptRow(*rows[0][:5]), bytes(rows[0][5])
+
+    def claim(self, name: str, max_bytes: int) -> Replay:
+        """The row `name` names, locked for one replay on its own session (the lock is the
+        session's, so it goes with a crash). ReplayRefused when another replay holds it, when
+        no row has that name (replayed, removed) or it is larger than `max_bytes`."""
+        name = name.removesuffix(".hl7")
+        row_id = row_id_of(name)
+        if row_id is None:
+            raise ReplayRefused(404, f"no kept message {name}")
+        conn = connect(self.db.dsn, autocommit=True)
+        try:
+            locked = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (REPLAY_LOCK_CLASS, _lock_key(row_id))
+            ).fetchone()[0]
+            if not locked:
+                raise ReplayRefused(
+                    409, f"{name} is being replayed right now (by another bridge or tool)"
+                )
+            # read after the lock: a replay that finished meanwhile has removed the row
+            row = conn.execute(
+                "SELECT id, control_id, reason, octet_length(data), received_at,"
+                " CASE WHEN octet_length(data) <= %s THEN data END"
+                " FROM rejected_messages WHERE id = %s",
+                (max_bytes, row_id),
+            ).fetchone()
+            if row is None or KeptRow(*row[:5]).name != name:
+                raise ReplayRefused(
+                    404, f"no kept message {name}: replayed already, or no longer kept"
+                )
+            if row[5] is None:
+                raise ReplayRefused(413, f"{name} is larger than {max_bytes} bytes")
+            return Replay(conn, row_id, bytes(row[5]))
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot read the kept message {name}: {_first_line(exc)}") from exc
+        except BaseException:
+            conn.close()
+            raise
+
+
+@dataclass(frozen=True)
+class KeptRow:
+    id: int
+    control_id: str
+    reason: str
+    size: int
+    received_at: datetime
+
+    @property
+    def name(self) -> str:
+        stamp = self.received_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
+        control = re.sub(r"[^A-Za-z0-9_-]", "_", self.control_id)[:32]
+        return f"{stamp}-{control or 'unknown'}-r{self.id}"
+
+
+class ReplayRefused(Exception):
+    """A replay not begun: `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Replay:
+    """One claimed row: `data` to replay, then finish(accepted) once, on any thread."""
+
+    def __init__(self, conn: psycopg.Connection, row_id: int, data: bytes) -> None:
+        self.conn = conn
+        self.row_id = row_id
+        self.data = data
+
+    def finish(self, accepted: bool) -> None:
+        """Accepted: the row goes (no second replay finds it); else it stays, with the reason
+        the pipeline just kept for it. The lock goes with the session either way."""
+        try:
+            if accepted:
+                self.conn.execute("DELETE FROM rejected_messages WHERE id = %s", (self.row_id,))
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"replayed, but cannot remove the kept message: {_first_line(exc)}"
+            ) from exc
+        finally:
+            self.conn.close()
+
+
+def row_id_of(name: str) -> int | None:
+    match = ROW_NAME.match(name.removesuffix(".hl7"))
+    return int(match.group(1)) if match else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _lock_key(row_id: int) -> int:
+    return row_id & 0x7FFF_FFFF  # the lock's int4 key; a rare shared key only refuses a replay
