@@ -353,10 +353,13 @@ def test_the_calling_ae_allow_list_applies_to_mpps(tmp_path, calling):
         assert running.stop() == 0
 
 
-def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
+def mpps_over_tls_completes_an_order(tmp_path, *options: str) -> None:
+    """A bridge with DICOM TLS (and `options`): plain TCP gets no association; N-CREATE and
+    N-SET through TLS with a client certificate complete the order (retention 0: removed)."""
     pki = make_pki(tmp_path)
-    running = start_bridge(tmp_path, "--dicom-tls-cert", str(pki.server_cert), "--dicom-tls-key",
-                           str(pki.server_key), "--dicom-tls-ca", str(pki.ca))  # fmt: skip
+    running = start_bridge(tmp_path, *options, "--dicom-tls-cert", str(pki.server_cert),
+                           "--dicom-tls-key", str(pki.server_key),
+                           "--dicom-tls-ca", str(pki.ca))  # fmt: skip
     try:
         order(running, control_id="T1")
         ae = AE(ae_title="CT1")
@@ -375,3 +378,7 @@ def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
         assert running.wl_files() == []
     finally:
         assert running.stop() == 0
+
+
+def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
+    mpps_over_tls_completes_an_order(tmp_path)
