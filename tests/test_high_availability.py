@@ -31,7 +31,7 @@ from pydicom import dcmread
 from bridge.net.client import MLLPClient, ack_summary, find, worklist_query
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
-from tests.peers import findscu, read_answers
+from tests.peers import eventually, findscu, read_answers
 from tests.postgres import PostgresServer, postgres_dsn, postgres_session  # noqa: F401
 
 T = TypeVar("T")
@@ -63,18 +63,6 @@ def order(tag: str, control_id: str | None = None, **values: str) -> bytes:
         study_uid=f"1.2.826.0.1.3680043.10.543.{sum(map(ord, tag)) * 1000 + len(tag)}",
         **values,
     ).encode("utf-8")
-
-
-def eventually(check: Callable[[], T], what: str, timeout: float = SETTLE) -> T:
-    """Poll `check` (a C-FIND, a query) until it returns something true; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)  # polling another process's state: there is no event to wait on
 
 
 def answers(bridge: RunningBridge, **match: str) -> list:
