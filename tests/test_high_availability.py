@@ -31,7 +31,7 @@ from pydicom import dcmread
 from bridge.net.client import MLLPClient, ack_summary, find, worklist_query
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
-from tests.peers import eventually, findscu, read_answers
+from tests.peers import eventually, findscu_answers
 from tests.postgres import PostgresServer, postgres_dsn, postgres_session  # noqa: F401
 
 T = TypeVar("T")
@@ -244,11 +244,10 @@ def test_sigkill_of_one_bridge_while_two_senders_stream_to_both(bridges):
     # The killed one, restarted on the same database, serves them all from its first answer.
     a = bridges.start("a")
     assert accessions(a) == acked
-    out = bridges.tmp_path / "findscu"
-    out.mkdir()
-    result = findscu(a.dicom_port, ["AccessionNumber", "PatientID"], out_dir=out)
-    assert result.returncode == 0, result.stderr
-    assert sorted(str(ds.AccessionNumber) for ds in read_answers(out)) == acked  # dcmtk agrees
+    found = findscu_answers(
+        a.dicom_port, ["AccessionNumber", "PatientID"], bridges.tmp_path / "findscu"
+    )
+    assert sorted(str(ds.AccessionNumber) for ds in found) == acked  # dcmtk agrees
 
     # And both go on: an order sent to the restarted one reaches the survivor.
     with MLLPClient("127.0.0.1", a.mllp_port) as client:

@@ -16,7 +16,7 @@ from bridge.net.client import find, worklist_query
 from tests.conftest import start_bridge
 from tests.messages import orm, segment
 from tests.net.test_tls import make_pki
-from tests.peers import findscu, read_answers
+from tests.peers import findscu_answers
 from tests.test_end_to_end import msa, raw_send
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -125,12 +125,9 @@ def test_started_hides_the_item_and_completed_removes_it(bridge, tmp_path):
     assert stored_statuses(bridge) == ["STARTED"]
     assert statuses(bridge, patient_id="PAT001") == []  # STARTED is hidden by default
     # findscu (dcmtk) sees the same; asking for STARTED finds it.
-    out = tmp_path / "answers"
-    out.mkdir()
-    result = findscu(bridge.dicom_port, ["PatientID=PAT001", "AccessionNumber"],
-                     called_aet=bridge.ae_title, out_dir=out)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert read_answers(out) == []
+    answers = findscu_answers(bridge.dicom_port, ["PatientID=PAT001", "AccessionNumber"],
+                              tmp_path / "answers", called_aet=bridge.ae_title)  # fmt: skip
+    assert answers == []
     started = worklist_query(patient_id="PAT001")
     started.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = "STARTED"
     _, answers = find("127.0.0.1", bridge.dicom_port, started, bridge.ae_title)
