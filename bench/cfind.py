@@ -29,6 +29,7 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from bench.common import free_port, wait_port
 from bench.worklist_items import MODALITIES, day_after, generate
 
 AE_FOLDER = "WORKLIST"
@@ -160,25 +161,6 @@ def _status(command: bytes) -> int:
 # ---- the servers ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)  # polling a port not yet bound
-    raise TimeoutError(port)
-
-
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -207,7 +189,7 @@ def serve_bridge(root: Path, port: int) -> None:
 
 
 def start_bridge(root: Path) -> tuple[subprocess.Popen, int, float]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.cfind", "--serve", str(root), str(port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -223,17 +205,17 @@ def start_wlmscpfs(root: Path) -> tuple[subprocess.Popen, int] | None:
     exe = shutil.which("wlmscpfs")
     if exe is None:
         return None
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "-dfp", str(root), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait_port(port, proc)
+    wait_port(port, proc, timeout=900)
     return proc, port
 
 
 def start_orthanc(root: Path, tmp: Path) -> tuple[subprocess.Popen, int] | None:
     if not (os.path.exists(ORTHANC) and os.path.exists(ORTHANC_PLUGIN)):
         return None
-    port, http = _free_port(), _free_port()
+    port, http = free_port(), free_port()
     config = {
         "Name": "bench", "DicomAet": AE_FOLDER, "DicomPort": port, "HttpPort": http,
         "StorageDirectory": str(tmp / "storage"), "IndexDirectory": str(tmp / "storage"),
@@ -244,7 +226,7 @@ def start_orthanc(root: Path, tmp: Path) -> tuple[subprocess.Popen, int] | None:
     (tmp / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait_port(port, proc)
+    wait_port(port, proc, timeout=900)
     return proc, port
 
 

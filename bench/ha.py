@@ -46,32 +46,22 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from bench.cfind import AE_FOLDER, _encode, c_find, ensure_items, queries
+from bench.common import cpu_seconds, free_port, load_average, percentile, wait_port
 from bench.ingest import (
     END,
     START,
     Result,
     _connect,
-    _free_port,
     _read_ack,
-    _wait_port,
     machine,
     order_message,
     run_load,
 )
-from bench.load import cpu_seconds, settle
+from bench.load import settle
 from bench.worklist_items import query
 
 ROOT = Path(__file__).resolve().parents[1]
 INGEST_MODES = (("per-connection", 1), ("per-connection x4", 4))
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # ---- the database ---------------------------------------------------------------------------
@@ -148,7 +138,7 @@ class Bridge:
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
-        self.mllp_port, self.dicom_port = _free_port(), _free_port()
+        self.mllp_port, self.dicom_port = free_port(), free_port()
         where = ["--store", store] if store else []
         cmd = [
             sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1",
@@ -160,8 +150,8 @@ class Bridge:
         ]  # fmt: skip
         self.log = open(root / "server.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.mllp_port, self.proc, timeout=900)
-        _wait_port(self.dicom_port, self.proc, timeout=900)
+        wait_port(self.mllp_port, self.proc, timeout=900)
+        wait_port(self.dicom_port, self.proc, timeout=900)
         settle(self.proc.pid)  # start-up work (index load, cache) is not measured
 
     def count(self, identifier: bytes | None = None) -> int:
@@ -371,7 +361,7 @@ def bench_visibility(count: int, workdir: Path, databases: Databases) -> Visibil
             bridge.stop()
 
     def ms(values: list[float], q: float) -> float:
-        return round(_percentile(values, q) * 1000, 2) if values else float("nan")
+        return round(percentile(values, q) * 1000, 2)  # NaN when there are none
 
     return Visibility(
         orders=count,

@@ -39,6 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/ingest.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_seconds, free_port, percentile, wait_port  # noqa: E402
 from bridge.net.client import find, worklist_query
 
 START, END = b"\x0b", b"\x1c\x0d"
@@ -145,12 +146,6 @@ def _send_all(
             sock.close()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Result:
     server: str
@@ -168,10 +163,6 @@ class Result:
     problems: list[str] = field(default_factory=list)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
-
-
 def run_load(
     server: str, mode: str, port: int, pid: int, messages: list, clients: int, per_connection: bool
 ) -> Result:
@@ -186,14 +177,14 @@ def run_load(
             errors.append(f"client {i}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    cpu_before = _cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
-    cpu = _cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(pid) - cpu_before
     answers = [a for out in outs for a in out]
     latencies = sorted(latency * 1000 for _, _, latency in answers)
     aa = sum(1 for control, ack, _ in answers if re.search(rb"MSA\|AA\|" + control.encode(), ack))
@@ -206,9 +197,9 @@ def run_load(
         orders=len(messages),
         seconds=round(seconds, 3),
         per_second=round(len(answers) / seconds, 1),
-        p50_ms=round(_percentile(latencies, 0.50), 2) if latencies else 0.0,
-        p95_ms=round(_percentile(latencies, 0.95), 2) if latencies else 0.0,
-        p99_ms=round(_percentile(latencies, 0.99), 2) if latencies else 0.0,
+        p50_ms=round(percentile(latencies, 0.50), 2) if latencies else 0.0,
+        p95_ms=round(percentile(latencies, 0.95), 2) if latencies else 0.0,
+        p99_ms=round(percentile(latencies, 0.99), 2) if latencies else 0.0,
         max_ms=round(latencies[-1], 2) if latencies else 0.0,
         server_cpu_ms=round(cpu / max(len(answers), 1) * 1000, 2),
         aa=aa,
@@ -220,25 +211,6 @@ def run_load(
 # ---- the servers ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
-
-
 class BridgeProcess:
     """`wlbridge serve` on free ports with its folders in `root`."""
 
@@ -246,7 +218,7 @@ class BridgeProcess:
 
     def __init__(self, root: Path, profile: Path | None = None) -> None:
         self.root = root
-        self.mllp_port, self.dicom_port = _free_port(), _free_port()
+        self.mllp_port, self.dicom_port = free_port(), free_port()
         self.worklists = root / "worklists"
         # cProfile sees the reactor thread, where the HL7 work is; written on SIGINT
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
@@ -259,8 +231,8 @@ class BridgeProcess:
         ]  # fmt: skip
         self.log = open(root / "server.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.mllp_port, self.proc)
-        _wait_port(self.dicom_port, self.proc)
+        wait_port(self.mllp_port, self.proc)
+        wait_port(self.dicom_port, self.proc)
 
     def accessions(self) -> set[str]:
         status, answers = find("127.0.0.1", self.dicom_port, worklist_query(), self.AE)
@@ -318,7 +290,7 @@ class OrthancToolsProcess:
     MODULE = "orthanc_tools.hl7_worklist_server_for_orthanc"
 
     def __init__(self, root: Path, python: str, library: bool = False) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.worklists = root / "worklists"
         self.worklists.mkdir(parents=True)
         self.log = open(root / "server.log", "wb")
@@ -328,7 +300,7 @@ class OrthancToolsProcess:
             cmd = [python, "-m", self.MODULE, "--port", str(self.port)]
             cmd += ["--folder", str(self.worklists)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.proc)
+        wait_port(self.port, self.proc)
 
     def stop(self) -> int:
         self.proc.kill()  # it has no clean shutdown: it sleeps until killed

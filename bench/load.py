@@ -38,8 +38,6 @@ from bench.cfind import (
     AE_FOLDER,
     TODAY,
     _encode,
-    _free_port,
-    _wait_port,
     c_find,
     ensure_items,
     machine,
@@ -47,6 +45,7 @@ from bench.cfind import (
     start_wlmscpfs,
     stop,
 )
+from bench.common import cpu_seconds, free_port, percentile, wait_port
 from bench.ingest import END, START, _read_ack, order_message
 from bench.worklist_items import MODALITIES, day_after, query
 
@@ -63,31 +62,6 @@ def listen_drops() -> int:
         row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
         total += int(row.get("ListenOverflows", 0)) + int(row.get("ListenDrops", 0))
     return total
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` and its children (workers) so far."""
-    total = 0.0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
@@ -114,7 +88,7 @@ class Result:
         row["cpu_ms_per_query"] = round(1000 * self.server_cpu_s / max(self.queries, 1), 2)
         for name, values in (("query", self.query_ms), ("ack", self.acks_ms)):
             for label, q in (("p50", 0.5), ("p99", 0.99)):
-                row[f"{name}_{label}_ms"] = round(_percentile(values, q), 1)
+                row[f"{name}_{label}_ms"] = round(percentile(values, q), 1)
             row[f"{name}_max_ms"] = round(max(values), 1) if values else float("nan")
         return row
 
@@ -139,7 +113,7 @@ class BridgeUnderLoad:
     generated folder keeps its N items for the next run and for the peers."""
 
     def __init__(self, root: Path, logs: Path, options: list[str] = ()) -> None:
-        self.mllp_port, self.dicom_port = _free_port(), _free_port()
+        self.mllp_port, self.dicom_port = free_port(), free_port()
         served = logs / "worklist"
         shutil.copytree(root, served, copy_function=os.link)
         root = served
@@ -154,8 +128,8 @@ class BridgeUnderLoad:
         ]  # fmt: skip
         self.log = open(logs / "server.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.mllp_port, self.proc, timeout=900)
-        _wait_port(self.dicom_port, self.proc, timeout=900)
+        wait_port(self.mllp_port, self.proc, timeout=900)
+        wait_port(self.dicom_port, self.proc, timeout=900)
         settle(self.proc.pid)
 
     def stop(self) -> None:

@@ -12,7 +12,6 @@ bytes for both.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ if __package__ in (None, ""):
 
 from pydicom import dcmread  # noqa: E402
 
+from bench.common import percentile  # noqa: E402
 from bridge.config import Settings  # noqa: E402
 from bridge.storage.postgres.schema import upgrade  # noqa: E402
 from bridge.storage.postgres.worklist import ItemKey, PostgresWorklist  # noqa: E402
@@ -37,9 +37,8 @@ def _item(n: int) -> bytes:
 
 
 def _percentiles(values: list[float]) -> str:
-    values = sorted(values)
-    p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-    return f"p50 {statistics.median(values) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
+    p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+    return f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
 
 
 def folder_writes(items: list[bytes]) -> list[float]:

@@ -15,6 +15,7 @@ import pytest
 
 from bridge.ops.translation_log import parse_logfmt
 from tests.peers import free_port
+from tests.ris_receiver import RISReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -117,3 +118,25 @@ def bridge(tmp_path: Path) -> Iterator[RunningBridge]:
     yield running
     code = running.stop()
     assert code == 0, "".join(running.stderr_lines)
+
+
+@pytest.fixture(scope="module")
+def reactor():
+    """A private Twisted reactor running in a thread, as the bridge's reactor would (one a
+    test module)."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    r = EPollReactor()
+    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    yield r
+    r.callFromThread(r.stop)
+    thread.join(10)
+
+
+@pytest.fixture
+def ris() -> Iterator[RISReceiver]:
+    """A RIS listening for the bridge's outbound messages (tests/ris_receiver.py)."""
+    receiver = RISReceiver()
+    yield receiver
+    receiver.stop()

@@ -12,12 +12,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # Public sample messages (dcm4che's test data) are not part of the repository: they are read
 # from WLBRIDGE_PUBLIC_SAMPLES, else from ../shared/samples/public beside the project.
@@ -52,6 +54,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def eventually(check: Callable[[], T], what: str = "the condition", timeout: float = 60.0) -> T:
+    """Poll `check` (another process's state, files, log lines: nothing announces them) until
+    it returns something true, and return that; AssertionError after `timeout` seconds
+    (generous: the machine is shared)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
 
 
 def wait_for_port(
@@ -89,6 +105,17 @@ def findscu(
         cmd += ["-X", "-od", str(out_dir)]
     cmd += list(extra or []) + ["127.0.0.1", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def findscu_answers(
+    port: int, keys: list[str], out_dir: Path, called_aet: str = "WLBRIDGE", **options
+) -> list:
+    """The answers `findscu` (dcmtk) gets for `keys`, read from the files it writes into
+    `out_dir` (made here); a findscu that fails fails the test."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = findscu(port, keys, called_aet=called_aet, out_dir=out_dir, **options)
+    assert result.returncode == 0, result.stderr
+    return read_answers(out_dir)
 
 
 def read_answers(out_dir: Path) -> list:

@@ -13,6 +13,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,26 +102,25 @@ class PostgresServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres():
-    """A running PostgreSQL server, removed after the test."""
+def _running_server() -> Iterator[PostgresServer]:
     server = PostgresServer()
     server.start()
     try:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture
+def postgres():
+    """A running PostgreSQL server, removed after the test."""
+    yield from _running_server()
 
 
 @pytest.fixture(scope="session")
 def postgres_session():
     """One server for the tests that never stop it (each gets its own database)."""
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.remove()
+    yield from _running_server()
 
 
 _databases = iter(range(1, 1_000_000))

@@ -24,6 +24,7 @@ from bench.cfind import _associate_rq, _command, _pdata
 from bench.worklist_items import query as q
 from tests.conftest import RunningBridge, start_bridge
 from tests.messages import orm
+from tests.test_end_to_end import raw_send
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 ACSE_TIMEOUT = 2.0
@@ -68,15 +69,7 @@ def send_order(port: int, n: int | None = None, **fields: str) -> bytes:
     message = orm(control_id=f"HOST{n}", accession=f"HACC{n}", placer=f"HPL{n}",
                   filler=f"HFI{n}", requested_procedure_id=f"HRP{n}", sps_id=f"HSPS{n}",
                   patient_id=f"HPAT{n}", **fields)  # fmt: skip
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(VT + message.encode("latin-1") + FS + CR)
-        answer = b""
-        while FS not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
+    return raw_send(port, message.encode("latin-1"))
 
 
 def rss_mb(pid: int) -> float:

@@ -18,7 +18,7 @@ from pydicom.sequence import Sequence
 from bridge.net.client import find, worklist_query
 from tests.conftest import SAMPLES, start_bridge
 from tests.messages import orm
-from tests.peers import findscu, read_answers, require_tool, wlmscpfs
+from tests.peers import findscu_answers, require_tool, wlmscpfs
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 
@@ -122,9 +122,7 @@ def test_order_values_reach_the_modality_in_dicom_form(bridge):
 
 def test_findscu_finds_the_order_with_the_field_map_values(bridge, tmp_path):
     assert msa(raw_send(bridge.mllp_port, orm(control_id="E2E-F")))[0] == "AA"
-    out = tmp_path / "answers"
-    out.mkdir()
-    result = findscu(
+    [answer] = findscu_answers(
         bridge.dicom_port,
         [
             "PatientName",
@@ -136,10 +134,8 @@ def test_findscu_finds_the_order_with_the_field_map_values(bridge, tmp_path):
             "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID",
         ],
         called_aet=bridge.ae_title,
-        out_dir=out,
+        out_dir=tmp_path / "answers",
     )
-    assert result.returncode == 0, result.stderr
-    [answer] = read_answers(out)
     assert answer.PatientID == "PAT001" and answer.AccessionNumber == "ACC0001"
     assert str(answer.PatientName) == "DOE^JANE^Q"
     assert answer.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == "SPS0001"
@@ -232,9 +228,7 @@ def test_wlmscpfs_serves_the_folder_the_bridge_wrote(bridge, tmp_path):
     assert msa(raw_send(bridge.mllp_port, orm(control_id="W1")))[0] == "AA"
     # the bridge's folder is <tmp>/worklists/WLBRIDGE: wlmscpfs serves it as called AE WLBRIDGE
     with wlmscpfs(bridge.worklist_dir.parent) as port:
-        out = tmp_path / "wlm"
-        out.mkdir()
-        result = findscu(
+        [answer] = findscu_answers(
             port,
             [
                 "PatientName",
@@ -244,10 +238,8 @@ def test_wlmscpfs_serves_the_folder_the_bridge_wrote(bridge, tmp_path):
                 "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID",
             ],
             called_aet="WLBRIDGE",
-            out_dir=out,
+            out_dir=tmp_path / "wlm",
         )
-        assert result.returncode == 0, result.stderr
-        [answer] = read_answers(out)
     assert answer.AccessionNumber == "ACC0001"
     assert answer.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == "SPS0001"
 

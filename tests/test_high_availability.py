@@ -31,7 +31,7 @@ from pydicom import dcmread
 from bridge.net.client import MLLPClient, ack_summary, find, worklist_query
 from tests.conftest import ROOT, RunningBridge, start_bridge
 from tests.messages import orm
-from tests.peers import findscu, read_answers
+from tests.peers import eventually, findscu_answers
 from tests.postgres import PostgresServer, postgres_dsn, postgres_session  # noqa: F401
 
 T = TypeVar("T")
@@ -63,18 +63,6 @@ def order(tag: str, control_id: str | None = None, **values: str) -> bytes:
         study_uid=f"1.2.826.0.1.3680043.10.543.{sum(map(ord, tag)) * 1000 + len(tag)}",
         **values,
     ).encode("utf-8")
-
-
-def eventually(check: Callable[[], T], what: str, timeout: float = SETTLE) -> T:
-    """Poll `check` (a C-FIND, a query) until it returns something true; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)  # polling another process's state: there is no event to wait on
 
 
 def answers(bridge: RunningBridge, **match: str) -> list:
@@ -256,11 +244,10 @@ def test_sigkill_of_one_bridge_while_two_senders_stream_to_both(bridges):
     # The killed one, restarted on the same database, serves them all from its first answer.
     a = bridges.start("a")
     assert accessions(a) == acked
-    out = bridges.tmp_path / "findscu"
-    out.mkdir()
-    result = findscu(a.dicom_port, ["AccessionNumber", "PatientID"], out_dir=out)
-    assert result.returncode == 0, result.stderr
-    assert sorted(str(ds.AccessionNumber) for ds in read_answers(out)) == acked  # dcmtk agrees
+    found = findscu_answers(
+        a.dicom_port, ["AccessionNumber", "PatientID"], bridges.tmp_path / "findscu"
+    )
+    assert sorted(str(ds.AccessionNumber) for ds in found) == acked  # dcmtk agrees
 
     # And both go on: an order sent to the restarted one reaches the survivor.
     with MLLPClient("127.0.0.1", a.mllp_port) as client:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,10 @@ from tests.dicom.test_mpps import (
     step,
     stored_statuses,
 )
-from tests.ris_receiver import Received, RISReceiver
+from tests.peers import eventually
+from tests.ris_receiver import Received
 
 WAIT = 60.0  # generous: two cores shared by many workers
-
-
-@pytest.fixture
-def ris():
-    receiver = RISReceiver()
-    yield receiver
-    receiver.stop()
 
 
 def write_config(tmp_path: Path, ris_port: int, message: str = "ORM^O01", **extra) -> Path:
@@ -51,17 +44,6 @@ def write_config(tmp_path: Path, ris_port: int, message: str = "ORM^O01", **extr
 
 def start(tmp_path: Path, config: Path, *extra: str):
     return start_bridge(tmp_path, "--config", str(config), *extra)
-
-
-def eventually(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.05)
 
 
 def component(received: Received, segment: str, number: int, index: int) -> str:

@@ -19,35 +19,16 @@ from bridge.storage.postgres.schema import upgrade
 from tests.conftest import start_bridge
 from tests.dicom.test_mpps import final, in_progress, n_create, n_set, order, step
 from tests.net.test_outbox import OutboxProcess, summary
-from tests.peers import free_port
+from tests.peers import eventually, free_port
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401 (fixtures)
-from tests.ris_receiver import RISReceiver
 
 WAIT = 60.0  # generous: two cores shared by many workers
-
-
-@pytest.fixture
-def ris():
-    receiver = RISReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture
 def dsn(postgres_dsn) -> str:  # noqa: F811
     upgrade(postgres_dsn)
     return postgres_dsn
-
-
-def eventually(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def bridge_config(folder: Path, dsn: str, ris_port: int, lease: float = 30.0, **extra) -> Path:

@@ -21,7 +21,7 @@ import pytest
 
 from bridge.net.client import MLLPClient, split_messages
 from tests.conftest import ROOT, RunningBridge, start_bridge
-from tests.peers import IN_CI, SHARED_SAMPLES, findscu, read_answers, require_tool
+from tests.peers import IN_CI, SHARED_SAMPLES, findscu_answers, require_tool
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,6 @@ def server(tmp_path_factory) -> RunningBridge:
 
 
 def answers_for(server: RunningBridge, patient_id: str, out: Path) -> list:
-    out.mkdir()
     keys = [
         f"PatientID={patient_id}",
         "PatientName",
@@ -157,9 +156,7 @@ def answers_for(server: RunningBridge, patient_id: str, out: Path) -> list:
         "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate",
         "ScheduledProcedureStepSequence[0].ScheduledStationAETitle",
     ]
-    result = findscu(server.dicom_port, keys, called_aet=server.ae_title, out_dir=out)
-    assert result.returncode == 0, result.stderr
-    return read_answers(out)
+    return findscu_answers(server.dicom_port, keys, out, called_aet=server.ae_title)
 
 
 def served(answer) -> Item:

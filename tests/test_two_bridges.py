@@ -13,7 +13,7 @@ from bridge.storage.postgres.schema import upgrade
 from tests.conftest import RunningBridge, start_bridge
 from tests.http_helpers import start_http_bridge
 from tests.messages import orm
-from tests.peers import findscu, read_answers, require_tool
+from tests.peers import findscu_answers, require_tool
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
 
 FOLLOW_TIMEOUT = 10.0  # seconds a change may take to reach the other bridge on a loaded machine
@@ -48,15 +48,9 @@ def accessions(
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rsp*.dcm"):
         old.unlink()
-    result = findscu(
-        bridge.dicom_port,
-        ["AccessionNumber", f"ScheduledProcedureStepSequence[0].{attribute}"],
-        called_aet=bridge.ae_title,
-        out_dir=out,
-    )
-    assert result.returncode == 0, result.stderr
+    keys = ["AccessionNumber", f"ScheduledProcedureStepSequence[0].{attribute}"]
     found = {}
-    for answer in read_answers(out):
+    for answer in findscu_answers(bridge.dicom_port, keys, out, called_aet=bridge.ae_title):
         steps = answer.get("ScheduledProcedureStepSequence") or []
         value = str(steps[0].get(attribute, "")) if steps else ""
         assert str(answer.AccessionNumber) not in found, "one item per order"

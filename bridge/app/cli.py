@@ -73,6 +73,7 @@ def _send(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     """Send rejected messages again; those now accepted move to a `replayed` folder beside."""
+    from bridge.hl7.pipeline import move_replayed
     from bridge.net.client import MLLPClient, ack_summary
 
     if args.store:
@@ -89,12 +90,7 @@ def _replay(args: argparse.Namespace) -> int:
                 code, control, detail = ack_summary(ack)
                 print(f"{path.name}: {code} {control}" + (f"  {detail}" if detail else ""))
                 if code == "AA":
-                    done = path.parent / "replayed"
-                    done.mkdir(exist_ok=True)
-                    path.rename(done / path.name)
-                    reason = path.with_suffix(".reason")
-                    if reason.exists():
-                        reason.rename(done / reason.name)
+                    move_replayed(path)
                 else:
                     failures += 1
     except (OSError, ValueError) as exc:

@@ -279,26 +279,16 @@ class WorklistService:
             "performing_station": performing_station,
             "mpps_uid": mpps_uid,
         }
-        return self.on_writer(
-            self._set_status, path, new_status, cause, only_from, remove, about, follow_retention
-        )
+
+        def in_one_step() -> StatusResult:
+            with self.change(self.key_of(path)):  # the read and the write, one step
+                return self._set_status(
+                    path, new_status, cause, only_from, remove, about, follow_retention
+                )
+
+        return self.on_writer(in_one_step)
 
     def _set_status(
-        self,
-        path: Path,
-        new_status: str,
-        cause: str,
-        only_from: tuple[str, ...] | None,
-        remove: bool,
-        about: dict[str, str],
-        follow_retention: bool = True,
-    ) -> StatusResult:
-        with self.change(self.key_of(path)):  # the read and the write, one step
-            return self._set_status_now(
-                path, new_status, cause, only_from, remove, about, follow_retention
-            )
-
-    def _set_status_now(
         self,
         path: Path,
         new_status: str,

@@ -584,6 +584,17 @@ class Bridge:
         )
 
 
+def move_replayed(path: Path) -> None:
+    """Move a kept rejected message (and its reason) that was accepted on replay into the
+    `replayed` folder beside it (`wlbridge replay` and the web page's replay)."""
+    done = path.parent / "replayed"
+    done.mkdir(exist_ok=True)
+    path.rename(done / path.name)
+    reason = path.with_suffix(".reason")
+    if reason.exists():
+        reason.rename(done / reason.name)
+
+
 def _step_fields(result: Outcome) -> dict[str, str]:
     """station, modality, sps_date, sps_time of the steps applied (comma-separated, in order)."""
     steps = result.steps[: len(result.files)]  # those applied: one file each

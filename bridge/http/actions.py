@@ -20,6 +20,7 @@ from pydicom import Dataset
 from twisted.internet import defer, threads
 
 from bridge.dicom import worklist_item
+from bridge.hl7.pipeline import move_replayed
 from bridge.http import items
 from bridge.http.orders import control_id, order_message, values_of_item  # noqa: F401
 from bridge.storage.store import StoreError
@@ -161,12 +162,7 @@ class WorklistActions:
             raise ActionError(413, f"{path.name} is larger than {MAX_REJECTED_BYTES} bytes")
         code, text = _ack_of(self.bridge.handle(path.read_bytes(), f"http:{who} replay"))
         if code == "AA":
-            done = path.parent / "replayed"
-            done.mkdir(exist_ok=True)
-            path.rename(done / path.name)
-            reason = path.with_suffix(".reason")
-            if reason.exists():
-                reason.rename(done / reason.name)
+            move_replayed(path)
         return HL7Answer(code, text)
 
     def _replay_shared(self, shared: Any, name: str, who: str) -> defer.Deferred:

@@ -267,32 +267,40 @@ class OutboxFolder:
                 ("parked", self.parked(receiver)),
             ):
                 for path in paths:
-                    try:
-                        data = path.read_bytes()
-                        age = max(0.0, now - path.stat().st_mtime)
-                    except FileNotFoundError:
-                        continue  # delivered meanwhile
-                    facts = message_facts(data)
-                    reason = ""
-                    if state == "parked":
-                        reason_file = path.with_suffix(".reason")
-                        if reason_file.exists():
-                            reason = reason_file.read_text("utf-8", "replace").strip()
-                    entry_id = self.entry_id(path)
-                    result.append(
-                        OutboxEntry(
-                            id=entry_id,
-                            receiver=receiver,
-                            state=state,
-                            control_id=facts.control_id,
-                            order_status=facts.order_status,
-                            accession=facts.accession,
-                            age=round(age, 1),
-                            attempts=(attempts or {}).get(entry_id, 0),
-                            reason=reason,
-                        )
-                    )
+                    read = self.read_entry(path, state, attempts, now)
+                    if read is not None:  # else delivered meanwhile
+                        result.append(read[0])
         return result
+
+    def read_entry(
+        self, path: Path, state: str, attempts: dict[str, int] | None, now: float | None = None
+    ) -> tuple[OutboxEntry, bytes] | None:
+        """The listing entry of the message file at `path` (in `state`: pending or parked)
+        and its bytes; None when the file is gone."""
+        try:
+            data = path.read_bytes()
+            age = max(0.0, (time.time() if now is None else now) - path.stat().st_mtime)
+            reason = ""
+            if state == "parked":
+                reason_file = path.with_suffix(".reason")
+                if reason_file.exists():
+                    reason = reason_file.read_text("utf-8", "replace").strip()
+        except FileNotFoundError:
+            return None
+        facts = message_facts(data)
+        entry_id = self.entry_id(path)
+        entry = OutboxEntry(
+            id=entry_id,
+            receiver=entry_id.partition("/")[0],
+            state=state,
+            control_id=facts.control_id,
+            order_status=facts.order_status,
+            accession=facts.accession,
+            age=round(age, 1),
+            attempts=(attempts or {}).get(entry_id, 0),
+            reason=reason,
+        )
+        return entry, data
 
     def find(self, name: str) -> Path:
         """A message by its id (`ris/000000000012`) or its control ID (MSH-10)."""
@@ -602,28 +610,9 @@ class FolderQueue:
             (self.folder.root / receiver / f"{sequence}{SUFFIX}", "pending"),
             (self.folder.root / receiver / PARKED / f"{sequence}{SUFFIX}", "parked"),
         ):
-            try:
-                data = path.read_bytes()
-                age = max(0.0, time.time() - path.stat().st_mtime)
-                reason = ""
-                if state == "parked" and path.with_suffix(".reason").exists():
-                    reason = path.with_suffix(".reason").read_text("utf-8", "replace").strip()
-            except FileNotFoundError:
-                continue
-            facts = message_facts(data)
-            found = self.folder.entry_id(path)
-            entry = OutboxEntry(
-                id=found,
-                receiver=receiver,
-                state=state,
-                control_id=facts.control_id,
-                order_status=facts.order_status,
-                accession=facts.accession,
-                age=round(age, 1),
-                attempts=self.tries.get(found, 0),
-                reason=reason,
-            )
-            return entry, data
+            read = self.folder.read_entry(path, state, self.tries)
+            if read is not None:
+                return read
         raise OutboxError(f"no message {name!r} in the outbox")
 
     def retry(self, name: str) -> tuple[str, str]:

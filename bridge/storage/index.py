@@ -659,13 +659,7 @@ class WorklistIndex:
     def matching(self, query: Query, folder: str | None = None) -> list[tuple[str, Record]]:
         """(key, record) of the items matching `query` (in `folder` for the per-ae layout), in
         SPS start order: `search` with each record's key (its file), for listings."""
-        with self._lock:
-            candidates = self._candidates(query, folder)
-        if folder is not None:
-            candidates = [e for e in candidates if e.folder == folder]
-        found = [e for e in candidates if query.matches(e.record)]
-        found.sort(key=lambda e: e.order)
-        return [(e.key, e.record) for e in found]
+        return [(e.key, e.record) for e in self._matching_entries(query, folder)]
 
     def snapshot(self) -> list[tuple[str, str, Record, float | None]]:
         """(key, called AE folder, record, mtime) of every item now: a consistent copy, for
@@ -691,13 +685,18 @@ class WorklistIndex:
 
     def search(self, query: Query, folder: str | None = None) -> list[Record]:
         """Records matching `query` (in `folder` for the per-ae layout), in SPS start order."""
+        return [e.record for e in self._matching_entries(query, folder)]
+
+    def _matching_entries(self, query: Query, folder: str | None) -> list[Entry]:
+        """The entries matching `query` (in `folder` for the per-ae layout), in SPS start
+        order; matched outside the lock."""
         with self._lock:
             candidates = self._candidates(query, folder)
         if folder is not None:
             candidates = [e for e in candidates if e.folder == folder]
         found = [e for e in candidates if query.matches(e.record)]
         found.sort(key=lambda e: e.order)
-        return [e.record for e in found]
+        return found
 
     def _candidates(self, query: Query, folder: str | None) -> list[Entry]:
         """The candidates the query's exact values allow (lock held): the keys of the smallest

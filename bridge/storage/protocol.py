@@ -147,21 +147,14 @@ class WorklistStorage(Protocol):
     def stop_watching(self) -> None: ...
 
 
-class FolderStorage:
-    """The worklist folder as a `WorklistStorage`: one DICOM Part 10 file an item, named
-    `<identity>.wl`, in the folder (flat) or in the called AE's sub-folder (per-ae). Writes go
-    through WorklistStore (temporary file, fsync, rename, fsync of the folder); reads through
-    the in-memory index, whose cache file and inotify/poll watcher belong to this backend."""
+class ItemPaths:
+    """Keys and the paths of items, the same for every backend (the folder's files; the
+    database's virtual paths, so callers by path keep working): from `settings`, `root` (the
+    worklist folder) and `per_ae` of the class it is mixed into."""
 
-    def __init__(self, settings: Settings, store: WorklistStore, index: WorklistIndex) -> None:
-        self.settings = settings
-        self.store = store
-        self.index = index
-        self.root = Path(settings.worklist_dir)
-        self.per_ae = settings.worklist_layout == "per-ae"
-        self._reactor: Any = None
-
-    # ---- keys and files (nowhere else)
+    settings: Settings
+    root: Path
+    per_ae: bool
 
     @property
     def own_partition(self) -> str:
@@ -177,6 +170,21 @@ class FolderStorage:
         path = Path(path)
         partition = path.parent.name if self.per_ae else ""
         return ItemKey(partition, path.stem)
+
+
+class FolderStorage(ItemPaths):
+    """The worklist folder as a `WorklistStorage`: one DICOM Part 10 file an item, named
+    `<identity>.wl`, in the folder (flat) or in the called AE's sub-folder (per-ae). Writes go
+    through WorklistStore (temporary file, fsync, rename, fsync of the folder); reads through
+    the in-memory index, whose cache file and inotify/poll watcher belong to this backend."""
+
+    def __init__(self, settings: Settings, store: WorklistStore, index: WorklistIndex) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.root = Path(settings.worklist_dir)
+        self.per_ae = settings.worklist_layout == "per-ae"
+        self._reactor: Any = None
 
     # ---- the protocol
 

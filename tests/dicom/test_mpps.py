@@ -16,7 +16,7 @@ from bridge.net.client import find, worklist_query
 from tests.conftest import start_bridge
 from tests.messages import orm, segment
 from tests.net.test_tls import make_pki
-from tests.peers import findscu, read_answers
+from tests.peers import findscu_answers
 from tests.test_end_to_end import msa, raw_send
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -125,12 +125,9 @@ def test_started_hides_the_item_and_completed_removes_it(bridge, tmp_path):
     assert stored_statuses(bridge) == ["STARTED"]
     assert statuses(bridge, patient_id="PAT001") == []  # STARTED is hidden by default
     # findscu (dcmtk) sees the same; asking for STARTED finds it.
-    out = tmp_path / "answers"
-    out.mkdir()
-    result = findscu(bridge.dicom_port, ["PatientID=PAT001", "AccessionNumber"],
-                     called_aet=bridge.ae_title, out_dir=out)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert read_answers(out) == []
+    answers = findscu_answers(bridge.dicom_port, ["PatientID=PAT001", "AccessionNumber"],
+                              tmp_path / "answers", called_aet=bridge.ae_title)  # fmt: skip
+    assert answers == []
     started = worklist_query(patient_id="PAT001")
     started.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = "STARTED"
     _, answers = find("127.0.0.1", bridge.dicom_port, started, bridge.ae_title)
@@ -353,10 +350,13 @@ def test_the_calling_ae_allow_list_applies_to_mpps(tmp_path, calling):
         assert running.stop() == 0
 
 
-def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
+def mpps_over_tls_completes_an_order(tmp_path, *options: str) -> None:
+    """A bridge with DICOM TLS (and `options`): plain TCP gets no association; N-CREATE and
+    N-SET through TLS with a client certificate complete the order (retention 0: removed)."""
     pki = make_pki(tmp_path)
-    running = start_bridge(tmp_path, "--dicom-tls-cert", str(pki.server_cert), "--dicom-tls-key",
-                           str(pki.server_key), "--dicom-tls-ca", str(pki.ca))  # fmt: skip
+    running = start_bridge(tmp_path, *options, "--dicom-tls-cert", str(pki.server_cert),
+                           "--dicom-tls-key", str(pki.server_key),
+                           "--dicom-tls-ca", str(pki.ca))  # fmt: skip
     try:
         order(running, control_id="T1")
         ae = AE(ae_title="CT1")
@@ -375,3 +375,7 @@ def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
         assert running.wl_files() == []
     finally:
         assert running.stop() == 0
+
+
+def test_mpps_over_dicom_tls_with_a_client_certificate(tmp_path):
+    mpps_over_tls_completes_an_order(tmp_path)

@@ -26,9 +26,8 @@ from bridge.hl7.order import Patient, read_message
 from bridge.storage.store import WORKLIST_SOP_CLASS
 from tests.hl7.test_order import CHARSET_NAMES, base_omi, base_orm, build, settings
 from tests.peers import (
-    findscu,
+    findscu_answers,
     orthanc_worklists,
-    read_answers,
     require_public_samples,
     wlmscpfs,
 )
@@ -394,18 +393,14 @@ def test_wlmscpfs_serves_the_items(tmp_path):
         for m, ds in enumerate(items(message)):
             save_and_read(ds, folder / f"item{n}_{m}.wl")
     with wlmscpfs(tmp_path / "db") as port:
-        out = tmp_path / "answers"
-        out.mkdir()
-        result = findscu(
+        answers = findscu_answers(
             port,
             ["PatientName", "PatientID", "AccessionNumber",
              "ScheduledProcedureStepSequence[0].Modality",
              "ScheduledProcedureStepSequence[0].ScheduledStationAETitle",
              "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID"],
-            called_aet="WLQUERY", out_dir=out,
+            called_aet="WLQUERY", out_dir=tmp_path / "answers",
         )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        answers = read_answers(out)
     # every file is served: wlmscpfs skips incomplete ones without a word
     assert len(answers) == 3
     assert sorted(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID
@@ -422,17 +417,13 @@ def test_orthanc_serves_the_items(tmp_path):
         for m, ds in enumerate(items(message)):
             save_and_read(ds, folder / f"item{n}_{m}.wl")
     with orthanc_worklists(folder, tmp_path) as port:
-        out = tmp_path / "answers"
-        out.mkdir()
-        result = findscu(
+        answers = findscu_answers(
             port,
             ["SpecificCharacterSet=ISO_IR 192", "PatientName", "PatientID", "AccessionNumber",
              "ScheduledProcedureStepSequence[0].Modality",
              "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID"],
-            called_aet="ORTHANC", out_dir=out,
+            called_aet="ORTHANC", out_dir=tmp_path / "answers",
         )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        answers = read_answers(out)
     assert sorted(a.AccessionNumber for a in answers) == ["ACC100", "ACC200", "ACC300"]
     assert "MÜLLER^Jürgen" in {str(a.PatientName) for a in answers}
 

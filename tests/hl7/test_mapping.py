@@ -26,7 +26,7 @@ from bridge.net.client import MLLPClient, worklist_query
 from bridge.net.client import find as cfind
 from tests.conftest import ROOT, SAMPLES, start_bridge
 from tests.messages import orm
-from tests.peers import findscu, free_port, read_answers
+from tests.peers import findscu_answers, free_port
 
 SITE = """
 [mapping]
@@ -357,9 +357,7 @@ def test_cfind_serves_what_the_site_mapping_and_code_table_make(tmp_path):
         assert by_accession["A2"].ScheduledProcedureStepSequence[0].Modality == "MR"
         assert {a.CurrentPatientLocation for a in answers} == {"RAD"}
         # a modality asking for its own modality finds the translated value (findscu)
-        out = tmp_path / "answers"
-        out.mkdir()
-        result = findscu(
+        [answer] = findscu_answers(
             running.dicom_port,
             [
                 "AccessionNumber",
@@ -367,10 +365,8 @@ def test_cfind_serves_what_the_site_mapping_and_code_table_make(tmp_path):
                 "ScheduledProcedureStepSequence[0].Modality=MR",
             ],  # fmt: skip
             called_aet=running.ae_title,
-            out_dir=out,
+            out_dir=tmp_path / "answers",
         )
-        assert result.returncode == 0, result.stderr
-        [answer] = read_answers(out)
         assert answer.AccessionNumber == "A2" and answer.CurrentPatientLocation == "RAD"
     finally:
         assert running.stop() == 0, "".join(running.stderr_lines)
@@ -378,14 +374,10 @@ def test_cfind_serves_what_the_site_mapping_and_code_table_make(tmp_path):
 
 def test_cfind_serves_pv1_3_as_current_patient_location_by_default(bridge, tmp_path):
     _send(bridge, (SAMPLES / "orm_o01_v251_nw.hl7").read_text("utf-8"))
-    out = tmp_path / "answers"
-    out.mkdir()
-    result = findscu(
+    [answer] = findscu_answers(
         bridge.dicom_port,
         ["PatientID", "CurrentPatientLocation", "ScheduledProcedureStepSequence[0].Modality=MR"],
         called_aet=bridge.ae_title,
-        out_dir=out,
+        out_dir=tmp_path / "answers",
     )
-    assert result.returncode == 0, result.stderr
-    [answer] = read_answers(out)
     assert answer.CurrentPatientLocation == "WARD4"

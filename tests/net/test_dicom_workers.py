@@ -216,33 +216,9 @@ def test_a_dicom_workers_mistake_is_a_sentence_naming_it(tmp_path, options):
 def test_mpps_over_tls_through_a_worker(tmp_path):
     """Each worker makes its own TLS context from the settings; MPPS completed through TLS on
     a worker removes the item (retention 0) in the main process."""
-    from pynetdicom import AE as MppsAE
+    from tests.dicom.test_mpps import mpps_over_tls_completes_an_order
 
-    from tests.dicom.test_mpps import MPPS, final, order
-    from tests.net.test_tls import make_pki
-
-    pki = make_pki(tmp_path)
-    running = start_bridge(tmp_path, "--dicom-workers", "2", "--dicom-tls-cert",
-                           str(pki.server_cert), "--dicom-tls-key", str(pki.server_key),
-                           "--dicom-tls-ca", str(pki.ca))  # fmt: skip
-    try:
-        order(running, control_id="T1")
-        ae = MppsAE(ae_title="CT1")
-        ae.add_requested_context(MPPS)
-        plain = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
-        assert not plain.is_established  # plain TCP gets no association
-        assoc = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title,
-                             tls_args=(pki.client_context(), "localhost"))  # fmt: skip
-        assert assoc.is_established
-        try:
-            uid = generate_uid()
-            assert assoc.send_n_create(in_progress(), MPPS, uid)[0].Status == 0
-            assert assoc.send_n_set(final(), MPPS, uid)[0].Status == 0
-        finally:
-            assoc.release()
-        assert running.wl_files() == []
-    finally:
-        assert running.stop() == 0
+    mpps_over_tls_completes_an_order(tmp_path, "--dicom-workers", "2")
 
 
 def test_by_default_dicom_is_served_by_one_worker_per_cpu(tmp_path):

@@ -13,8 +13,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,31 +26,11 @@ from bridge.net.outbox import OutboxFolder, message_facts
 from bridge.ops.translation_log import parse_logfmt
 from tests.hl7.test_status_message import stored_item
 from tests.net.test_tls import make_pki
-from tests.peers import free_port
+from tests.peers import eventually, free_port
 from tests.ris_receiver import RISReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 30.0  # seconds: generous, the machine is shared
-
-
-@pytest.fixture(scope="module")
-def reactor():
-    """A private Twisted reactor running in a thread, as the bridge's reactor would."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    r = EPollReactor()
-    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    thread.start()
-    yield r
-    r.callFromThread(r.stop)
-    thread.join(10)
-
-
-@pytest.fixture
-def ris():
-    receiver = RISReceiver()
-    yield receiver
-    receiver.stop()
 
 
 def receiver_settings(port: int, **fields) -> OutboundReceiver:
@@ -116,18 +94,6 @@ def start(tmp_path, reactor):
     yield run
     for running in started:
         running.stop()
-
-
-def eventually(predicate, timeout: float = WAIT, what: str = "the condition"):
-    """Poll a condition that no event announces (files, log lines)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:g} s")
-        time.sleep(0.05)
 
 
 def summary(received) -> list[tuple[str, str]]:

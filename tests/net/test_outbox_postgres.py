@@ -22,16 +22,8 @@ from tests.http.test_http_outbox import metrics, outbox, parked, sample
 from tests.http_helpers import READ_TOKEN, HttpBridge, start_http_bridge
 from tests.messages import segment
 from tests.postgres import postgres_dsn, postgres_session  # noqa: F401 (fixtures)
-from tests.ris_receiver import RISReceiver
 from tests.test_end_to_end import msa, raw_send
 from tests.test_mpps_outbox import eventually, summary
-
-
-@pytest.fixture
-def ris():
-    receiver = RISReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture

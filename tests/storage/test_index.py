@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,19 +22,6 @@ from bridge.dicom.matching import compile_query
 from bridge.storage.index import CACHE_NAME, WorklistIndex
 
 WAIT = 5.0  # seconds a change may take to be seen (the requirement is 1 s; CI machines lag)
-
-
-@pytest.fixture(scope="module")
-def reactor():
-    """A private Twisted reactor running in a thread, as the bridge's reactor would."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    r = EPollReactor()
-    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    thread.start()
-    yield r
-    r.callFromThread(r.stop)
-    thread.join(10)
 
 
 def make_index(folder: Path, **settings) -> WorklistIndex:

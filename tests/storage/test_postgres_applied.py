@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import queue
 import time
-from pathlib import Path
 
 import pytest
 
 from bench.worklist_items import make_item
-from bridge.config import Settings
 from bridge.storage.postgres.schema import upgrade
-from bridge.storage.postgres.storage import PostgresStorage
 from bridge.storage.postgres.worklist import record_of
 from bridge.storage.protocol import ItemKey, StorageChange
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
+from tests.storage.test_postgres_storage import make_storage
 
 WAIT = 10.0
 
@@ -24,12 +22,6 @@ WAIT = 10.0
 def dsn(postgres_dsn: str) -> str:  # noqa: F811
     upgrade(postgres_dsn)
     return postgres_dsn
-
-
-def make_storage(tmp_path: Path, dsn: str) -> PostgresStorage:
-    storage = PostgresStorage(Settings(worklist_dir=tmp_path / "wl", store=dsn))
-    storage.prepare()
-    return storage
 
 
 def test_a_rolled_back_change_does_not_drop_another_bridge_s_older_change(tmp_path, dsn):

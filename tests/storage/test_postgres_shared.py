@@ -23,7 +23,7 @@ from bridge.storage.postgres.worklist import PostgresWorklist, item_name
 from bridge.storage.store import encode_file
 from tests.dicom.test_worklist_item import items
 from tests.hl7.test_order import base_orm, build
-from tests.peers import findscu, read_answers, wlmscpfs
+from tests.peers import findscu_answers, wlmscpfs
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401 (fixtures)
 from tests.storage.test_postgres_store import item_bytes, key
 
@@ -189,16 +189,12 @@ def test_export_is_served_by_wlmscpfs(dsn, tmp_path):
     assert (report.written, report.removed) == (2, 1)
     assert (tmp_path / "export" / "WLQUERY" / "lockfile").exists()
     with wlmscpfs(tmp_path / "export") as port:
-        out = tmp_path / "answers"
-        out.mkdir()
-        result = findscu(
+        answers = findscu_answers(
             port,
             ["PatientID", "AccessionNumber", "ScheduledProcedureStepSequence[0].Modality=CT"],
             called_aet="WLQUERY",
-            out_dir=out,
+            out_dir=tmp_path / "answers",
         )
-        assert result.returncode == 0, result.stderr
-        answers = read_answers(out)
     assert sorted(str(a.AccessionNumber) for a in answers) == ["E1", "E2"]
     store.close()
 

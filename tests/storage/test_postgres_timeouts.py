@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from bench.worklist_items import make_item
-from bridge.config import Settings
 from bridge.storage.postgres import connection
 from bridge.storage.postgres.connection import Database, connect
 from bridge.storage.postgres.schema import upgrade
-from bridge.storage.postgres.storage import PostgresStorage
 from bridge.storage.postgres.worklist import SEQUENCE_LOCK
 from bridge.storage.protocol import ItemKey
 from bridge.storage.store import StoreError
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
+from tests.storage.test_postgres_storage import make_storage
 
 WAIT = 20.0  # generous: a loaded machine
 
@@ -27,12 +25,6 @@ WAIT = 20.0  # generous: a loaded machine
 def dsn(postgres_dsn: str) -> str:  # noqa: F811
     upgrade(postgres_dsn)
     return postgres_dsn
-
-
-def make_storage(tmp_path: Path, dsn: str) -> PostgresStorage:
-    storage = PostgresStorage(Settings(worklist_dir=tmp_path / "wl", store=dsn))
-    storage.prepare()
-    return storage
 
 
 def hold_the_sequence_lock(

@@ -4,7 +4,6 @@ change stream of what another program does in the folder (flat and per-ae layout
 from __future__ import annotations
 
 import queue
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,6 @@ from bridge.storage.index import WorklistIndex
 from bridge.storage.protocol import FolderStorage, ItemKey, StorageChange, WorklistStorage
 from bridge.storage.store import WorklistStore
 from tests.storage.test_index import WAIT, other_program_writes
-
-
-@pytest.fixture(scope="module")
-def reactor():
-    from twisted.internet.epollreactor import EPollReactor
-
-    r = EPollReactor()
-    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    thread.start()
-    yield r
-    r.callFromThread(r.stop)
-    thread.join(10)
 
 
 def make_storage(tmp_path: Path, **overrides) -> FolderStorage:

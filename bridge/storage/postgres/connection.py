@@ -130,6 +130,10 @@ class Database:
         self._lock = threading.RLock()
         self._batch: Batch | None = None  # the open batched_transaction's
 
+    def _unavailable(self, exc: psycopg.Error) -> StoreUnavailable:
+        """The error a lost or refused connection becomes (the DSN without its password)."""
+        return StoreUnavailable(f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}")
+
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = connect(self.dsn, autocommit=True, settings=self.settings)
@@ -149,9 +153,7 @@ class Database:
             except psycopg.OperationalError as exc:
                 self._drop()
                 if last:
-                    raise StoreUnavailable(
-                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                    ) from exc
+                    raise self._unavailable(exc) from exc
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -163,15 +165,11 @@ class Database:
                     yield cursor
             except psycopg.OperationalError as exc:
                 self._drop()
-                raise StoreUnavailable(
-                    f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                ) from exc
+                raise self._unavailable(exc) from exc
             except psycopg.Error as exc:
                 if conn.closed or conn.broken:
                     self._drop()
-                    raise StoreUnavailable(
-                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                    ) from exc
+                    raise self._unavailable(exc) from exc
                 raise StoreError(f"database error: {_first_line(exc)}") from exc
 
     @contextmanager
@@ -196,9 +194,7 @@ class Database:
                     # a kept connection the server dropped since: nothing was done (as _begin)
                     self._drop()
                     if last:
-                        raise StoreUnavailable(
-                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                        ) from exc
+                        raise self._unavailable(exc) from exc
                 except psycopg.Error as exc:
                     self._rollback_or_drop(conn)
                     raise StoreError(f"database error: {_first_line(exc)}") from exc
@@ -209,15 +205,11 @@ class Database:
                 batch.send(commit=True)
             except psycopg.OperationalError as exc:
                 self._drop()
-                raise StoreUnavailable(
-                    f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                ) from exc
+                raise self._unavailable(exc) from exc
             except psycopg.Error as exc:
                 self._rollback_or_drop(conn)
                 if self._conn is None:
-                    raise StoreUnavailable(
-                        f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                    ) from exc
+                    raise self._unavailable(exc) from exc
                 raise StoreError(f"database error: {_first_line(exc)}") from exc
             except BaseException:
                 self._rollback_or_drop(conn)
@@ -271,15 +263,11 @@ class Database:
                 except psycopg.OperationalError as exc:
                     self._drop()
                     if last:
-                        raise StoreUnavailable(
-                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                        ) from exc
+                        raise self._unavailable(exc) from exc
                 except psycopg.Error as exc:
                     if self._conn is None or self._conn.closed or self._conn.broken:
                         self._drop()
-                        raise StoreUnavailable(
-                            f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}"
-                        ) from exc
+                        raise self._unavailable(exc) from exc
                     raise StoreError(f"database error: {_first_line(exc)}") from exc
             raise AssertionError("unreachable")
 

@@ -40,7 +40,7 @@ from bridge.storage.postgres.worklist import (
 from bridge.storage.postgres.worklist import (
     StoredItem as PgStoredItem,
 )
-from bridge.storage.protocol import ItemKey, StorageChange, StoredItem
+from bridge.storage.protocol import ItemKey, ItemPaths, StorageChange, StoredItem
 from bridge.storage.store import (
     PlainItem,
     StoreError,
@@ -81,7 +81,7 @@ def item_bytes(item: Dataset | PlainItem, order_identity: str | None, name: str)
     return _file_meta(uid) + body
 
 
-class PostgresStorage:
+class PostgresStorage(ItemPaths):
     """The worklist items in PostgreSQL, under the protocol's keys."""
 
     def __init__(self, settings: Settings, worklist: PostgresWorklist | None = None) -> None:
@@ -159,20 +159,7 @@ class PostgresStorage:
         state["store"] = redacted(self.url)
         return state
 
-    # ---- keys and virtual paths (as the folder backend's, so callers by path keep working)
-
-    @property
-    def own_partition(self) -> str:
-        return self.settings.ae_title if self.per_ae else ""
-
-    def path_of(self, key: ItemKey) -> Path:
-        folder = self.root / key.partition if self.per_ae else self.root
-        return folder / f"{key.identity}.wl"
-
-    def key_of(self, path: Any) -> ItemKey:
-        path = Path(path)
-        partition = path.parent.name if self.per_ae else ""
-        return ItemKey(partition, path.stem)
+    # ---- keys and virtual paths: ItemPaths (as the folder backend's)
 
     @staticmethod
     def _row_key(key: ItemKey) -> ItemKey:
