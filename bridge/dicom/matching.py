@@ -656,11 +656,11 @@ class AnswerEncoder:
     def encode(self, rec: Record) -> bytes | None:
         try:
             returns = self.query.returns
-            plan = self._plans.get((rec.layout, id(returns)))
-            if plan is None:
-                plan = self._plan_for(rec.layout, returns, REQUIRED_TOP)
             charset = rec.get(SPECIFIC_CHARACTER_SET)
             codec = _codec(charset if charset else "")
+            plan = self._plans.get((rec.layout, id(returns), codec))
+            if plan is None:
+                plan = self._plan_for(rec.layout, returns, REQUIRED_TOP, codec)
             if not charset and self.query.wants_charset:
                 charset = DEFAULT_CHARSET
             out: list[bytes] = []
@@ -670,21 +670,21 @@ class AnswerEncoder:
         return b"".join(out)
 
     def _plan_for(
-        self, layout: Layout, returns: tuple[ReturnKey, ...] | None, required: Any
+        self, layout: Layout, returns: tuple[ReturnKey, ...] | None, required: Any, codec: str
     ) -> tuple:
         """The plan of `returns` (None: every element, as for whole sequence items) for records
-        of `layout`, from the shared plans or built."""
+        of `layout` in `codec`, from the shared plans or built."""
         signature = self._signatures.get(id(returns))
         if signature is None:
             signature = self._signatures[id(returns)] = _signature(returns)
-        key = (layout, signature, _LEVELS[id(required)], self.implicit)
+        key = (layout, signature, _LEVELS[id(required)], self.implicit, codec)
         plan = _PLANS.get(key)
         if plan is None:
             plan = _build_plan(layout, returns, required, self.implicit)
             if len(_PLANS) >= _MOST_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
-        self._plans[(layout, id(returns))] = plan
+        self._plans[(layout, id(returns), codec)] = plan
         return plan
 
     def _write(
@@ -699,7 +699,7 @@ class AnswerEncoder:
     ) -> None:
         """Append the elements of `plan` for a record's `values`. `known`: the record passed its
         query level's tests (a sequence's only item is then selected without testing it)."""
-        for kind, i, tag, vr, head, pack, arg, empty in plan:
+        for kind, i, tag, vr, head, pack, arg, heads, written in plan:
             if kind <= _OP_OTHER:
                 value = values[i]
                 if value.__class__ is not str:
@@ -709,43 +709,51 @@ class AnswerEncoder:
                     else:
                         out.append(self._element(tag, vr, value, codec))
                     continue
+                element = written.get(value)
+                if element is not None:
+                    out.append(element)
+                    continue
                 if not value:
-                    if empty is None:
+                    if heads is None:
                         raise _Unencodable(vr)
-                    out.append(empty)
-                    continue
-                if kind == _OP_TEXT:
-                    data = value.encode(codec)
-                elif kind == _OP_ASCII:
-                    data = value.encode("latin_1")
-                elif kind == _OP_PN:
-                    if value[-1] == "=":
-                        raise _Unencodable("PN with empty trailing groups")  # pydicom drops them
-                    data = value.encode(codec)
-                elif kind == _OP_UI:
-                    data = value.encode("latin_1")
+                    element = heads[0]
+                else:
+                    if kind == _OP_TEXT:
+                        data = value.encode(codec)
+                    elif kind == _OP_ASCII:
+                        data = value.encode("latin_1")
+                    elif kind == _OP_PN:
+                        if value[-1] == "=":
+                            raise _Unencodable("PN with empty trailing groups")  # pydicom drops
+                        data = value.encode(codec)
+                    elif kind == _OP_UI:
+                        data = value.encode("latin_1")
+                        if len(data) & 1:
+                            data += b"\0"
+                    elif kind == _OP_NUMBER_TEXT:
+                        if arg.fullmatch(value) is None:
+                            raise _Unencodable(vr)  # pydicom may reformat or refuse it
+                        data = value.encode("latin_1")
+                    else:  # a str where pydicom would want something else, or a VR left to it
+                        data = b""
+                        element = self._element(tag, vr, value, codec)
                     if len(data) & 1:
-                        data += b"\0"
-                    out.append(head + pack(len(data)) + data)
-                    continue
-                elif kind == _OP_NUMBER_TEXT:
-                    if arg.fullmatch(value) is None:
-                        raise _Unencodable(vr)  # pydicom may reformat or refuse it
-                    data = value.encode("latin_1")
-                else:  # a str where pydicom would want something else, or a VR left to it
-                    out.append(self._element(tag, vr, value, codec))
-                    continue
-                if len(data) & 1:
-                    data += b" "
-                out.append(head + pack(len(data)) + data)
+                        data += b" "
+                    if element is None:
+                        n = len(data)
+                        element = heads[n] + data if n <= _SHORT else head + pack(n) + data
+                if len(written) < _MOST_WRITTEN:
+                    written[value] = element
+                out.append(element)
             elif kind == _OP_SEQUENCE:
                 stored = values[i] if i >= 0 else None
                 items = stored if isinstance(stored, tuple) else ()
-                rk = returns[arg]
+                place, level = arg
+                rk = returns[place]
                 select = rk.select
                 if select is not None and items and not (known and len(items) == 1):
                     items = [item for item in items if select(item)]
-                body = b"".join([self._item(item, rk.sub, codec, empty) for item in items])
+                body = b"".join([self._item(item, rk.sub, codec, level) for item in items])
                 out.append(head + pack(len(body)) + body)
             elif kind == _OP_WHOLE_SEQUENCE:
                 items = values[i]
@@ -768,9 +776,9 @@ class AnswerEncoder:
     ) -> bytes:
         if not isinstance(item, Record) or SPECIFIC_CHARACTER_SET in item.layout.pos:
             raise _Unencodable("sequence item")
-        plan = self._plans.get((item.layout, id(sub)))
+        plan = self._plans.get((item.layout, id(sub), codec))
         if plan is None:
-            plan = self._plan_for(item.layout, sub, required)
+            plan = self._plan_for(item.layout, sub, required, codec)
         out: list[bytes] = []
         # An item reached here was selected, so it passed its query item's tests.
         self._write(out, plan, item.values, sub, codec, True)
@@ -822,18 +830,23 @@ class AnswerEncoder:
         return self._header(tag, vr, len(data)) + data
 
 
-# Plans: one op per element to write, in tag order, as (kind, index of the value in the record or
-# -1, tag, VR, header bytes but the length, length packer, extra, empty element or None). The
-# extra: _OP_NUMBER its value packer, _OP_NUMBER_TEXT its pattern, _OP_SEQUENCE the return key's
-# place in `returns`. `empty` is, for _OP_SEQUENCE, the Table K.6-1 level of its items.
+# Plans: one op per element to write, in tag order, as a tuple (kind, index of the value in the
+# record or -1, tag, VR, header bytes but the length, length packer, extra, headers by length,
+# elements written by value). The extra: _OP_NUMBER its value packer, _OP_NUMBER_TEXT its
+# pattern, _OP_SEQUENCE (the return key's place in `returns`, the Table K.6-1 level of its
+# items). The last two are for value ops: the header of each length up to _SHORT (None when the
+# VR cannot be written empty), and the elements already written for str values (a plan is of one
+# codec, so a value's element is always the same bytes).
 _OP_TEXT, _OP_PN, _OP_ASCII, _OP_UI, _OP_NUMBER_TEXT, _OP_NUMBER, _OP_OTHER = range(7)
 _OP_SEQUENCE, _OP_WHOLE_SEQUENCE, _OP_CHARSET, _OP_FIXED = range(7, 11)
 _PACK_H = struct.Struct("<H").pack
 _PACK_I = struct.Struct("<I").pack
 _NUMBER_PACKERS = {vr: struct.Struct("<" + f).pack for vr, f in _NUMBER_FORMATS.items()}
 _LEVELS = {id(REQUIRED_TOP): 0, id(REQUIRED_SPS): 1, id(None): 2}
-_PLANS: dict[tuple, tuple] = {}  # (layout, _signature(returns), level, implicit) -> plan
+_PLANS: dict[tuple, tuple] = {}  # (layout, _signature(returns), level, implicit, codec) -> plan
 _MOST_PLANS = 4096  # then they are built again: layouts are few, queries' shapes too
+_SHORT = 64  # value lengths whose headers a value op holds ready
+_MOST_WRITTEN = 256  # elements a value op keeps by value (sexes, stations, dates, statuses...)
 
 
 def _signature(returns: tuple[ReturnKey, ...] | None) -> tuple | None:
@@ -871,13 +884,14 @@ def _head(tag: int, vr: str, implicit: bool) -> tuple[bytes, Callable[[int], byt
 def _value_op(i: int, tag: int, vr: str, implicit: bool) -> tuple:
     kind = _value_kind(vr)
     head, pack = _head(tag, vr, implicit)
-    empty = None if vr == "SQ" or len(vr) != 2 else head + pack(0)
+    # The header of each short length (empty: [0]); None where pydicom would not write it empty.
+    heads = None if vr == "SQ" or len(vr) != 2 else tuple(head + pack(n) for n in range(_SHORT + 1))
     arg = None
     if kind == _OP_NUMBER_TEXT:
         arg = _IS_RE if vr == "IS" else _DS_RE
     elif kind == _OP_NUMBER:
         arg = _NUMBER_PACKERS[vr]
-    return (kind, i, tag, vr, head, pack, arg, empty)
+    return (kind, i, tag, vr, head, pack, arg, heads, {})
 
 
 def _build_plan(
@@ -892,12 +906,12 @@ def _build_plan(
         for i, (tag, vr) in enumerate(layout.key):
             if vr == "SQ":
                 head, pack = _head(tag, "SQ", implicit)
-                ops.append((_OP_WHOLE_SEQUENCE, i, tag, vr, head, pack, None, None))
+                ops.append((_OP_WHOLE_SEQUENCE, i, tag, vr, head, pack, None, None, None))
             else:
                 ops.append(_value_op(i, tag, vr, implicit))
     else:
         if required is REQUIRED_TOP:
-            ops.append((_OP_CHARSET, -1, SPECIFIC_CHARACTER_SET, "CS", b"", None, None, None))
+            ops.append((_OP_CHARSET, -1, SPECIFIC_CHARACTER_SET, "CS", b"", None, None, None, None))
         for place, rk in enumerate(returns):
             i = pos.get(rk.tag, -1)
             if rk.vr == "SQ":
@@ -905,14 +919,14 @@ def _build_plan(
                     continue
                 head, pack = _head(rk.tag, "SQ", implicit)
                 level = _sub_level(required, rk.tag)
-                ops.append((_OP_SEQUENCE, i, rk.tag, "SQ", head, pack, place, level))
+                ops.append((_OP_SEQUENCE, i, rk.tag, "SQ", head, pack, (place, level), None, None))
             elif i >= 0:
                 ops.append(_value_op(i, rk.tag, layout.key[i][1] or rk.vr, implicit))
             else:
                 if rk.vr == "SQ" or len(rk.vr) != 2:
                     raise _Unencodable(rk.vr)
                 head, pack = _head(rk.tag, rk.vr, implicit)
-                ops.append((_OP_FIXED, -1, rk.tag, rk.vr, head + pack(0), None, None, None))
+                ops.append((_OP_FIXED, -1, rk.tag, rk.vr, head + pack(0), None, None, None, None))
     ops.sort(key=_tag_of_op)
     return tuple(ops)
 
