@@ -641,15 +641,16 @@ class AnswerEncoder:
     only what the index found): a sequence item that is a record's only one is then known to
     have passed its query item's tests, which need not run again to choose it.
 
-    Each (record layout, requested keys) pair is compiled once into a plan, the elements to
-    write in tag order with their header bytes ready (`_plan_for`); plans are shared by every
-    encoder of queries with the same return keys, so a first query does not build them."""
+    Each (record layout, requested keys, character set) is compiled once into a plan, the
+    elements to write in tag order with their header bytes ready (`_plan_for`); plans are shared
+    by every encoder of queries with the same return keys, so a first query does not build
+    them."""
 
     def __init__(self, query: Query, implicit: bool, matched: bool = False) -> None:
         self.query = query
         self.implicit = implicit
         self.matched = matched
-        self._plans: dict[tuple, tuple] = {}  # (layout, id(returns) or None) -> plan
+        self._plans: dict[tuple, tuple] = {}  # (layout, id(returns), codec) -> plan
         self._signatures: dict[int, tuple | None] = {}  # id(returns) -> _signature(returns)
         self._charsets: dict[Any, bytes] = {}  # Specific Character Set value -> element
 
