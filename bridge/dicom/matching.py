@@ -275,6 +275,8 @@ def canonical_time(text: str, high: bool = False) -> str | None:
 
 
 def canonical_date(text: str) -> str | None:
+    if len(text) == 8 and text.isdecimal():  # what _DA_RE admits, without running it
+        return text
     text = text.replace(".", "")  # old ACR-NEMA form YYYY.MM.DD
     return text if _DA_RE.fullmatch(text) else None
 
@@ -633,29 +635,156 @@ def _tag_bytes(tag: int) -> bytes:
 class AnswerEncoder:
     """`query.answer(rec)` encoded in little endian, implicit or explicit VR: the bytes pydicom
     would write for it, without building the Dataset. `encode` returns None when an answer holds
-    something this encoder leaves to pydicom (encode `query.answer(rec)` then)."""
+    something this encoder leaves to pydicom (encode `query.answer(rec)` then).
 
-    def __init__(self, query: Query, implicit: bool) -> None:
+    `matched=True` promises that every record given matched the query (the C-FIND SCP encodes
+    only what the index found): a sequence item that is a record's only one is then known to
+    have passed its query item's tests, which need not run again to choose it.
+
+    Each (record layout, requested keys, character set) is compiled once into a plan, the
+    elements to write in tag order with their header bytes ready (`_plan_for`); plans are shared
+    by every encoder of queries with the same return keys, so a first query does not build
+    them."""
+
+    def __init__(self, query: Query, implicit: bool, matched: bool = False) -> None:
         self.query = query
         self.implicit = implicit
+        self.matched = matched
+        self._plans: dict[tuple, tuple] = {}  # (layout, id(returns), codec) -> plan
+        self._signatures: dict[int, tuple | None] = {}  # id(returns) -> _signature(returns)
+        self._charsets: dict[Any, bytes] = {}  # Specific Character Set value -> element
 
     def encode(self, rec: Record) -> bytes | None:
         try:
+            returns = self.query.returns
             charset = rec.get(SPECIFIC_CHARACTER_SET)
             codec = _codec(charset if charset else "")
-            parts = []
+            plan = self._plans.get((rec.layout, id(returns), codec))
+            if plan is None:
+                plan = self._plan_for(rec.layout, returns, REQUIRED_TOP, codec)
             if not charset and self.query.wants_charset:
                 charset = DEFAULT_CHARSET
-            if charset:
-                parts.append(
-                    (SPECIFIC_CHARACTER_SET, self._element(SPECIFIC_CHARACTER_SET, "CS", charset,
-                                                           codec))
-                )  # fmt: skip
-            self._fill(parts, rec, self.query.returns, codec)
+            out: list[bytes] = []
+            self._write(out, plan, rec.values, returns, codec, self.matched, charset)
         except (_Unencodable, UnicodeError, struct.error, TypeError, AttributeError):
             return None
-        parts.sort(key=_first_of_pair)
-        return b"".join(p for _tag, p in parts)
+        return b"".join(out)
+
+    def _plan_for(
+        self, layout: Layout, returns: tuple[ReturnKey, ...] | None, required: Any, codec: str
+    ) -> tuple:
+        """The plan of `returns` (None: every element, as for whole sequence items) for records
+        of `layout` in `codec`, from the shared plans or built."""
+        signature = self._signatures.get(id(returns))
+        if signature is None:
+            signature = self._signatures[id(returns)] = _signature(returns)
+        key = (layout, signature, _LEVELS[id(required)], self.implicit, codec)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _build_plan(layout, returns, required, self.implicit)
+            if len(_PLANS) >= _MOST_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+        self._plans[(layout, id(returns), codec)] = plan
+        return plan
+
+    def _write(
+        self,
+        out: list[bytes],
+        plan: tuple,
+        values: tuple,
+        returns: tuple[ReturnKey, ...] | None,
+        codec: str,
+        known: bool,
+        charset: Any = None,
+    ) -> None:
+        """Append the elements of `plan` for a record's `values`. `known`: the record passed its
+        query level's tests (a sequence's only item is then selected without testing it)."""
+        for kind, i, tag, vr, head, pack, arg, heads, written in plan:
+            if kind <= _OP_OTHER:
+                value = values[i]
+                if value.__class__ is not str:
+                    if kind == _OP_NUMBER and (value.__class__ is int or value.__class__ is float):
+                        data = arg(value)
+                        out.append(head + pack(len(data)) + data)
+                    else:
+                        out.append(self._element(tag, vr, value, codec))
+                    continue
+                element = written.get(value)
+                if element is not None:
+                    out.append(element)
+                    continue
+                if not value:
+                    if heads is None:
+                        raise _Unencodable(vr)
+                    element = heads[0]
+                else:
+                    if kind == _OP_TEXT:
+                        data = value.encode(codec)
+                    elif kind == _OP_ASCII:
+                        data = value.encode("latin_1")
+                    elif kind == _OP_PN:
+                        if value[-1] == "=":
+                            raise _Unencodable("PN with empty trailing groups")  # pydicom drops
+                        data = value.encode(codec)
+                    elif kind == _OP_UI:
+                        data = value.encode("latin_1")
+                        if len(data) & 1:
+                            data += b"\0"
+                    elif kind == _OP_NUMBER_TEXT:
+                        if arg.fullmatch(value) is None:
+                            raise _Unencodable(vr)  # pydicom may reformat or refuse it
+                        data = value.encode("latin_1")
+                    else:  # a str where pydicom would want something else, or a VR left to it
+                        data = b""
+                        element = self._element(tag, vr, value, codec)
+                    if len(data) & 1:
+                        data += b" "
+                    if element is None:
+                        n = len(data)
+                        element = heads[n] + data if n <= _SHORT else head + pack(n) + data
+                if len(written) < _MOST_WRITTEN:
+                    written[value] = element
+                out.append(element)
+            elif kind == _OP_SEQUENCE:
+                stored = values[i] if i >= 0 else None
+                items = stored if isinstance(stored, tuple) else ()
+                place, level = arg
+                rk = returns[place]
+                select = rk.select
+                if select is not None and items and not (known and len(items) == 1):
+                    items = [item for item in items if select(item)]
+                body = b"".join([self._item(item, rk.sub, codec, level) for item in items])
+                out.append(head + pack(len(body)) + body)
+            elif kind == _OP_WHOLE_SEQUENCE:
+                items = values[i]
+                if not isinstance(items, tuple):
+                    raise _Unencodable("sequence value")
+                body = b"".join([self._item(item, None, codec, None) for item in items])
+                out.append(head + pack(len(body)) + body)
+            elif kind == _OP_CHARSET:
+                if charset:
+                    element = self._charsets.get(charset)
+                    if element is None:
+                        element = self._element(SPECIFIC_CHARACTER_SET, "CS", charset, codec)
+                        self._charsets[charset] = element
+                    out.append(element)
+            else:  # _OP_FIXED: an empty element the record lacks
+                out.append(head)
+
+    def _item(
+        self, item: Any, sub: tuple[ReturnKey, ...] | None, codec: str, required: Any
+    ) -> bytes:
+        if not isinstance(item, Record) or SPECIFIC_CHARACTER_SET in item.layout.pos:
+            raise _Unencodable("sequence item")
+        plan = self._plans.get((item.layout, id(sub), codec))
+        if plan is None:
+            plan = self._plan_for(item.layout, sub, required, codec)
+        out: list[bytes] = []
+        # An item reached here was selected, so it passed its query item's tests.
+        self._write(out, plan, item.values, sub, codec, True)
+        body = b"".join(out)
+        return _ITEM + _PACK_I(len(body)) + body
 
     def _header(self, tag: int, vr: str, length: int) -> bytes:
         if self.implicit:
@@ -666,49 +795,8 @@ class AnswerEncoder:
             raise _Unencodable("value too long for explicit VR")
         return _tag_bytes(tag) + vr.encode() + struct.pack("<H", length)
 
-    def _fill(
-        self,
-        out: list,
-        rec: Record | None,
-        returns: Iterable[ReturnKey],
-        codec: str,
-        required: Any = REQUIRED_TOP,
-    ) -> None:
-        for rk in returns:
-            stored = rec.get(rk.tag) if rec is not None else None
-            if rk.vr == "SQ":
-                if _leave_out(rk, stored, required):
-                    continue
-                items = _selected(rk, stored)
-                level = _sub_level(required, rk.tag)
-                body = b"".join(self._item(item, rk.sub, codec, level) for item in items)
-                out.append((rk.tag, self._header(rk.tag, "SQ", len(body)) + body))
-            else:
-                vr = (rec.vr(rk.tag) if rec is not None else None) or rk.vr
-                out.append((rk.tag, self._element(rk.tag, vr, stored, codec)))
-
-    def _item(
-        self, item: Any, sub: tuple[ReturnKey, ...] | None, codec: str, required: Any = None
-    ) -> bytes:
-        if not isinstance(item, Record) or SPECIFIC_CHARACTER_SET in item:
-            raise _Unencodable("sequence item")
-        parts: list = []
-        if sub is None:
-            for tag, vr, value in item.items():
-                if vr == "SQ":
-                    if not isinstance(value, tuple):
-                        raise _Unencodable("sequence value")
-                    body = b"".join(self._item(i, None, codec) for i in value)
-                    parts.append((tag, self._header(tag, "SQ", len(body)) + body))
-                else:
-                    parts.append((tag, self._element(tag, vr, value, codec)))
-        else:
-            self._fill(parts, item, sub, codec, required)
-        parts.sort(key=_first_of_pair)
-        body = b"".join(p for _tag, p in parts)
-        return _ITEM + struct.pack("<I", len(body)) + body
-
     def _element(self, tag: int, vr: str, stored: Any, codec: str) -> bytes:
+        """Any one element (the general case of `_write`'s: multi-valued, binary numbers...)."""
         if stored is None or stored == "" or stored == ():
             if vr == "SQ" or len(vr) != 2:
                 raise _Unencodable(vr)
@@ -743,8 +831,109 @@ class AnswerEncoder:
         return self._header(tag, vr, len(data)) + data
 
 
-def _first_of_pair(pair: tuple[int, bytes]) -> int:
-    return pair[0]
+# Plans: one op per element to write, in tag order, as a tuple (kind, index of the value in the
+# record or -1, tag, VR, header bytes but the length, length packer, extra, headers by length,
+# elements written by value). The extra: _OP_NUMBER its value packer, _OP_NUMBER_TEXT its
+# pattern, _OP_SEQUENCE (the return key's place in `returns`, the Table K.6-1 level of its
+# items). The last two are for value ops: the header of each length up to _SHORT (None when the
+# VR cannot be written empty), and the elements already written for str values (a plan is of one
+# codec, so a value's element is always the same bytes).
+_OP_TEXT, _OP_PN, _OP_ASCII, _OP_UI, _OP_NUMBER_TEXT, _OP_NUMBER, _OP_OTHER = range(7)
+_OP_SEQUENCE, _OP_WHOLE_SEQUENCE, _OP_CHARSET, _OP_FIXED = range(7, 11)
+_PACK_H = struct.Struct("<H").pack
+_PACK_I = struct.Struct("<I").pack
+_NUMBER_PACKERS = {vr: struct.Struct("<" + f).pack for vr, f in _NUMBER_FORMATS.items()}
+_LEVELS = {id(REQUIRED_TOP): 0, id(REQUIRED_SPS): 1, id(None): 2}
+_PLANS: dict[tuple, tuple] = {}  # (layout, _signature(returns), level, implicit, codec) -> plan
+_MOST_PLANS = 4096  # then they are built again: layouts are few, queries' shapes too
+_SHORT = 64  # value lengths whose headers a value op holds ready
+_MOST_WRITTEN = 256  # elements a value op keeps by value (sexes, stations, dates, statuses...)
+
+
+def _signature(returns: tuple[ReturnKey, ...] | None) -> tuple | None:
+    """What a plan depends on in return keys: tags, VRs and sub-keys (not what selects)."""
+    if returns is None:
+        return None
+    return tuple((rk.tag, rk.vr, None if rk.sub is None else _signature(rk.sub)) for rk in returns)
+
+
+def _value_kind(vr: str) -> int:
+    if vr == "PN":
+        return _OP_PN
+    if vr in _CHARSET_VRS:
+        return _OP_TEXT
+    if vr in _ASCII_VRS:
+        return _OP_ASCII
+    if vr == "UI":
+        return _OP_UI
+    if vr in ("IS", "DS"):
+        return _OP_NUMBER_TEXT
+    if vr in _NUMBER_FORMATS:
+        return _OP_NUMBER
+    return _OP_OTHER
+
+
+def _head(tag: int, vr: str, implicit: bool) -> tuple[bytes, Callable[[int], bytes]]:
+    """An element's header but its length, and the packer of the length."""
+    if implicit:
+        return _tag_bytes(tag), _PACK_I
+    if vr in _LONG_LENGTH_VRS:
+        return _tag_bytes(tag) + vr.encode() + b"\0\0", _PACK_I
+    return _tag_bytes(tag) + vr.encode(), _PACK_H  # struct.error past 0xFFFF: left to pydicom
+
+
+def _value_op(i: int, tag: int, vr: str, implicit: bool) -> tuple:
+    kind = _value_kind(vr)
+    head, pack = _head(tag, vr, implicit)
+    # The header of each short length (empty: [0]); None where pydicom would not write it empty.
+    heads = None if vr == "SQ" or len(vr) != 2 else tuple(head + pack(n) for n in range(_SHORT + 1))
+    arg = None
+    if kind == _OP_NUMBER_TEXT:
+        arg = _IS_RE if vr == "IS" else _DS_RE
+    elif kind == _OP_NUMBER:
+        arg = _NUMBER_PACKERS[vr]
+    return (kind, i, tag, vr, head, pack, arg, heads, {})
+
+
+def _build_plan(
+    layout: Layout, returns: tuple[ReturnKey, ...] | None, required: Any, implicit: bool
+) -> tuple:
+    """What AnswerEncoder writes for `returns` of a record of `layout`: as `_fill` does, the
+    VR the record holds (else the query's), a requested sequence the record lacks left out
+    unless Table K.6-1 requires it; sorted by tag, as pydicom writes a Dataset."""
+    pos = layout.pos
+    ops: list[tuple] = []
+    if returns is None:  # a whole item
+        for i, (tag, vr) in enumerate(layout.key):
+            if vr == "SQ":
+                head, pack = _head(tag, "SQ", implicit)
+                ops.append((_OP_WHOLE_SEQUENCE, i, tag, vr, head, pack, None, None, None))
+            else:
+                ops.append(_value_op(i, tag, vr, implicit))
+    else:
+        if required is REQUIRED_TOP:
+            ops.append((_OP_CHARSET, -1, SPECIFIC_CHARACTER_SET, "CS", b"", None, None, None, None))
+        for place, rk in enumerate(returns):
+            i = pos.get(rk.tag, -1)
+            if rk.vr == "SQ":
+                if i < 0 and _leave_out(rk, None, required):
+                    continue
+                head, pack = _head(rk.tag, "SQ", implicit)
+                level = _sub_level(required, rk.tag)
+                ops.append((_OP_SEQUENCE, i, rk.tag, "SQ", head, pack, (place, level), None, None))
+            elif i >= 0:
+                ops.append(_value_op(i, rk.tag, layout.key[i][1] or rk.vr, implicit))
+            else:
+                if rk.vr == "SQ" or len(rk.vr) != 2:
+                    raise _Unencodable(rk.vr)
+                head, pack = _head(rk.tag, rk.vr, implicit)
+                ops.append((_OP_FIXED, -1, rk.tag, rk.vr, head + pack(0), None, None, None, None))
+    ops.sort(key=_tag_of_op)
+    return tuple(ops)
+
+
+def _tag_of_op(op: tuple) -> int:
+    return op[2]
 
 
 def _keyword(tag: int) -> str:
@@ -796,7 +985,13 @@ class _Compiler:
             tests = [_text_test(t, False) for t in texts]
         if len(tests) == 1:
             one = tests[0]
-            return lambda stored: any(one(v) for v in _values(stored))
+
+            def test_one(stored: Any) -> bool:
+                if stored.__class__ is str:  # the common case: one value (or none, "")
+                    return one(stored) if stored else False
+                return any(one(v) for v in _values(stored))
+
+            return test_one
         return lambda stored: any(t(v) for v in _values(stored) for t in tests)
 
     def exact_values(self, vr: str, values: tuple) -> frozenset[str] | None:
@@ -945,13 +1140,25 @@ def _date_bounds(text: str) -> tuple[str, str] | None:
 def _all_of(tests: list[RecordTest]) -> RecordTest:
     if len(tests) == 1:
         return tests[0]
-    return lambda rec: all(t(rec) for t in tests)
+
+    def test(rec: Record) -> bool:
+        for one in tests:  # a loop, not all(generator): this runs for every candidate's steps
+            if not one(rec):
+                return False
+        return True
+
+    return test
 
 
 def _any_item(tag: int, select: RecordTest) -> RecordTest:
     def test(rec: Record) -> bool:
         items = rec.get(tag)
-        return isinstance(items, tuple) and any(select(item) for item in items)
+        if not isinstance(items, tuple):
+            return False
+        for item in items:
+            if select(item):
+                return True
+        return False
 
     return test
 
@@ -1035,7 +1242,10 @@ def _any_step(select: RecordTest) -> RecordTest:
         items = rec.get(SPS_SEQUENCE)
         if not isinstance(items, tuple) or not items:
             return select(_EMPTY)
-        return any(select(item) for item in items)
+        for item in items:
+            if select(item):
+                return True
+        return False
 
     return test
 

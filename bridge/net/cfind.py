@@ -379,7 +379,7 @@ class AnswerCache:
         through the cache."""
 
         def make_encoder(implicit: bool) -> Callable[[Any], bytes | None]:
-            encode = AnswerEncoder(query, implicit=implicit).encode
+            encode = AnswerEncoder(query, implicit=implicit, matched=True).encode  # found by search
             if len(records) > self.MOST_ANSWERS:
                 return encode
             key, answers = self._answers(event, implicit, calling)
