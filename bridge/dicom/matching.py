@@ -681,7 +681,7 @@ class AnswerEncoder:
         key = (layout, signature, _LEVELS[id(required)], self.implicit, codec)
         plan = _PLANS.get(key)
         if plan is None:
-            plan = _build_plan(layout, returns, required, self.implicit)
+            plan = _build_plan(layout, returns, required, self.implicit, codec)
             if len(_PLANS) >= _MOST_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
@@ -835,9 +835,9 @@ class AnswerEncoder:
 # record or -1, tag, VR, header bytes but the length, length packer, extra, headers by length,
 # elements written by value). The extra: _OP_NUMBER its value packer, _OP_NUMBER_TEXT its
 # pattern, _OP_SEQUENCE (the return key's place in `returns`, the Table K.6-1 level of its
-# items). The last two are for value ops: the header of each length up to _SHORT (None when the
-# VR cannot be written empty), and the elements already written for str values (a plan is of one
-# codec, so a value's element is always the same bytes).
+# items). The last two are for value ops, shared by the plans (`_elements_of`): the header of
+# each length up to _SHORT (None when the VR cannot be written empty), and the elements already
+# written for str values (of one tag, VR and codec, a value's element is always the same bytes).
 _OP_TEXT, _OP_PN, _OP_ASCII, _OP_UI, _OP_NUMBER_TEXT, _OP_NUMBER, _OP_OTHER = range(7)
 _OP_SEQUENCE, _OP_WHOLE_SEQUENCE, _OP_CHARSET, _OP_FIXED = range(7, 11)
 _PACK_H = struct.Struct("<H").pack
@@ -845,9 +845,11 @@ _PACK_I = struct.Struct("<I").pack
 _NUMBER_PACKERS = {vr: struct.Struct("<" + f).pack for vr, f in _NUMBER_FORMATS.items()}
 _LEVELS = {id(REQUIRED_TOP): 0, id(REQUIRED_SPS): 1, id(None): 2}
 _PLANS: dict[tuple, tuple] = {}  # (layout, _signature(returns), level, implicit, codec) -> plan
-_MOST_PLANS = 4096  # then they are built again: layouts are few, queries' shapes too
+_MOST_PLANS = 1024  # then they are built again: layouts are few, queries' shapes too
+_ELEMENTS: dict[tuple, tuple] = {}  # (tag, VR, implicit, codec) -> (headers, elements by value)
+_MOST_ELEMENTS = 512  # then made again: the records' elements (~20 MB at most, all full)
 _SHORT = 64  # value lengths whose headers a value op holds ready
-_MOST_WRITTEN = 256  # elements a value op keeps by value (sexes, stations, dates, statuses...)
+_MOST_WRITTEN = 256  # elements kept by value for each (sexes, stations, dates, statuses...)
 
 
 def _signature(returns: tuple[ReturnKey, ...] | None) -> tuple | None:
@@ -882,21 +884,42 @@ def _head(tag: int, vr: str, implicit: bool) -> tuple[bytes, Callable[[int], byt
     return _tag_bytes(tag) + vr.encode(), _PACK_H  # struct.error past 0xFFFF: left to pydicom
 
 
-def _value_op(i: int, tag: int, vr: str, implicit: bool) -> tuple:
+def _value_op(i: int, tag: int, vr: str, implicit: bool, codec: str) -> tuple:
     kind = _value_kind(vr)
     head, pack = _head(tag, vr, implicit)
-    # The header of each short length (empty: [0]); None where pydicom would not write it empty.
-    heads = None if vr == "SQ" or len(vr) != 2 else tuple(head + pack(n) for n in range(_SHORT + 1))
+    heads, written = _elements_of(tag, vr, implicit, codec)
     arg = None
     if kind == _OP_NUMBER_TEXT:
         arg = _IS_RE if vr == "IS" else _DS_RE
     elif kind == _OP_NUMBER:
         arg = _NUMBER_PACKERS[vr]
-    return (kind, i, tag, vr, head, pack, arg, heads, {})
+    return (kind, i, tag, vr, head, pack, arg, heads, written)
+
+
+def _elements_of(tag: int, vr: str, implicit: bool, codec: str) -> tuple[tuple | None, dict]:
+    """The headers of each short length (empty: [0]; None where pydicom would not write the
+    element empty) and the elements written by value, of one element in one encoding: shared by
+    every plan, so that their memory grows with the elements the records hold (and the VRs a
+    query may give those the records hold without one), not with the return-key sets peers send."""
+    key = (tag, vr, implicit, codec)
+    known = _ELEMENTS.get(key)
+    if known is None:
+        head, pack = _head(tag, vr, implicit)
+        heads = (
+            None if vr == "SQ" or len(vr) != 2 else tuple(head + pack(n) for n in range(_SHORT + 1))
+        )
+        if len(_ELEMENTS) >= _MOST_ELEMENTS:
+            _ELEMENTS.clear()
+        known = _ELEMENTS[key] = (heads, {})
+    return known
 
 
 def _build_plan(
-    layout: Layout, returns: tuple[ReturnKey, ...] | None, required: Any, implicit: bool
+    layout: Layout,
+    returns: tuple[ReturnKey, ...] | None,
+    required: Any,
+    implicit: bool,
+    codec: str,
 ) -> tuple:
     """What AnswerEncoder writes for `returns` of a record of `layout`: as `_fill` does, the
     VR the record holds (else the query's), a requested sequence the record lacks left out
@@ -909,7 +932,7 @@ def _build_plan(
                 head, pack = _head(tag, "SQ", implicit)
                 ops.append((_OP_WHOLE_SEQUENCE, i, tag, vr, head, pack, None, None, None))
             else:
-                ops.append(_value_op(i, tag, vr, implicit))
+                ops.append(_value_op(i, tag, vr, implicit, codec))
     else:
         if required is REQUIRED_TOP:
             ops.append((_OP_CHARSET, -1, SPECIFIC_CHARACTER_SET, "CS", b"", None, None, None, None))
@@ -922,7 +945,7 @@ def _build_plan(
                 level = _sub_level(required, rk.tag)
                 ops.append((_OP_SEQUENCE, i, rk.tag, "SQ", head, pack, (place, level), None, None))
             elif i >= 0:
-                ops.append(_value_op(i, rk.tag, layout.key[i][1] or rk.vr, implicit))
+                ops.append(_value_op(i, rk.tag, layout.key[i][1] or rk.vr, implicit, codec))
             else:
                 if rk.vr == "SQ" or len(rk.vr) != 2:
                     raise _Unencodable(rk.vr)
