@@ -11,6 +11,9 @@ item stays as a tombstone (no bytes) so a bridge that was away sees the delete w
 up. Sequence numbers are taken under one more advisory lock held until the commit, so they are
 committed in order: a catch-up read of `seq > last seen` never skips a change that committed
 late with a smaller number.
+The stream skips this writer's own rows (its index has them); a write that failed with its
+connection may have committed all the same, so its keys are read again once the listener is
+connected (`Uncertain`).
 """
 
 from __future__ import annotations
@@ -183,6 +186,10 @@ class PostgresWorklist:
         self.last_seq = 0  # the change number of this object's last put or delete
         self._open = threading.local()  # the batch of an open change(), its locks and reads
         self._listener: ChangeListener | None = None
+        # Keys of writes that failed with the connection: their COMMIT may have gone through
+        # all the same (the answer was lost), and the change stream skips this writer's own
+        # rows. The listener reads them again once it is connected (`Uncertain`).
+        self.uncertain = Uncertain()
 
     def prepare(self) -> None:
         """StoreUnavailable when the database cannot be reached; StoreError when its schema
@@ -210,19 +217,26 @@ class PostgresWorklist:
         if getattr(self._open, "batch", None) is not None:
             raise StoreError("change() blocks do not nest")
         first = [_lock_statement(key), _read_statement(key), *also]
-        with self.db.batched_transaction(first) as (batch, cursors):
-            row = cursors[1].fetchone()
-            rows = [cursor.fetchone() for cursor in cursors[2:]]
-            self._open.batch = batch
-            self._open.locked = {key}
-            self._open.read = {key: StoredItem(bytes(row[0]), row[1]) if row else None}
-            self._open.numbered = False
-            try:
-                yield rows
-            finally:
-                self._open.batch = None
-                self._open.locked = set()
-                self._open.read = {}
+        written: set[ItemKey] = set()
+        try:
+            with self.db.batched_transaction(first) as (batch, cursors):
+                row = cursors[1].fetchone()
+                rows = [cursor.fetchone() for cursor in cursors[2:]]
+                self._open.batch = batch
+                self._open.locked = {key}
+                self._open.read = {key: StoredItem(bytes(row[0]), row[1]) if row else None}
+                self._open.numbered = False
+                self._open.written = written
+                try:
+                    yield rows
+                finally:
+                    self._open.batch = None
+                    self._open.locked = set()
+                    self._open.read = {}
+                    self._open.written = None
+        except Exception:  # whatever failed, the COMMIT may have gone through
+            self.uncertain.add(written)
+            raise
 
     def on_commit(self, sql: str, params: Any = None) -> bool:
         """Send `sql` with the COMMIT of this thread's open change() (part of its transaction);
@@ -240,10 +254,15 @@ class PostgresWorklist:
             if key not in self._open.locked:  # another key of the same change
                 _lock_order(cursor, key)
                 self._open.locked.add(key)
+            self._open.written.add(key)
             return work(cursor)
-        with self.db.transaction() as cursor:
-            _lock_order(cursor, key)
-            return work(cursor)
+        try:
+            with self.db.transaction() as cursor:
+                _lock_order(cursor, key)
+                return work(cursor)
+        except Exception:  # whatever failed, the COMMIT may have gone through
+            self.uncertain.add({key})
+            raise
 
     def get(self, key: ItemKey) -> StoredItem | None:
         def read(cursor: psycopg.Cursor) -> StoredItem | None:
@@ -298,6 +317,7 @@ class PostgresWorklist:
                 batch.defer("SELECT pg_advisory_xact_lock(%s)", (SEQUENCE_LOCK,))
                 self._open.numbered = True
             batch.defer(UPSERT, params, lambda row: written(row[0]))
+            self._open.written.add(key)
             return None
 
         def write(cursor: psycopg.Cursor) -> int:
@@ -442,7 +462,7 @@ class PostgresWorklist:
         It runs on the listener's own thread."""
         self.stop_watching()
         start = self.scanned_seq if since is None else since
-        self._listener = ChangeListener(self.dsn, self.origin, callback, start)
+        self._listener = ChangeListener(self.dsn, self.origin, callback, start, self.uncertain)
         self._listener.start()
         return self._listener
 
@@ -452,17 +472,48 @@ class PostgresWorklist:
             self._listener = None
 
 
+class Uncertain:
+    """The keys of writes whose outcome this writer could not learn, shared by its threads."""
+
+    def __init__(self) -> None:
+        self._keys: set[ItemKey] = set()
+        self._lock = threading.Lock()
+
+    def add(self, keys: set[ItemKey]) -> None:
+        with self._lock:
+            self._keys |= keys
+
+    def pending(self) -> list[ItemKey]:
+        with self._lock:
+            return list(self._keys)
+
+    def done(self, key: ItemKey) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+
 class ChangeListener(threading.Thread):
     """LISTEN on a connection of its own; each notification (and each reconnect) reads every
     row changed after the last change number seen, so a notification missed while the
     connection was down loses nothing."""
 
-    def __init__(self, dsn: str, origin: str, callback: ChangeCallback, since: int) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        origin: str,
+        callback: ChangeCallback,
+        since: int,
+        uncertain: Uncertain | None = None,
+    ) -> None:
         super().__init__(name="wlbridge-pg-listener", daemon=True)
         self.dsn = dsn
         self.origin = origin
         self.callback = callback
         self.last_seq = since
+        self.uncertain = uncertain or Uncertain()
         self.connected = threading.Event()  # listening and caught up
         self.reconnects = 0
         self._stopping = threading.Event()
@@ -529,7 +580,7 @@ class ChangeListener(threading.Thread):
             return False  # not ours to judge: read
         if own:  # every commit numbered below it was notified (and read) before it
             self.last_seq = max(self.last_seq, seq)
-        return own
+        return own and not self.uncertain
 
     def _catch_up(self) -> None:
         while True:
@@ -550,4 +601,24 @@ class ChangeListener(threading.Thread):
                 except Exception:  # one bad callback must not stop the stream
                     log.exception("change callback failed for %s", key)
             if len(rows) < BATCH:
-                return
+                break
+        self._read_uncertain()
+
+    def _read_uncertain(self) -> None:
+        """Deliver the rows of this writer's failed writes as they are now: one whose COMMIT
+        went through is applied (its delivery is skipped where the index has it already)."""
+        for key in self.uncertain.pending():
+            row = self._conn.execute(
+                "SELECT seq, deleted, data FROM worklist_items WHERE partition = %s AND name = %s",
+                (key.partition, item_name(key.identity)),
+            ).fetchone()
+            self.uncertain.done(key)
+            if row is None:
+                continue  # never committed
+            seq, deleted, data = row
+            self.last_seq = max(self.last_seq, seq)
+            item = None if deleted else StoredItem(bytes(data), seq)
+            try:
+                self.callback("delete" if deleted else "put", key, item)
+            except Exception:
+                log.exception("change callback failed for %s", key)
