@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from bench.worklist_items import make_item, query
+from bench.worklist_items import _code, make_item, query
 from bridge.dicom.matching import AnswerEncoder, Record, compile_query, record_from_dataset
 
 pytestmark = pytest.mark.filterwarnings(
@@ -41,14 +41,6 @@ def pydicom_bytes(ds: Dataset, implicit: bool) -> bytes:
     buf.is_little_endian, buf.is_implicit_VR = True, implicit
     write_dataset(buf, ds)
     return buf.getvalue()
-
-
-def _code(value: str, meaning: str) -> Dataset:
-    code = Dataset()
-    code.CodeValue = value
-    code.CodingSchemeDesignator = "LOCAL"
-    code.CodeMeaning = meaning
-    return code
 
 
 def _steps(ds: Dataset, *changes: dict) -> Dataset:
