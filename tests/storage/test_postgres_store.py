@@ -316,3 +316,91 @@ def test_the_change_stream_outlives_a_database_restart(postgres):  # noqa: F811
     finally:
         writer.close()
         reader.close()
+
+
+# ---- a write whose COMMIT went through but whose answer was lost ------------------------------
+
+
+def _commit_unanswered(admin: psycopg.Connection, write) -> StoreUnavailable:
+    """Run `write` while every COMMIT waits for a standby that does not exist (written
+    locally, not answered), then end its server process: the commit stays, its answer is
+    lost. The StoreUnavailable the write raised."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while True:  # another process's state: nothing announces it
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        ).fetchall()
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert len(rows) == 1, "the write's COMMIT never waited"
+    admin.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
+    thread.join(30)
+    assert not thread.is_alive() and len(failed) == 1 and isinstance(failed[0], StoreUnavailable)
+    return failed[0]
+
+
+def test_a_write_whose_answer_was_lost_is_served_by_its_own_bridge(postgres):  # noqa: F811
+    """The change stream skips a bridge's own rows (its index has them): one whose writer
+    saw only an error must still reach it, or the bridge would refuse (AR) an order that
+    every other bridge serves. The COMMIT is lost for real: a synchronous standby that
+    never answers, and the waiting server process ended."""
+    upgrade(postgres.dsn)
+    writer = PostgresWorklist(postgres.dsn)
+    writer.db.settings = {"synchronous_commit": "on"}  # the writer's commits only wait
+    seen, callback, wait_for = _collector()
+    try:
+        writer.prepare()
+        listener = writer.watch(callback)
+        assert listener.connected.wait(30)
+        with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+            admin.execute("ALTER SYSTEM SET synchronous_commit = 'local'")
+            admin.execute("SELECT pg_reload_conf()")
+
+            def changed() -> None:  # as the HL7 pipeline writes: the COMMIT batched
+                with writer.change(key("LOST1")):
+                    writer.put(key("LOST1"), item_bytes("LOST1"))
+
+            error = _commit_unanswered(admin, changed)
+            assert error.backend_pid is not None
+            assert wait_for(1, timeout=30), "the committed change never reached its own bridge"
+            _commit_unanswered(admin, lambda: writer.put(key("LOST2"), item_bytes("LOST2")))
+            assert wait_for(2, timeout=30)
+        assert [(kind, k) for kind, k, _ in seen] == [("put", key("LOST1")), ("put", key("LOST2"))]
+        assert not writer.uncertain
+        assert writer.get(key("LOST1")) is not None and writer.get(key("LOST2")) is not None
+    finally:
+        writer.close()
+
+
+def test_a_failed_write_is_read_only_once_its_server_process_is_gone(store, postgres_dsn):  # noqa: F811
+    """Until the server process a failed write went to has ended, a COMMIT it received may
+    still land: the row is read after that, not before (then "never committed" would be
+    final)."""
+    s = store()
+    seen, callback, wait_for = _collector()
+    listener = s.watch(callback)
+    assert listener.connected.wait(30)
+    with psycopg.connect(postgres_dsn, autocommit=True) as session:
+        # The row committed by another writer object of the same bridge (same origin: the
+        # stream skips it), its outcome unknown to this one while `session` lives.
+        twin = PostgresWorklist(postgres_dsn, origin=s.origin)
+        twin.put(key("LATE"), item_bytes("LATE"))
+        twin.close()
+        s.uncertain.add({key("LATE")}, session.info.backend_pid)
+        assert wait_for(1, timeout=1.5) is False  # three ticks of the listener: not read
+        assert s.uncertain
+    assert wait_for(1, timeout=30)  # the process gone: read, and served
+    assert [(kind, k) for kind, k, _ in seen] == [("put", key("LATE"))]
+    assert not s.uncertain

@@ -25,7 +25,11 @@ TCP_USER_TIMEOUT_MS = 15_000
 
 
 class StoreUnavailable(StoreError):
-    """The database is down, unreachable, or refused the connection; the change was not made."""
+    """The database is down, unreachable, or refused the connection, or the connection was
+    lost. A change that was under way may have committed all the same (the answer lost):
+    `backend_pid` is the server process it went to, so a caller can tell once it is gone."""
+
+    backend_pid: int | None = None
 
 
 def is_postgres_url(value: str) -> bool:
@@ -129,14 +133,18 @@ class Database:
         self._conn: psycopg.Connection | None = None
         self._lock = threading.RLock()
         self._batch: Batch | None = None  # the open batched_transaction's
+        self._backend_pid: int | None = None  # the server process of the last connection
 
     def _unavailable(self, exc: psycopg.Error) -> StoreUnavailable:
         """The error a lost or refused connection becomes (the DSN without its password)."""
-        return StoreUnavailable(f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}")
+        error = StoreUnavailable(f"store unavailable: {redacted(self.dsn)}: {_first_line(exc)}")
+        error.backend_pid = self._backend_pid
+        return error
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = connect(self.dsn, autocommit=True, settings=self.settings)
+            self._backend_pid = self._conn.info.backend_pid
         return self._conn
 
     def _begin(self) -> tuple[psycopg.Connection, ExitStack]:
@@ -180,7 +188,8 @@ class Database:
         and the `first` statements in one round trip (their cursors are yielded, results
         read), and the statements the block `defer`s sent with the COMMIT in one more. The
         COMMIT has succeeded when the block ends without an exception (then each deferred
-        statement's `then` got its row); on an exception nothing is committed."""
+        statement's `then` got its row). On an exception nothing is committed, except after
+        StoreUnavailable: the COMMIT may have gone through with only its answer lost."""
         with self._lock:
             reused = self._conn is not None and not (self._conn.closed or self._conn.broken)
             for last in (not reused, True):

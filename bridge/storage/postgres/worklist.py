@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -234,8 +235,8 @@ class PostgresWorklist:
                     self._open.locked = set()
                     self._open.read = {}
                     self._open.written = None
-        except Exception:  # whatever failed, the COMMIT may have gone through
-            self.uncertain.add(written)
+        except Exception as exc:  # whatever failed, the COMMIT may have gone through
+            self.uncertain.add(written, getattr(exc, "backend_pid", None))
             raise
 
     def on_commit(self, sql: str, params: Any = None) -> bool:
@@ -260,8 +261,8 @@ class PostgresWorklist:
             with self.db.transaction() as cursor:
                 _lock_order(cursor, key)
                 return work(cursor)
-        except Exception:  # whatever failed, the COMMIT may have gone through
-            self.uncertain.add({key})
+        except Exception as exc:  # whatever failed, the COMMIT may have gone through
+            self.uncertain.add({key}, getattr(exc, "backend_pid", None))
             raise
 
     def get(self, key: ItemKey) -> StoredItem | None:
@@ -472,24 +473,38 @@ class PostgresWorklist:
             self._listener = None
 
 
+UNCERTAIN_WAIT = 600.0  # seconds after which a failed write counts as settled all the same
+
+
 class Uncertain:
-    """The keys of writes whose outcome this writer could not learn, shared by its threads."""
+    """The keys of writes whose outcome this writer could not learn, shared by its threads;
+    each with the server process the write went to (None: none, or the connection still
+    answers). Such a write is settled once that process is gone (a COMMIT it had received
+    may land until then), or after UNCERTAIN_WAIT (a process number the server reused)."""
 
     def __init__(self) -> None:
-        self._keys: set[ItemKey] = set()
+        self._keys: dict[ItemKey, tuple[int | None, float]] = {}
         self._lock = threading.Lock()
 
-    def add(self, keys: set[ItemKey]) -> None:
+    def add(self, keys: set[ItemKey], backend_pid: int | None = None) -> None:
         with self._lock:
-            self._keys |= keys
+            for key in keys:
+                self._keys[key] = (backend_pid, time.monotonic())
 
-    def pending(self) -> list[ItemKey]:
+    def pending(self) -> list[tuple[ItemKey, int | None, float]]:
+        """(key, server process to wait for or None, when the write failed)."""
+        now = time.monotonic()
         with self._lock:
-            return list(self._keys)
+            return [
+                (key, pid if now - since < UNCERTAIN_WAIT else None, since)
+                for key, (pid, since) in self._keys.items()
+            ]
 
-    def done(self, key: ItemKey) -> None:
+    def done(self, key: ItemKey, since: float) -> None:
+        """Settled as read; unless a write of the key failed again since."""
         with self._lock:
-            self._keys.discard(key)
+            if key in self._keys and self._keys[key][1] == since:
+                del self._keys[key]
 
     def __bool__(self) -> bool:
         return bool(self._keys)
@@ -513,7 +528,7 @@ class ChangeListener(threading.Thread):
         self.origin = origin
         self.callback = callback
         self.last_seq = since
-        self.uncertain = uncertain or Uncertain()
+        self.uncertain = uncertain if uncertain is not None else Uncertain()
         self.connected = threading.Event()  # listening and caught up
         self.reconnects = 0
         self._stopping = threading.Event()
@@ -547,6 +562,8 @@ class ChangeListener(threading.Thread):
                             others = not self._own(notify.payload)
                     if others:
                         self._catch_up()
+                    elif self.uncertain:  # no notification need come: look again each tick
+                        self._read_uncertain()
             except (psycopg.Error, StoreUnavailable) as exc:
                 if self._stopping.is_set():
                     break
@@ -605,18 +622,30 @@ class ChangeListener(threading.Thread):
         self._read_uncertain()
 
     def _read_uncertain(self) -> None:
-        """Deliver the rows of this writer's failed writes as they are now: one whose COMMIT
-        went through is applied (its delivery is skipped where the index has it already)."""
-        for key in self.uncertain.pending():
+        """Deliver the rows of this writer's failed writes as they are now, once each write is
+        settled: one whose COMMIT went through is applied (skipped where the index has it
+        already). The change number stays: rows after it may not have been read yet."""
+        pending = self.uncertain.pending()
+        if not pending:
+            return
+        pids = sorted({pid for _key, pid, _since in pending if pid is not None})
+        alive = set()
+        if pids:
+            rows = self._conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            ).fetchall()
+            alive = {pid for (pid,) in rows}
+        for key, pid, since in pending:
+            if pid in alive:
+                continue  # its server process may still commit it: next time
             row = self._conn.execute(
                 "SELECT seq, deleted, data FROM worklist_items WHERE partition = %s AND name = %s",
                 (key.partition, item_name(key.identity)),
             ).fetchone()
-            self.uncertain.done(key)
+            self.uncertain.done(key, since)
             if row is None:
                 continue  # never committed
             seq, deleted, data = row
-            self.last_seq = max(self.last_seq, seq)
             item = None if deleted else StoredItem(bytes(data), seq)
             try:
                 self.callback("delete" if deleted else "put", key, item)
