@@ -56,17 +56,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def eventually(check: Callable[[], T], what: str = "the condition", timeout: float = 60.0) -> T:
+def eventually(
+    check: Callable[[], T],
+    what: str | Callable[[], str] = "the condition",
+    timeout: float = 60.0,
+) -> T:
     """Poll `check` (another process's state, files, log lines: nothing announces them) until
     it returns something true, and return that; AssertionError after `timeout` seconds
-    (generous: the machine is shared)."""
+    (generous: the machine is shared). `what` may be a function, called on failure, that
+    describes what was still wrong."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
+            raise AssertionError(f"not within {timeout:g} s: {what() if callable(what) else what}")
         time.sleep(0.05)
 
 

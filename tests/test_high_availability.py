@@ -78,6 +78,25 @@ def accessions(bridge: RunningBridge) -> list[str]:
     return sorted(str(a.AccessionNumber) for a in answers(bridge))
 
 
+def served_difference(acked: set[str], on_a: list[str], on_b: list[str]) -> str:
+    """What keeps two bridges' lists from being the same superset of the AA'd orders."""
+    return (
+        f"both bridges serve every AA'd order; AA'd but not on a: {sorted(acked - set(on_a))}, "
+        f"not on b: {sorted(acked - set(on_b))}; only on a: {sorted(set(on_a) - set(on_b))}, "
+        f"only on b: {sorted(set(on_b) - set(on_a))}"
+    )
+
+
+def bridge_logs(a: RunningBridge, b: RunningBridge) -> str:
+    """Both bridges' own log lines so far but their C-FIND lines (the polling's), for a
+    failure message."""
+    return "".join(
+        f"\n---- {name}'s log:\n"
+        + "".join([line for line in bridge.stderr_lines if "bridge.net.cfind" not in line][-200:])
+        for name, bridge in (("a", a), ("b", b))
+    )
+
+
 def summary(answer) -> tuple[str, ...]:
     """What a modality reads of an item: enough to tell one version of an order from another."""
     step = answer.ScheduledProcedureStepSequence[0]
@@ -431,7 +450,7 @@ def test_database_restart_under_load_gives_no_aa_while_down_and_recovers(tmp_pat
         sent = {f"A{r.tag}" for r in sender.answered}
         served = eventually(
             lambda: (x := accessions(a)) == accessions(b) and set(x) >= acked and x,
-            "both bridges serve every AA'd order",
+            lambda: served_difference(acked, accessions(a), accessions(b)) + bridge_logs(a, b),
         )
         assert len(served) == len(set(served)), "an order served twice"
         assert set(served) <= sent
