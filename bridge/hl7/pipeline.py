@@ -322,10 +322,11 @@ class Bridge:
         if same_id and same_issuer:
             return
         known = f"{stored_id}" + (f" ({stored_issuer})" if stored_issuer else "")
+        given = patient.patient_id + (f" ({patient.issuer})" if patient.issuer else "")
         if self.settings.allow_patient_change_by_order:
             message.notes.append(
                 f"{self.service.name_of(key)}: patient changed from {known} to "
-                f"{patient.patient_id} by order {step.order_control} "
+                f"{given} by order {step.order_control} "
                 "(allow-patient-change-by-order)"
             )
             return
@@ -333,7 +334,7 @@ class Bridge:
             DUPLICATE_KEY_IDENTIFIER,
             patient.locations.get("PatientID", "PID^1^3"),
             f"order {step.accession_number or step.identity[:40]!r} belongs to patient {known}, "
-            f"not {patient.patient_id}: patients change through ADT merges and moves only",
+            f"not {given}: patients change through ADT merges and moves only",
         )
 
     def _patient_of(self, key: ItemKey) -> tuple[str, str] | None:

@@ -291,13 +291,26 @@ def test_an_order_for_another_patient_never_replaces_the_first_patients_item(h):
     assert str(h.items()[0].PatientName) == "FIRST^ANNA"
 
 
+def test_an_order_for_the_same_id_of_another_issuer_is_refused_naming_both(h):
+    """PID-3.1 alone does not make the same patient: the ERR names both issuers, or an
+    engineer reads "belongs to patient PAT001, not PAT001"."""
+    assert h.send(orm(control_id="I1"))[0] == "AA"
+    other = orm(control_id="I2", order_control="XO").replace("PAT001^^^HOSP^", "PAT001^^^CLINIC^")
+    code, _control, ack = h.send(other)
+    assert code == "AE" and b"|205" in ack, ack
+    text = ack.decode()
+    assert "belongs to patient PAT001 (HOSP), not PAT001 (CLINIC)" in text, text
+    [record] = [r for r in h.records() if r["control_id"] == "I2"]
+    assert "not PAT001 (CLINIC)" in record["reason"]
+
+
 def test_allow_patient_change_by_order_relaxes_it_and_says_so(tmp_path):
     h = Harness(tmp_path, allow_patient_change_by_order=True)
     assert h.send(orm(control_id="Q1", patient_id="PAT001"))[0] == "AA"
     assert h.send(orm(control_id="Q2", order_control="XO", patient_id="PAT777"))[0] == "AA"
     assert h.items()[0].PatientID == "PAT777"
     note = h.records()[-1]["note"]
-    assert "patient changed from PAT001 (HOSP) to PAT777" in note
+    assert "patient changed from PAT001 (HOSP) to PAT777 (HOSP)" in note
     assert "allow-patient-change-by-order" in note
 
 
