@@ -284,7 +284,7 @@ def test_a_kill_9_between_in_progress_and_completed_still_reports_both(tmp_path,
         assert bridge.stop() == 0, "".join(bridge.stderr_lines)
 
 
-def test_an_outbox_that_cannot_be_written_fails_the_mpps_and_undoes_the_change(tmp_path, ris):
+def test_an_outbox_that_cannot_be_written_fails_the_mpps_and_leaves_the_item(tmp_path, ris):
     bridge = start(tmp_path, write_config(tmp_path, ris.port, "ORM^O01"))
     folder = tmp_path / "outbox" / "ris"
     try:
@@ -296,14 +296,14 @@ def test_an_outbox_that_cannot_be_written_fails_the_mpps_and_undoes_the_change(t
         status, _ = n_create(bridge, in_progress(), uid)
         assert status.Status == 0x0110
         assert "outbox" in str(status.get("ErrorComment", ""))
-        assert stored_statuses(bridge) == ["SCHEDULED"]  # undone
+        assert stored_statuses(bridge) == ["SCHEDULED"]  # not made
         assert statuses(bridge, patient_id="PAT001") == ["SCHEDULED"]
         assert list((tmp_path / "mpps").glob("*.dcm")) == []  # the retry is not a duplicate
         failed = mpps_record(bridge, "MPPS^N-CREATE", uid)
         assert failed["outcome"] == "failed" and failed["status"] == "0x0110"
         assert "outbox" in failed["reason"]
         assert not outbound_records(bridge, outcome="queued")
-        assert any("undone" in line for line in bridge.stderr_lines)  # the operator's log
+        assert any("not made: a subscriber failed" in line for line in bridge.stderr_lines)
         assert any("outbox ris: cannot queue" in line for line in bridge.stderr_lines)
 
         folder.unlink()  # fixed; the modality retries

@@ -154,7 +154,7 @@ def mpps_bridge(tmp_path: Path, dsn: str, ris_port: int):
     return start_bridge(tmp_path, "--config", str(config))
 
 
-def test_a_status_message_that_cannot_be_queued_fails_the_mpps_and_undoes_the_change(
+def test_a_status_message_that_cannot_be_queued_fails_the_mpps_and_leaves_the_item(
     tmp_path, dsn, ris
 ):
     bridge = mpps_bridge(tmp_path, dsn, ris.port)

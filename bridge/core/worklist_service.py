@@ -4,12 +4,13 @@ The HL7 pipeline, MPPS handlers (pynetdicom's association threads), the housekee
 HTTP API hand it their changes: put or delete an item by key (bridge.storage.protocol.ItemKey),
 set a step's status, expire a finished item. Every change hops to the writer thread (the
 reactor's) and is applied there, one at a time, so changes never interleave. After each change
-the service publishes on the event bus, synchronously: ItemWritten or ItemRemoved, and for a
-status change a StatusChange first; a StatusChange subscriber that raises undoes the change and
-the exception reaches the caller, so a change whose consequences could not be recorded is never
-reported as done. The storage (the folder, or PostgreSQL shared by several bridges) is where
-items are kept; no caller handles files. `change(key)` makes a read-modify-write of one order
-one step, against the other bridges too on PostgreSQL.
+the service publishes on the event bus, synchronously: ItemWritten or ItemRemoved. A status
+change publishes a StatusChange before it is stored: a subscriber that raises stops the change
+and the exception reaches the caller, so a change whose consequences could not be recorded is
+never reported as done, and a crash between the two never leaves a change without them.
+The storage (the folder, or PostgreSQL shared by several bridges) is where items are kept; no
+caller handles files. `change(key)` makes a read-modify-write of one order one step, against
+the other bridges too on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -310,7 +311,6 @@ class WorklistService:
             return StatusResult(path, old_status, new_status, "skipped", item)
         if old_status == new_status and not remove:
             return StatusResult(path, old_status, new_status, "unchanged", item)
-        before = self.store.read(path)  # kept to undo the change if its consequences fail
         worklist_item.set_status(item, new_status)
         removing = remove or (
             follow_retention
@@ -318,19 +318,27 @@ class WorklistService:
             and self.settings.finished_retention <= 0
         )
         key = self.key_of(path)
-        if removing:
-            self.storage.delete(key)
-        else:
-            self.storage.put(key, item)  # no identity: the file's own SOP Instance UID stays
-        event = StatusChange(item, old_status, new_status, cause, **about)
+        # Its consequences first (the outbox's messages, durable), then the change: a crash
+        # in between leaves the item unchanged, so the modality's retry makes the change (and
+        # its messages, again) instead of finding it made and the RIS never told.
         try:
-            self.events.publish(event)
+            self.events.publish(StatusChange(item, old_status, new_status, cause, **about))
         except Exception:
             log.error(
-                "status change of %s to %s undone: a subscriber failed", path.name, new_status
+                "status change of %s to %s not made: a subscriber failed", path.name, new_status
             )
-            if before is not None:
-                self.storage.put(key, before)
+            raise
+        try:
+            if removing:
+                self.storage.delete(key)
+            else:
+                self.storage.put(key, item)  # no identity: the file's own SOP Instance UID stays
+        except Exception:
+            log.error(
+                "status change of %s to %s not stored (its status messages are queued)",
+                path.name,
+                new_status,
+            )
             raise
         self._publish(ItemRemoved(key, cause) if removing else ItemWritten(key, item, cause))
         outcome = "removed" if removing else "changed"

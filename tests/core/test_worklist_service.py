@@ -1,5 +1,5 @@
 """The worklist service in-process: look-ups, status changes, the StatusChange it publishes, and
-what a failing subscriber does (the change is undone; an MPPS gets a failure status)."""
+what a failing subscriber does (the change is not made; an MPPS gets a failure status)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bridge.hl7.pipeline import Bridge
 from bridge.ops.translation_log import TranslationLog, parse_logfmt
 from bridge.storage.index import WorklistIndex
 from bridge.storage.mpps_store import MPPSStore
-from bridge.storage.store import WorklistStore
+from bridge.storage.store import StoreError, WorklistStore
 from tests.messages import orm
 
 
@@ -105,7 +105,10 @@ def test_a_status_change_keeps_the_uid_and_publishes_synchronously(world):
     )
     assert result.changed and (result.old_status, result.new_status) == ("SCHEDULED", "STARTED")
     [(event, on_disk_when_published)] = seen
-    assert on_disk_when_published == "STARTED"  # written before subscribers hear of it
+    # Subscribers (the outbox) hear of it before it is stored: a crash between the two leaves
+    # the item unchanged, and the retry of the change sends its messages.
+    assert on_disk_when_published == "SCHEDULED"
+    assert status_of(path) == "STARTED"
     assert (event.old_status, event.new_status, event.cause) == ("SCHEDULED", "STARTED", "mpps")
     assert event.item.AccessionNumber == "ACC0001" and event.mpps_uid == "1.2.3"
     assert event.performing_station == "CT1"
@@ -136,7 +139,7 @@ def test_only_from_leaves_an_item_a_message_changed_meanwhile(world):
     assert result.outcome == "skipped" and status_of(path) == "STARTED"
 
 
-def test_a_failing_subscriber_undoes_the_change_and_raises(world):
+def test_a_failing_subscriber_stops_the_change_and_raises(world):
     path = world.order()
 
     def outbox_full(event):
@@ -146,6 +149,29 @@ def test_a_failing_subscriber_undoes_the_change_and_raises(world):
     with pytest.raises(OSError, match="outbox disk full"):
         world.service.set_status(path, "STARTED", "mpps")
     assert status_of(path) == "SCHEDULED"
+
+
+def test_a_change_that_cannot_be_stored_keeps_its_messages_and_is_retried_whole(world, caplog):
+    """The outbox hears first: when the item's write fails (a full disk; a crash the same),
+    its messages are already queued and the item unchanged, so the modality's retry makes the
+    change and queues them again: the RIS hears at least once, never not at all."""
+    path = world.order()
+    heard: list[str] = []
+    world.events.subscribe(StatusChange, lambda e: heard.append(e.new_status))
+    storage = world.service.storage
+    put = storage.put
+
+    def disk_full(key, item, order_identity=None):
+        raise StoreError("cannot write: No space left on device")
+
+    storage.put = disk_full
+    with pytest.raises(StoreError, match="No space left"):
+        world.service.set_status(path, "STARTED", "mpps")
+    assert heard == ["STARTED"] and status_of(path) == "SCHEDULED"
+    assert "not stored (its status messages are queued)" in caplog.text
+    storage.put = put  # the disk has room again: the retry
+    assert world.service.set_status(path, "STARTED", "mpps").outcome == "changed"
+    assert heard == ["STARTED", "STARTED"] and status_of(path) == "STARTED"
 
 
 def test_a_failing_subscriber_makes_the_mpps_answer_a_failure(world):
