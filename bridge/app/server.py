@@ -106,6 +106,7 @@ class BridgeServer:
             self.storage = FolderStorage(settings, self.store, self.index)
         self._store_pinger: task.LoopingCall | None = None
         self._memory_pruner: task.LoopingCall | None = None
+        self._copies_follower: task.LoopingCall | None = None
         # The one writer of the worklist: HL7 (the pipeline), MPPS, the housekeeping and HTTP
         # hand it their changes; it applies them on the reactor thread and publishes events.
         self.worklist = WorklistService(
@@ -113,10 +114,12 @@ class BridgeServer:
         )
         retry_memory = rejected_store = None
         if self.shared_store:  # a retry sent to another bridge gets the same answer
+            from bridge.ops.rejected_copies import RejectedCopies
             from bridge.storage.postgres.memory import RejectedMessages, RetryMemory
 
             retry_memory = RetryMemory(settings.store)
             rejected_store = RejectedMessages(settings.store)
+            self.rejected_copies = RejectedCopies(settings.rejected_dir, rejected_store)
         self.bridge = Bridge(
             settings,
             self.store,
@@ -258,10 +261,30 @@ class BridgeServer:
         )
         self._memory_pruner.clock = self.reactor
         self._memory_pruner.start(RETRY_MEMORY_PRUNE_INTERVAL, now=True)
+        # this bridge's rejected folder follows the shared table's replays, and the reverse
+        from bridge.ops.rejected_copies import RECONCILE_INTERVAL
+
+        self._copies_follower = task.LoopingCall(self._follow_rejected)
+        self._copies_follower.clock = self.reactor
+        self._copies_follower.start(RECONCILE_INTERVAL, now=True)
+
+    def _follow_rejected(self):
+        """Reconcile the rejected folder with the shared table (bridge.ops.rejected_copies):
+        the database in a worker thread, the moves on this one."""
+        copies = self.rejected_copies
+        d = threads.deferToThread(copies.find)
+        d.addCallback(copies.move)
+        d.addErrback(
+            lambda f: log.warning(
+                "cannot reconcile the rejected folder with the store: %s", f.getErrorMessage()
+            )
+        )
+        return d
 
     def _prune_shared(self) -> None:
         """Forget old answers to control IDs and old deletes (in a worker thread)."""
         self.bridge.retry_memory.prune()
+        self.bridge.rejected_store.prune_replayed()
         self.storage.worklist.prune_tombstones(TOMBSTONE_RETENTION)
 
     def _follow_store(self, change: StorageChange) -> None:
@@ -456,7 +479,7 @@ class BridgeServer:
         if self._housekeeper is not None and self._housekeeper.running:
             self._housekeeper.stop()
         if self.shared_store:
-            for loop in (self._store_pinger, self._memory_pruner):
+            for loop in (self._store_pinger, self._memory_pruner, self._copies_follower):
                 if loop is not None and loop.running:
                     loop.stop()
             self.storage.stop_watching()

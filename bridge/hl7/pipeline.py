@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
@@ -587,10 +588,13 @@ class Bridge:
 
 def move_replayed(path: Path) -> None:
     """Move a kept rejected message (and its reason) that was accepted on replay into the
-    `replayed` folder beside it (`wlbridge replay` and the web page's replay)."""
+    `replayed` folder beside it (`wlbridge replay` and the web page's replay). Its modified
+    time becomes the replay's: a bridge on PostgreSQL finishes the shared table's row of the
+    same message kept before then (bridge.ops.rejected_copies)."""
     done = path.parent / "replayed"
     done.mkdir(exist_ok=True)
     path.rename(done / path.name)
+    os.utime(done / path.name)
     reason = path.with_suffix(".reason")
     if reason.exists():
         reason.rename(done / reason.name)

@@ -1,6 +1,11 @@
 """What every bridge must know of the messages any bridge answered: the retry memory of
 recent control IDs (a retry sent to the other bridge is still recognised) and the kept
-rejected messages (listed, shown and replayed by any bridge: the HTTP API, `wlbridge replay`)."""
+rejected messages (listed, shown and replayed by any bridge: the HTTP API, `wlbridge replay`).
+
+A message replayed and accepted leaves `rejected_messages` for `replayed_messages`, which
+names it by its copy key (control ID and digest prefix, as the folders' file names end): each
+bridge moves its own folder copies of it to `replayed/` (bridge.ops.rejected_copies), and a
+copy replayed from a folder finishes the row of the same key."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from bridge.storage.store import StoreError
 RECENT_MESSAGES = 10_000  # as the pipeline's in-memory memory
 RECENT_HOURS = 24.0
 KEPT_REJECTED = 10_000
+REPLAYED_DAYS = 7.0  # how long a replay is remembered for the folders' copies to follow it
+COUNT_TIMEOUT_MS = 2_000  # a statement of the metrics or the folders' reconciliation gives up
 # The advisory lock class of a replay (two-key form: (class, row id)); held by the session that
 # replays a row, so a second replay of it, from any bridge or tool, is refused meanwhile.
 REPLAY_LOCK_CLASS = 0x776C_7270  # "wlrp"
@@ -95,10 +102,15 @@ class RejectedMessages:
 
     def __init__(self, dsn: str, keep: int = KEPT_REJECTED) -> None:
         self.db = Database(dsn)
+        # The metrics' count and the folders' reconciliation (worker threads) have a session
+        # of their own: they never hold up the one the pipeline keeps messages with (on the
+        # reactor thread), and give up after COUNT_TIMEOUT_MS.
+        self.background = Database(dsn, settings={"statement_timeout": str(COUNT_TIMEOUT_MS)})
         self.keep = keep
 
     def close(self) -> None:
         self.db.close()
+        self.background.close()
 
     def keep_message(self, raw: bytes, control_id: str, reason: str) -> int:
         digest = hashlib.sha256(raw).hexdigest()
@@ -134,6 +146,64 @@ class RejectedMessages:
             " AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') FROM rejected_messages"
         )
         return int(rows[0][0]), int(rows[0][1])
+
+    def pending_count(self) -> int:
+        """The rows kept (what /api/rejected lists), counted up to `keep` (the most the table
+        holds), on the background session: bounded work, StoreError after COUNT_TIMEOUT_MS."""
+        rows = self.background.fetchall(
+            "SELECT count(*) FROM (SELECT 1 FROM rejected_messages LIMIT %s) AS kept",
+            (self.keep,),
+        )
+        return int(rows[0][0])
+
+    def replayed(self, keys: list[str]) -> dict[str, datetime]:
+        """Of these copy keys, those replayed and accepted: key -> when (the latest)."""
+        found: dict[str, datetime] = {}
+        for start in range(0, len(keys), 1000):
+            rows = self.background.fetchall(
+                "SELECT copy_key, max(replayed_at) FROM replayed_messages"
+                " WHERE copy_key = ANY(%s) GROUP BY copy_key",
+                (keys[start : start + 1000],),
+            )
+            found.update((key, at) for key, at in rows)
+        return found
+
+    def finish_copies(self, copies: list[tuple[str, datetime]]) -> list[str]:
+        """Copies replayed from a folder (copy key, when): the rows of the same key kept no
+        later than that (a later refusal of the same message stays) are replayed. Returns the
+        keys of the rows finished."""
+        if not copies:
+            return []
+
+        def finish(cursor: psycopg.Cursor) -> list[str]:
+            cursor.execute(
+                "WITH done AS (DELETE FROM rejected_messages AS r"
+                " USING unnest(%s::text[], %s::timestamptz[]) AS c(key, at)"
+                f" WHERE left(r.digest, 8) = right(c.key, 8) AND {_COPY_KEY} = c.key"
+                " AND r.updated_at <= c.at RETURNING r.digest, c.key)"
+                " INSERT INTO replayed_messages (digest, copy_key) SELECT digest, key FROM done"
+                " ON CONFLICT (digest) DO UPDATE SET copy_key = EXCLUDED.copy_key,"
+                " replayed_at = EXCLUDED.replayed_at RETURNING copy_key",
+                ([key for key, _ in copies], [at for _, at in copies]),
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+        return self.background.run(finish)
+
+    def prune_replayed(self, days: float = REPLAYED_DAYS) -> int:
+        """Forget replays older than `days` (their copies have long followed), and all but
+        the newest `keep`."""
+
+        def prune(cursor: psycopg.Cursor) -> int:
+            cursor.execute(
+                "DELETE FROM replayed_messages"
+                " WHERE replayed_at < now() - make_interval(secs => %s) OR digest IN"
+                " (SELECT digest FROM replayed_messages ORDER BY replayed_at DESC OFFSET %s)",
+                (days * 86400, self.keep),
+            )
+            return cursor.rowcount
+
+        return self.db.run(prune)
 
     def entries(self, limit: int) -> list[KeptRow]:
         """The newest `limit` rows, newest first, without their bytes (their size only)."""
@@ -231,17 +301,51 @@ class Replay:
         self.data = data
 
     def finish(self, accepted: bool) -> None:
-        """Accepted: the row goes (no second replay finds it); else it stays, with the reason
-        the pipeline just kept for it. The lock goes with the session either way."""
+        """Accepted: the row goes (no second replay finds it) to `replayed_messages`, which
+        the bridges' folder copies follow; else it stays, with the reason the pipeline just
+        kept for it. The lock goes with the session either way."""
         try:
             if accepted:
-                self.conn.execute("DELETE FROM rejected_messages WHERE id = %s", (self.row_id,))
+                with self.conn.transaction():
+                    self.conn.execute(_REPLAYED, (self.row_id,))
         except psycopg.Error as exc:
             raise StoreError(
                 f"replayed, but cannot remove the kept message: {_first_line(exc)}"
             ) from exc
         finally:
             self.conn.close()
+
+
+# The copy key of a row, in SQL: as copy_key() (the folder names' end).
+_COPY_KEY = (
+    "coalesce(nullif(left(regexp_replace(r.control_id, '[^A-Za-z0-9_-]', '_', 'g'), 32), ''),"
+    " 'unknown') || '-' || left(r.digest, 8)"
+)
+_REPLAYED = (
+    "WITH done AS (DELETE FROM rejected_messages AS r WHERE id = %s"
+    f" RETURNING r.digest, {_COPY_KEY} AS key)"
+    " INSERT INTO replayed_messages (digest, copy_key) SELECT digest, key FROM done"
+    " ON CONFLICT (digest) DO UPDATE SET copy_key = EXCLUDED.copy_key,"
+    " replayed_at = EXCLUDED.replayed_at"
+)
+# A folder copy's name (bridge.hl7.pipeline): its time, then its copy key.
+COPY_NAME = re.compile(r"^([0-9]{8}T[0-9]{12})-([A-Za-z0-9_-]*-[0-9a-f]{8})$")
+
+
+def copy_key(control_id: str, digest: str) -> str:
+    """How the folder copies of a message are named after their time: its control ID (as a
+    file name may hold it) and the first 8 hex digits of its digest."""
+    control = re.sub(r"[^A-Za-z0-9_-]", "_", control_id)[:32]
+    return f"{control or 'unknown'}-{digest[:8]}"
+
+
+def copy_of(name: str) -> tuple[datetime, str] | None:
+    """(when kept, copy key) of a folder copy's name, or None for another name."""
+    match = COPY_NAME.match(name.removesuffix(".hl7"))
+    if not match:
+        return None
+    kept = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+    return kept, match.group(2)
 
 
 def row_id_of(name: str) -> int | None:

@@ -111,6 +111,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE outbox_messages ADD COLUMN refusals integer NOT NULL DEFAULT 0;
         """,
     ),
+    Migration(
+        3,
+        "replayed rejected messages (the folders' copies follow the table)",
+        """
+        CREATE TABLE replayed_messages (
+            digest      text PRIMARY KEY,
+            copy_key    text NOT NULL,      -- control ID and digest prefix, as folder names end
+            replayed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX replayed_messages_copy_key ON replayed_messages (copy_key);
+        CREATE INDEX replayed_messages_at ON replayed_messages (replayed_at);
+        CREATE INDEX rejected_messages_digest8 ON rejected_messages (left(digest, 8));
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
