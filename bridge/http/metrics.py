@@ -7,6 +7,7 @@ Label values that peers choose (message types, calling AE titles) are bounded: p
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -17,12 +18,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from bridge.http import items
+from bridge.storage.store import StoreError
 
 MAX_LABELS = 200
 # Outcomes of the outbox's lines (bridge.net.outbox): one queued line per message, one per attempt.
 OUTBOUND_OUTCOMES = ("queued", "sent", "retrying", "parked")
 MINUTES = 60  # per-minute history kept for the web view's charts
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+log = logging.getLogger("bridge.http.metrics")
 _ANSWER_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000)
 
 
@@ -198,6 +201,26 @@ def rejected_count(folder: Path) -> tuple[int, int]:
     return total, today_count
 
 
+REJECTED_KEPT_HELP = (
+    "rejected messages kept for replay, as /api/rejected lists them: on PostgreSQL every "
+    "bridge's (the shared table, counted up to 10000), else this bridge's rejected folder"
+)
+
+
+def rejected_kept(server: Any) -> int | None:
+    """The kept messages /api/rejected lists: the shared table's rows on PostgreSQL (on its
+    own session, bounded; None when the database cannot say, and the gauge is left out),
+    else the folder's. Scrapes run in the thread pool (WSGIResource), never on the reactor."""
+    shared = getattr(server.bridge, "rejected_store", None)
+    if shared is None:
+        return rejected_count(Path(server.bridge.rejected_dir))[0]
+    try:
+        return shared.pending_count()
+    except StoreError as exc:
+        log.warning("wlbridge_rejected_kept left out of the metrics: %s", exc)
+        return None
+
+
 def outbox_state(server: Any) -> dict[str, Any] | None:
     """Messages waiting and parked, and the oldest waiting one's age, over all receivers and
     per receiver; None where the server has no outbox."""
@@ -257,9 +280,9 @@ class _ServerCollector:
             "wlbridge_mllp_connections_open", "open MLLP connections",
             value=len(getattr(factory, "connections", ()) or ()),
         )  # fmt: skip
-        kept, _today = rejected_count(Path(s.bridge.rejected_dir))
-        yield GaugeMetricFamily("wlbridge_rejected_kept", "rejected messages kept for replay",
-                                value=kept)  # fmt: skip
+        kept = rejected_kept(s)
+        if kept is not None:
+            yield GaugeMetricFamily("wlbridge_rejected_kept", REJECTED_KEPT_HELP, value=kept)
         outbox = outbox_state(s) or {}
         receivers = outbox.get("receivers", {})
         for name, help_text, key in (

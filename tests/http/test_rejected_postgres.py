@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -16,6 +17,7 @@ from bridge.storage.postgres.memory import RejectedMessages, ReplayRefused
 from bridge.storage.postgres.schema import upgrade
 from tests.http_helpers import HttpBridge, start_http_bridge
 from tests.messages import orm
+from tests.peers import eventually
 from tests.postgres import postgres, postgres_dsn, postgres_session  # noqa: F401
 from tests.test_two_bridges import accessions, ack_code, send, wait_for
 
@@ -198,3 +200,61 @@ def test_wlbridge_replay_with_the_store_lists_and_replays_once(tmp_path: Path, d
         assert "Traceback" not in down.stderr
     finally:
         stop(a, b)
+
+
+def rejected_kept_metric(bridge: HttpBridge) -> tuple[float | None, str]:
+    """(wlbridge_rejected_kept's value or None when left out, its help text) of /metrics."""
+    text = bridge.call("GET", "/metrics").body.decode()
+    value = help_text = None
+    for line in text.splitlines():
+        if line.startswith("wlbridge_rejected_kept "):
+            value = float(line.split()[1])
+        elif line.startswith("# HELP wlbridge_rejected_kept "):
+            help_text = line
+    return value, help_text or ""
+
+
+def test_the_kept_metric_counts_what_the_api_lists_on_every_bridge(tmp_path: Path, dsn: str):
+    a = start(tmp_path, "a", dsn, only_production=True)
+    b = start(tmp_path, "b", dsn)
+    try:
+        for n in (1, 2):
+            refused_by(a, f"REJ-M{n}", f"ACC-RM{n}")
+        assert not list(b.bridge.rejected_dir.glob("*.hl7"))  # b's own folder: empty
+        for bridge in (a, b):
+            value, help_text = rejected_kept_metric(bridge)
+            assert value == 2 == len(bridge.call("GET", "/api/rejected").json()["rejected"])
+            assert "shared table" in help_text and "/api/rejected" in help_text
+        first = row_named_on(b, "REJ-M1")
+        assert b.call("POST", f"/api/rejected/{first}/replay").json()["ack"] == "AA"
+        assert rejected_kept_metric(b)[0] == 1 == rejected_kept_metric(a)[0]
+    finally:
+        stop(a, b)
+
+
+def row_named_on(bridge: HttpBridge, control_id: str) -> str:
+    rows = bridge.call("GET", "/api/rejected").json()["rejected"]
+    return next(r["name"] for r in rows if r["control_id"] == control_id)
+
+
+def test_the_kept_metric_is_left_out_while_the_database_cannot_count(tmp_path: Path, postgres):  # noqa: F811
+    upgrade(postgres.dsn)
+    a = start(tmp_path, "a", postgres.dsn, only_production=True)
+    try:
+        refused_by(a, "REJ-DOWN", "ACC-RDOWN")
+        assert rejected_kept_metric(a)[0] == 1
+        postgres.stop()
+        try:
+            started = time.monotonic()
+            scrape = a.call("GET", "/metrics")
+            took = time.monotonic() - started
+            assert scrape.status == 200 and b"wlbridge_items" in scrape.body
+            # not the folder's count (1) passed off as the table's: left out
+            assert b"wlbridge_rejected_kept" not in scrape.body
+            assert len(list(a.bridge.rejected_dir.glob("*.hl7"))) == 1
+            assert took < 10, f"a scrape took {took:.1f} s with the database down"
+        finally:
+            postgres.start()
+        assert eventually(lambda: rejected_kept_metric(a)[0] == 1, "the gauge back", timeout=30)
+    finally:
+        stop(a)
