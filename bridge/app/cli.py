@@ -76,8 +76,9 @@ def _replay(args: argparse.Namespace) -> int:
     from bridge.hl7.pipeline import move_replayed
     from bridge.net.client import MLLPClient, ack_summary
 
-    if args.store:
+    if args.store or args.config:
         return _replay_shared(args)
+    _replay_defaults(args, None)
     if not args.files:
         print("wlbridge: replay: name the files to send (or --store URL)", file=sys.stderr)
         return 2
@@ -103,9 +104,26 @@ def _replay_shared(args: argparse.Namespace) -> int:
     with names, send each to the bridge at --host/--port while holding its replay lock, and
     remove it from the table once accepted (so no one replays it twice)."""
     from bridge.net.client import MLLPClient, ack_summary
-    from bridge.storage.postgres.memory import RejectedMessages, ReplayRefused
+    from bridge.storage.postgres import is_postgres_url
+    from bridge.storage.postgres.memory import RejectedMessages, ReplayRefused, copy_of
     from bridge.storage.store import StoreError
 
+    settings = None
+    if args.config:
+        try:
+            settings = load_settings(args.config)
+        except (OSError, ValueError) as exc:
+            print(f"wlbridge: {exc}", file=sys.stderr)
+            return 2
+    _replay_defaults(args, settings)
+    if not is_postgres_url(args.store):
+        where = "--store" if args.store else f"{args.config}: store"
+        print(
+            f"wlbridge: {where} must be a postgresql://user@host/db URL: replay --config and "
+            "--store replay the shared table's kept messages (files: name them without either)",
+            file=sys.stderr,
+        )
+        return 2
     shared = RejectedMessages(args.store)
     failures = 0
     try:
@@ -117,6 +135,14 @@ def _replay_shared(args: argparse.Namespace) -> int:
         with MLLPClient(args.host, args.port, timeout=args.timeout, tls_context=tls) as client:
             for given in args.files:
                 name = given.name.removesuffix(".hl7")
+                if copy_of(name) is not None:  # a folder's name: not one the table knows
+                    print(
+                        f"{name}: a rejected folder's file, not a name of the shared table: "
+                        "replay the file (without --store or --config), or name the table's "
+                        "row as `wlbridge replay --store URL` lists it"
+                    )
+                    failures += 1
+                    continue
                 try:
                     claimed = shared.claim(name, 16 * 1024 * 1024)
                 except ReplayRefused as exc:
@@ -141,6 +167,23 @@ def _replay_shared(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _replay_defaults(args: argparse.Namespace, settings) -> None:
+    """What replay's command line leaves out, from the bridge's config (`settings`, or None):
+    its store, its MLLP address and TLS (verified with its `mllp-tls-ca`, else its own
+    certificate, trusted as such); else 127.0.0.1:2575, plain TCP. A bridge that asks
+    for client certificates (`mllp-tls-ca`) still needs --tls-cert and --tls-key."""
+    if settings is not None:
+        args.store = args.store or settings.store
+        if args.host is None and settings.host not in ("", "0.0.0.0", "::"):
+            args.host = settings.host
+        if args.port is None:
+            args.port = settings.mllp_port
+        if settings.mllp_tls_cert and not args.tls_ca:
+            args.tls_ca = settings.mllp_tls_ca or settings.mllp_tls_cert
+    args.host = args.host or "127.0.0.1"
+    args.port = args.port or 2575
+
+
 def _connection_failed(args: argparse.Namespace, exc: Exception) -> int:
     """Say why send or replay could not talk to the server: TLS, the connection, or a file."""
     if isinstance(exc, ssl.SSLError):
@@ -161,6 +204,9 @@ def _client_tls_context(args: argparse.Namespace):
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca or None)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"--tls-ca {args.tls_ca}: cannot load the CA: {exc}") from None
+    # Any certificate of the file is a trust anchor (as Python 3.13 does by default): the
+    # server's own certificate, not only a root, may be what verifies it.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if args.tls_cert:
         try:
             context.load_cert_chain(args.tls_cert, args.tls_key or None)
@@ -414,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("files", nargs="*" if name == "replay" else "+", type=Path)
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=2575)
+        replay = name == "replay"  # whose defaults may come from --config
+        p.add_argument("--host", default=None if replay else "127.0.0.1")
+        p.add_argument("--port", type=int, default=None if replay else 2575)
         p.add_argument("--timeout", type=float, default=30.0)
         p.add_argument("--tls-ca", default="", help="MLLP over TLS: CA (PEM) of the server")
         p.add_argument("--tls-cert", default="", help="client certificate (PEM)")
@@ -427,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--store",
                 default="",
                 help="replay the PostgreSQL store's kept messages by name (none: list them)",
+            )
+            p.add_argument(
+                "--config",
+                type=Path,
+                help="the bridge's config: its store, MLLP host, port and TLS where not given",
             )
         p.set_defaults(func=func)
 
