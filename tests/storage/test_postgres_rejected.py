@@ -6,6 +6,7 @@ bounded."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -104,3 +105,26 @@ def test_the_count_of_kept_messages_is_bounded_and_old_replays_are_forgotten(kep
     with psycopg.connect(dsn) as conn:
         left = conn.execute("SELECT copy_key FROM replayed_messages").fetchall()
     assert [k for (k,) in left] == [key_of(message("C-3"), "C-3")]
+
+
+def test_the_count_does_not_wait_for_the_session_the_pipeline_keeps_messages_with(kept):
+    kept.keep_message(message("S-1"), "S-1", "AR")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_pipelines_session() -> None:
+        with kept.db.transaction():  # as a keep_message() in progress on the reactor thread
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_pipelines_session)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        counted: list[int] = []
+        counter = threading.Thread(target=lambda: counted.append(kept.pending_count()))
+        counter.start()
+        counter.join(5)
+        assert counted == [1], "the count waited for the pipeline's session"
+    finally:
+        release.set()
+        holder.join(30)
