@@ -20,6 +20,7 @@ translation log go the same way, so that file keeps one writer too.
 
 A worker stops with the main process: on its shutdown the main process sends SIGTERM and waits
 (SIGKILL after `WORKER_STOP_TIMEOUT`); a worker whose parent is gone stops by itself.
+A worker that ends while the main process runs is replaced (`DicomWorkers._replace`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ LISTEN_BACKLOG = 4096
 WORKER_START_TIMEOUT = 900.0  # seconds a worker may take to load the index (100,000s of items)
 WORKER_STOP_TIMEOUT = 10.0  # seconds a worker gets to close its associations at shutdown
 PARENT_CHECK_INTERVAL = 1.0  # seconds between a worker's checks that the main process lives
+# A worker that ends while the server runs (killed, crashed) is replaced at once; one that lived
+# less than WORKER_STABLE_AFTER seconds is replaced after RESTART_DELAY, doubled each time up to
+# RESTART_DELAY_MOST (a worker that cannot start does not spin).
+WORKER_STABLE_AFTER = 60.0
+RESTART_DELAY = 1.0
+RESTART_DELAY_MOST = 60.0
 
 
 class DicomWorkers:
@@ -66,6 +73,9 @@ class DicomWorkers:
         self.processes: list[Any] = []
         self.threads: list[threading.Thread] = []
         self.stopping = False
+        self._stopped = threading.Event()
+        self.lock = threading.Lock()  # self.processes, replaced by the link threads
+        self.started_at: dict[int, float] = {}  # worker number -> when it was started
         # PostgreSQL store: the change number of the main process's last commit, which a
         # worker waits to have applied before a C-FIND (read-your-writes); set by the server
         self.committed = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
@@ -91,49 +101,106 @@ class DicomWorkers:
             sock.close()
             raise
         self.socket = sock
-        spawn = multiprocessing.get_context("spawn")  # no copy of the reactor's state
         count = dicom_worker_count(s)
-        links = []
-        for number in range(count):
-            parent_end, child_end = spawn.Pipe()
-            process = spawn.Process(
-                target=worker_main,
-                args=(s, sock, child_end, number, count, self.committed, self.open_associations),
-                name=f"wlbridge-dicom-{number}",
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
-            self.processes.append(process)
-            links.append(parent_end)
-        for number, parent_end in enumerate(links):
-            self._wait_ready(parent_end, number)
+        links = [self._spawn(number, count) for number in range(count)]
+        for number, link in enumerate(links):
+            if not self._ready(link):
+                self.stop()
+                raise OSError(f"DICOM worker {number} did not start (see its log lines above)")
             thread = threading.Thread(
-                target=self._serve_worker, args=(parent_end, number), daemon=True,
+                target=self._serve_worker, args=(link, number, count), daemon=True,
                 name=f"dicom-worker-link-{number}",
             )  # fmt: skip
             thread.start()
             self.threads.append(thread)
         log.info("DICOM: %d worker process(es) share port %d", count, self.server_address[1])
 
-    def _wait_ready(self, link: Any, number: int) -> None:
+    def _spawn(self, number: int, count: int) -> Any:
+        """Start worker `number` (in self.processes at that place); the main process's end of
+        its pipe."""
+        spawn = multiprocessing.get_context("spawn")  # no copy of the reactor's state
+        parent_end, child_end = spawn.Pipe()
+        process = spawn.Process(
+            target=worker_main,
+            args=(self.settings, self.socket, child_end, number, count, self.committed,
+                  self.open_associations),
+            name=f"wlbridge-dicom-{number}",
+            daemon=True,
+        )  # fmt: skip
+        process.start()
+        child_end.close()
+        with self.lock:
+            if self.stopping:  # stop() has taken its list of workers already
+                process.terminate()
+                raise OSError("the server is stopping")
+            if number < len(self.processes):
+                self.processes[number] = process
+            else:
+                self.processes.append(process)
+            self.started_at[number] = time.monotonic()
+        return parent_end
+
+    @staticmethod
+    def _ready(link: Any) -> bool:
         """Until the worker serves (its index loaded): queries find the whole worklist."""
         try:
-            if link.poll(WORKER_START_TIMEOUT) and link.recv() == ("ready",):
-                return
+            return bool(link.poll(WORKER_START_TIMEOUT) and link.recv() == ("ready",))
         except (EOFError, OSError):
-            pass
-        self.stop()
-        raise OSError(f"DICOM worker {number} did not start (see its log lines above)")
+            return False
 
-    def _serve_worker(self, link: Any, number: int) -> None:
+    def _replace(self, number: int, count: int) -> Any:
+        """A worker that ended while the server runs is replaced (its connections are lost,
+        the modalities reconnect); one that keeps ending soon after its start is replaced
+        less and less often (RESTART_DELAY, doubled up to RESTART_DELAY_MOST). Returns the
+        new worker's link, or None once the server stops."""
+        delay = 0.0
+        while not self.stopping:
+            with self.lock:
+                if number >= len(self.processes):  # emptied by stop()
+                    return None
+                process = self.processes[number]
+            process.join(5)  # reaped: no zombie left
+            lived = time.monotonic() - self.started_at.get(number, 0.0)
+            self.open_associations[number] = 0  # its associations died with it
+            if lived < WORKER_STABLE_AFTER:
+                delay = min(max(delay * 2, RESTART_DELAY), RESTART_DELAY_MOST)
+            log.error(
+                "DICOM worker %d (pid %s) ended unexpectedly (%s) after %.0f s: its connections"
+                " are lost; starting a new one%s", number, process.pid, _exit_reason(process),
+                lived, f" in {delay:g} s" if delay else "",
+            )  # fmt: skip
+            if delay and self._stopped.wait(delay):
+                return None
+            try:
+                link = self._spawn(number, count)
+            except (OSError, ValueError) as exc:  # the socket closed by stop() meanwhile
+                log.error("DICOM worker %d cannot be started: %s", number, exc)
+                continue
+            with self.lock:
+                replacement = self.processes[number] if number < len(self.processes) else None
+            if replacement is None:
+                link.close()
+                return None
+            if self._ready(link) and not self.stopping:
+                log.info("DICOM worker %d replaced (pid %s)", number, replacement.pid)
+                return link
+            link.close()
+            if self.stopping:  # stop() may have missed it
+                replacement.terminate()
+        return None
+
+    def _serve_worker(self, link: Any, number: int, count: int) -> None:
         while True:
             try:
                 message = link.recv()
             except (EOFError, OSError):
-                if not self.stopping:
-                    log.error("DICOM worker %d ended unexpectedly", number)
-                return
+                if self.stopping:
+                    return
+                link.close()
+                link = self._replace(number, count)
+                if link is None:
+                    return
+                continue
             kind = message[0]
             if kind == "query":
                 if self.on_query is not None:
@@ -154,25 +221,43 @@ class DicomWorkers:
             try:
                 link.send(answer)
             except (OSError, ValueError):
-                return
+                pass  # the worker is gone: the next recv() says so, and it is replaced
 
     def stop(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after WORKER_STOP_TIMEOUT) and close the
         listening socket."""
         self.stopping = True
-        for process in self.processes:
+        self._stopped.set()
+        with self.lock:
+            processes = list(self.processes)
+        for process in processes:
             if process.is_alive():
                 process.terminate()
-        for process in self.processes:
+        for process in processes:
             process.join(WORKER_STOP_TIMEOUT)
             if process.is_alive():
                 log.warning("DICOM worker %s did not stop: killed", process.pid)
                 process.kill()
                 process.join(5)
-        self.processes = []
+        with self.lock:
+            self.processes = []
         if self.socket is not None:
             self.socket.close()
             self.socket = None
+
+
+def _exit_reason(process: Any) -> str:
+    code = process.exitcode
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            import signal
+
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _status_dataset(code: int) -> Any:

@@ -4,6 +4,7 @@ leaving no worker behind, and bursts of connections accepted (none dropped at th
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -26,13 +27,22 @@ from bridge.net.dicom_workers import ACCEPT_ROOM, AcceptGate
 from tests.conftest import start_bridge
 from tests.dicom.test_mpps import in_progress, mpps_records, n_create, statuses, stored_statuses
 from tests.messages import orm
+from tests.peers import eventually
 from tests.test_end_to_end import msa, raw_send
 
 WORKER_LINE = re.compile(r"bridge\.net\.cfind\[dicom-(\d+)\] C-FIND")
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """`pid`'s child processes, whichever of its threads started them (a replaced worker is
+    started by its link thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass  # the thread ended meanwhile
+    return found
 
 
 def worker_pids(pid: int) -> list[int]:
@@ -370,3 +380,41 @@ def test_idle_associations_never_stop_the_workers_accepting(tmp_path):
             assoc.release()
         code = running.stop()
     assert code == 0, "".join(running.stderr_lines)
+
+
+def _replaced(running, number: int) -> bool:
+    return any(f"DICOM worker {number} replaced" in line for line in running.stderr_lines)
+
+
+def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(tmp_path):
+    """SIGKILL of every worker, one holding an association: each is reaped and replaced (the
+    log says which, and how it ended), and a C-FIND after an ACK finds the order, on two
+    associations at once with max-associations = 2 (the dead workers' counts are gone)."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "2")
+    ae = AE(ae_title="KILLED")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    try:
+        held = ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+        assert held.is_established
+        old = worker_pids(running.process.pid)
+        assert len(old) == 2
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        eventually(lambda: _replaced(running, 0) and _replaced(running, 1),
+                   "both workers replaced", timeout=30)  # fmt: skip
+        assert not any(Path(f"/proc/{pid}").exists() for pid in old)  # reaped, no zombie
+        new = worker_pids(running.process.pid)
+        assert len(new) == 2 and not set(new) & set(old)
+        ack = raw_send(running.mllp_port, orm(control_id="K1", accession="KILL1"))
+        assert msa(ack)[0] == "AA"
+        both = [ae.associate("127.0.0.1", running.dicom_port, ae_title=running.ae_title)
+                for _ in range(2)]  # fmt: skip
+        assert all(assoc.is_established for assoc in both)
+        assert [_accessions(assoc, "KILL1") for assoc in both] == [["KILL1"], ["KILL1"]]
+        for assoc in both:
+            assoc.release()
+    finally:
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    ended = [line for line in running.stderr_lines if "ended unexpectedly" in line]
+    assert len(ended) == 2 and all("killed by SIGKILL" in line for line in ended), ended
