@@ -24,6 +24,7 @@ from bench.cfind import _associate_rq, _command, _pdata
 from bench.worklist_items import query as q
 from tests.conftest import RunningBridge, start_bridge
 from tests.messages import orm
+from tests.peers import eventually
 from tests.test_end_to_end import raw_send
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
@@ -354,6 +355,35 @@ def test_closed_connections_free_their_slots_at_once(hostile):
         half.sendall(_associate_rq("WLBRIDGE", "HALF")[:20])  # part of a request, then gone
         half.close()
         assert echo_works(hostile.dicom_port, within=ACSE_TIMEOUT * 0.75) < ACSE_TIMEOUT
+
+
+def test_connections_that_say_nothing_take_no_slot_and_their_drop_is_logged(hostile):
+    """More silent connections (never an A-ASSOCIATE-RQ) than max-associations: a modality is
+    still accepted (they are not associations), and each is dropped after the ACSE timeout
+    with a line that says why."""
+    logged = len(hostile.stderr_lines)
+    silent = [socket.create_connection(("127.0.0.1", hostile.dicom_port))
+              for _ in range(MAX_ASSOCIATIONS + 2)]  # fmt: skip
+    try:
+        ae = AE(ae_title="AFTERSILENT")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", hostile.dicom_port, ae_title="WLBRIDGE")
+        assert assoc.is_established, "refused: silent connections took the association slots"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        started = time.monotonic()
+        for sock in silent:
+            _read_until_closed(sock, ACSE_TIMEOUT + 10)
+        assert time.monotonic() - started < ACSE_TIMEOUT + 3
+    finally:
+        for sock in silent:
+            sock.close()
+
+    def drops() -> int:
+        return sum("dropped: no A-ASSOCIATE-RQ within the ACSE timeout" in line
+                   for line in hostile.stderr_lines[logged:])  # fmt: skip
+
+    eventually(lambda: drops() >= len(silent), "a line for each silent connection dropped")
 
 
 def test_associations_past_the_limit_are_rejected_cleanly_and_logged(hostile):

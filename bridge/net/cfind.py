@@ -31,6 +31,7 @@ from bridge.net.pynetdicom_internals import (
     Limits,
     Server,
     Tuning,
+    close_before_request,
     hang_up,
     prepare_association,
     skip_identifier_logging,
@@ -54,6 +55,14 @@ _REJECT_CALLING = (0x01, 0x01, 0x03)  # permanent, service user: calling AE titl
 _REJECT_CALLED = (0x01, 0x01, 0x07)  # permanent, service user: called AE title not recognised
 _REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation): local limit
 
+# Connections that have not sent their A-ASSOCIATE-RQ: one source may keep SILENT_PER_SOURCE of
+# them (per process: each DICOM worker counts its own) silent for more than SILENT_AFTER seconds;
+# its next connections are closed as they open, until those are dropped (ACSE timeout) or speak.
+SILENT_PER_SOURCE = 10
+SILENT_AFTER = 1.0
+SILENT_LOG_EVERY = 10.0  # seconds between two log lines about one source's closed connections
+PYNETDICOM_ASSOCIATIONS = 1 << 20  # pynetdicom's limit: never reached (see make_dicom_ae)
+
 
 def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
     """An AE offering Modality Worklist FIND and Verification, with the settings' limits."""
@@ -65,7 +74,10 @@ def make_dicom_ae(settings: Settings, index: WorklistIndex) -> AE:
     ae.add_supported_context(ModalityWorklistInformationFind)
     ae.add_supported_context(Verification)
     ae.add_supported_context(MPPS_SOP_CLASS)  # its handlers: bridge.dicom.mpps
-    ae.maximum_associations = settings.max_associations
+    # max-associations is WorklistSCP.on_requested's check, which counts associations only and
+    # logs its refusals; pynetdicom's own counts connections still waiting for their request too
+    # (a peer holding silent ones would keep every modality out), and refuses without a word.
+    ae.maximum_associations = PYNETDICOM_ASSOCIATIONS
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
@@ -87,6 +99,7 @@ class WorklistSCP:
         self.before_query: Callable[[], None] | None = None
         self.association_counts: tuple[Any, int] | None = None  # workers: (shared array, slot)
         self.accept_gate: Any = None  # a DICOM worker's AcceptGate: told of each connection
+        self.silent = SilentConnections(forget_after=settings.acse_timeout + 5.0)
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
@@ -112,11 +125,27 @@ class WorklistSCP:
         ]
 
     def on_open(self, event: Any) -> None:
+        assoc = event.assoc
+        host = str(getattr(assoc.requestor, "address", "") or "")
+        refused = self.silent.opened(assoc, host)
+        if refused:
+            if self.silent.should_log(host):
+                LOG.warning(
+                    "DICOM peer %s: connection closed at once (%d refused so far): %d of its "
+                    "connections have sent no A-ASSOCIATE-RQ for %g s (at most %d)",
+                    host, refused, SILENT_PER_SOURCE, SILENT_AFTER, SILENT_PER_SOURCE,
+                )  # fmt: skip
+            close_before_request(assoc)
+            return
         if self.accept_gate is not None:
-            self.accept_gate.opened(event.assoc)
-        prepare_association(event.assoc, self.tuning, self.limits)
+            self.accept_gate.opened(assoc)
+        prepare_association(assoc, self.tuning, self.limits)
 
     def on_close(self, event: Any) -> None:
+        waited = self.silent.closed(event.assoc)
+        if waited is not None and waited >= self.settings.acse_timeout:
+            LOG.warning("DICOM peer %s dropped: no A-ASSOCIATE-RQ within the ACSE timeout (%g s)",
+                        event.assoc.requestor.address, self.settings.acse_timeout)  # fmt: skip
         if self.accept_gate is not None:
             self.accept_gate.closed(event.assoc)
         if self.association_counts is not None:  # this one is still counted as open
@@ -125,7 +154,13 @@ class WorklistSCP:
     def _open_associations(self, assoc: Any, leaving: Any = None) -> int:
         """The server's open associations as acceptor: this process's, plus (DICOM workers)
         the other workers' last published counts."""
-        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not leaving)
+        # Connections still waiting for their request are not associations (SilentConnections
+        # bounds them): a peer holding idle connections does not take the modalities' slots.
+        active = sum(
+            1
+            for a in assoc.ae.active_associations
+            if a.is_acceptor and a is not leaving and a.requestor.primitive is not None
+        )
         if self.association_counts is None:
             return active
         counts, slot = self.association_counts
@@ -139,6 +174,7 @@ class WorklistSCP:
         A called AE title is only ever compared with the names of the sub-folders that
         exist, never joined into a path."""
         assoc = event.assoc
+        self.silent.requested(assoc)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -305,6 +341,65 @@ class WorklistSCP:
             comment = f"{total} matches, {limit} sent: narrow the query"
             return f"truncated at max_answers={limit}", sent, _failure(OUT_OF_RESOURCES, comment)
         return outcome, sent, None
+
+
+class SilentConnections:
+    """The connections of one process that have not sent their A-ASSOCIATE-RQ yet, by source
+    address. A modality sends its request as soon as it connects; a source that keeps `limit`
+    connections silent for `silent_after` seconds is holding them: its next connections are
+    refused as they open (each would hold two threads and a descriptor for the ACSE timeout,
+    and, with DICOM workers, a place in a worker's accept gate). A burst of modalities behind
+    one address is not refused: their requests come within milliseconds."""
+
+    def __init__(self, forget_after: float, limit: int = SILENT_PER_SOURCE,
+                 silent_after: float = SILENT_AFTER,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.forget_after = forget_after  # past the ACSE timeout: dropped by then
+        self.limit = limit
+        self.silent_after = silent_after
+        self.clock = clock
+        self.waiting: dict[int, tuple[str, float]] = {}  # id(association) -> (source, since)
+        self.refused: dict[str, int] = {}  # source -> connections refused (for the log)
+        self.logged: dict[str, float] = {}  # source -> when a refusal was last logged
+        self.lock = threading.Lock()
+
+    def opened(self, assoc: Any, host: str) -> int:
+        """0 if `assoc`'s connection may wait for its request (and it is counted), else the
+        number of connections of `host` refused so far, this one included (close it)."""
+        now = self.clock()
+        with self.lock:
+            self.waiting = {k: v for k, v in self.waiting.items() if now - v[1] < self.forget_after}
+            silent = sum(
+                1 for source, since in self.waiting.values()
+                if source == host and now - since >= self.silent_after
+            )  # fmt: skip
+            if silent >= self.limit:
+                if len(self.refused) >= 4096:
+                    self.refused.clear()  # never grows without bound
+                    self.logged.clear()
+                self.refused[host] = self.refused.get(host, 0) + 1
+                return self.refused[host]
+            self.waiting[id(assoc)] = (host, now)
+            return 0
+
+    def should_log(self, host: str) -> bool:
+        """True at most once every SILENT_LOG_EVERY seconds for `host`."""
+        now = self.clock()
+        with self.lock:
+            if now - self.logged.get(host, -1e9) < SILENT_LOG_EVERY:
+                return False
+            self.logged[host] = now
+            return True
+
+    def requested(self, assoc: Any) -> None:
+        with self.lock:
+            self.waiting.pop(id(assoc), None)
+
+    def closed(self, assoc: Any) -> float | None:
+        """Seconds `assoc`'s connection waited without a request, or None if it sent one."""
+        with self.lock:
+            entry = self.waiting.pop(id(assoc), None)
+        return None if entry is None else self.clock() - entry[1]
 
 
 # Answers written at once by the direct path: a C-CANCEL is noticed between two batches.

@@ -609,6 +609,22 @@ def _reactor_is_known(assoc: Any) -> bool:
 # Per association
 
 
+def close_before_request(assoc: Any) -> None:
+    """Close a connection that has just opened (EVT_CONN_OPEN, before its threads start),
+    without waiting for its A-ASSOCIATE-RQ: its association thread, which would wait for the
+    request up to the ACSE timeout, ends at once (None is what that wait returns on a
+    timeout)."""
+    dul = getattr(assoc, "dul", None)
+    sock = getattr(dul, "socket", None)
+    try:
+        sock.close()  # shuts the socket down; Evt17 for the upper layer
+    except (OSError, AttributeError):
+        pass
+    incoming = getattr(dul, "to_user_queue", None)
+    if incoming is not None:
+        incoming.put(None)
+
+
 def prepare_association(assoc: Any, tuning: Tuning, limits: Limits) -> None:
     """Called as the connection opens (before its threads start): bounds and speed-ups."""
     raw = getattr(getattr(assoc, "dul", None), "socket", None)

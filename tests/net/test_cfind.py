@@ -651,3 +651,26 @@ def test_refused_long_and_many_identifiers_stay_bounded():
     assert len(cache.compiled) == CompiledQueries.QUERIES
     cache.query(_Identified(b"q0"), "CT1", _counting_compiler(calls))  # the oldest went first
     assert calls[-1] == (b"q0", "CT1")
+
+
+def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_not():
+    from bridge.net.cfind import SilentConnections
+
+    now = [0.0]
+    silent = SilentConnections(forget_after=35.0, limit=3, silent_after=1.0, clock=lambda: now[0])
+    burst = [object() for _ in range(5)]  # the associations (known by identity)
+    assert [silent.opened(a, "10.0.0.9") for a in burst] == [0] * 5  # none silent yet
+    silent.requested(burst[0])  # spoke: no longer counted
+    silent.closed(burst[1])  # closed: no longer counted
+    now[0] = 1.5
+    assert silent.opened(object(), "10.0.0.9") == 1  # three silent for over a second
+    assert silent.opened(object(), "10.0.0.9") == 2  # counted for the log line
+    assert silent.opened(object(), "10.0.0.7") == 0  # another source is not affected
+    silent.requested(burst[2])
+    assert silent.opened(object(), "10.0.0.9") == 0  # two silent now: room again
+    assert silent.closed(burst[3]) == 1.5  # how long it waited without a request
+    assert silent.closed(burst[0]) is None  # it sent its request
+    now[0] = 40.0  # past the ACSE timeout: the silent ones have been dropped by then
+    late = [object() for _ in range(3)]
+    assert [silent.opened(a, "10.0.0.9") for a in late] == [0] * 3
+    assert set(silent.waiting) == {id(a) for a in late}

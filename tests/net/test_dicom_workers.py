@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import struct
@@ -22,6 +23,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from bench.cfind import _associate_rq, _encode, c_find
 from bench.load import listen_drops
 from bench.worklist_items import query as q
+from bridge.net.cfind import SILENT_PER_SOURCE
 from bridge.net.client import worklist_query
 from bridge.net.dicom_workers import ACCEPT_ROOM, AcceptGate
 from tests.conftest import start_bridge
@@ -418,3 +420,38 @@ def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(tmp_path):
     assert code == 0, "".join(running.stderr_lines)
     ended = [line for line in running.stderr_lines if "ended unexpectedly" in line]
     assert len(ended) == 2 and all("killed by SIGKILL" in line for line in ended), ended
+
+
+def test_a_source_holding_silent_connections_cannot_keep_others_out(tmp_path):
+    """A source opens connections that never send an A-ASSOCIATE-RQ, far more than
+    max-associations: once SILENT_PER_SOURCE of them are silent on a worker, its next ones are
+    closed as they open (logged, naming the source), and a modality at another address is
+    accepted and answered (the silent ones hold no association slot)."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "4")
+    port = running.dicom_port
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=60)
+              for _ in range(8 * SILENT_PER_SOURCE)]  # fmt: skip
+    try:
+        closed = []
+        deadline = time.monotonic() + 20  # well within the ACSE timeout (30 s)
+        while not closed and time.monotonic() < deadline:
+            readable, _, _ = select.select(silent, [], [], 1.0)
+            closed = [sock for sock in readable if sock.recv(1) == b""]
+        assert closed, "no connection of the silent source was closed"
+        ack = raw_send(running.mllp_port, orm(control_id="S1", accession="SILENT1"))
+        assert msa(ack)[0] == "AA"
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        ae.acse_timeout = 30
+        assoc = ae.associate("127.0.0.1", port, ae_title=running.ae_title,
+                             bind_address=("127.0.0.2", 0))  # fmt: skip
+        assert assoc.is_established, "refused: silent connections took the association slots"
+        assert _accessions(assoc, "SILENT1") == ["SILENT1"]
+        assoc.release()
+    finally:
+        for sock in silent:
+            sock.close()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    lines = [line for line in running.stderr_lines if "connection closed at once" in line]
+    assert lines and all("127.0.0.1" in line and "A-ASSOCIATE-RQ" in line for line in lines)
