@@ -122,6 +122,7 @@ class BridgeUnderLoad:
             "--mllp-port", str(self.mllp_port), "--dicom-port", str(self.dicom_port),
             "--ae-title", AE_FOLDER, "--worklist-dir", str(root),
             "--worklist-layout", "per-ae", "--max-associations", "200",
+            "--max-associations-per-source", "0",  # every modality here is 127.0.0.1
             "--translation-log", str(logs / "translation.log"),
             "--rejected-dir", str(logs / "rejected"), "--mpps-dir", str(logs / "mpps"),
             "--outbox-dir", str(logs / "outbox"), *options,

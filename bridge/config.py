@@ -254,6 +254,11 @@ class Settings:
     )
     max_answers: int = _opt("most answers to one C-FIND (0: no limit)", default=0)
     max_associations: int = _opt("concurrent DICOM associations", default=50)
+    max_associations_per_source: int = _opt(
+        "concurrent DICOM associations from one address, so one source cannot take them all "
+        "(0: only max-associations)",
+        default=25,
+    )
     acse_timeout: float = _opt("DICOM ACSE timeout, seconds", default=30.0)
     dimse_timeout: float = _opt("DICOM DIMSE timeout, seconds", default=30.0)
     network_timeout: float = _opt("DICOM network timeout, seconds", default=60.0)
@@ -678,6 +683,7 @@ _LOWER_BOUNDS = {
     "finished_retention": (0, True),
     "max_answers": (0, True),
     "max_associations": (1, True),
+    "max_associations_per_source": (0, True),
     "dicom_workers": (-1, True),
     "acse_timeout": (0, False),
     "dimse_timeout": (0, False),

@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -61,6 +62,9 @@ _REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation):
 SILENT_PER_SOURCE = 10
 SILENT_AFTER = 1.0
 SILENT_LOG_EVERY = 10.0  # seconds between two log lines about one source's closed connections
+# DICOM workers count each source's associations in SOURCE_BUCKETS buckets per worker (by a hash
+# of the address, the same in every process); two sources in one bucket share its count.
+SOURCE_BUCKETS = 4096
 PYNETDICOM_ASSOCIATIONS = 1 << 20  # pynetdicom's limit: never reached (see make_dicom_ae)
 
 
@@ -98,6 +102,8 @@ class WorklistSCP:
         # Called before each search: a DICOM worker's index catches up with the writer there.
         self.before_query: Callable[[], None] | None = None
         self.association_counts: tuple[Any, int] | None = None  # workers: (shared array, slot)
+        # workers: (shared array of SOURCE_BUCKETS counts per worker, this worker's slot)
+        self.source_counts: tuple[Any, int] | None = None
         self.accept_gate: Any = None  # a DICOM worker's AcceptGate: told of each connection
         self.silent = SilentConnections(forget_after=settings.acse_timeout + 5.0)
         self.per_ae = settings.worklist_layout == "per-ae"
@@ -150,6 +156,8 @@ class WorklistSCP:
             self.accept_gate.closed(event.assoc)
         if self.association_counts is not None:  # this one is still counted as open
             self._open_associations(event.assoc, leaving=event.assoc)
+        if self.source_counts is not None and event.assoc.requestor.primitive is not None:
+            self._associations_from(event.assoc, leaving=event.assoc)
 
     def _open_associations(self, assoc: Any, leaving: Any = None) -> int:
         """The server's open associations as acceptor: this process's, plus (DICOM workers)
@@ -166,6 +174,25 @@ class WorklistSCP:
         counts, slot = self.association_counts
         counts[slot] = active
         return sum(counts)
+
+    def _associations_from(self, assoc: Any, leaving: Any = None) -> int:
+        """The server's open associations from `assoc`'s source address: this process's, plus
+        (DICOM workers) the other workers' last published counts for its bucket."""
+        host = str(assoc.requestor.address)
+        bucket = _source_bucket(host) if self.source_counts is not None else None
+        active = sum(
+            1
+            for a in assoc.ae.active_associations
+            if a.is_acceptor and a is not leaving and a.requestor.primitive is not None
+            and (str(a.requestor.address) == host if bucket is None
+                 else _source_bucket(str(a.requestor.address)) == bucket)
+        )  # fmt: skip
+        if self.source_counts is None:
+            return active
+        counts, slot = self.source_counts
+        counts[slot * SOURCE_BUCKETS + bucket] = active
+        workers = len(counts) // SOURCE_BUCKETS
+        return sum(counts[w * SOURCE_BUCKETS + bucket] for w in range(workers))
 
     def on_requested(self, event: Any) -> None:
         """Refuse unknown calling AE titles, (per-ae) unknown called AE titles, and requests
@@ -197,6 +224,16 @@ class WorklistSCP:
                         calling, active - 1)  # fmt: skip
             assoc.acse.send_reject(*_REJECT_BUSY)
             assoc.kill()
+            return
+        per_source = self.settings.max_associations_per_source
+        if per_source:
+            from_source = self._associations_from(assoc)
+            if from_source > per_source:
+                LOG.warning("association from %s at %s refused: %d associations open from that "
+                            "address (max-associations-per-source)", calling,
+                            assoc.requestor.address, from_source - 1)  # fmt: skip
+                assoc.acse.send_reject(*_REJECT_BUSY)
+                assoc.kill()
 
     def _compile(self, event: Any, calling: str) -> Query:
         return compile_query(
@@ -538,6 +575,10 @@ class AnswerCache:
         return self.total
 
 
+def _source_bucket(host: str) -> int:
+    return zlib.crc32(host.encode()) % SOURCE_BUCKETS
+
+
 def _search_guard(event: Any, deadline: float) -> Callable[[], None]:
     """The check a query runs every few records while searching: raises SearchStopped when
     the search ran past `deadline`, the peer sent C-CANCEL, or the association ended."""
@@ -572,6 +613,7 @@ def start_dicom_server(
     listening_socket: socket.socket | None = None,  # a DICOM worker's, shared with the others
     before_query: Callable[[], None] | None = None,
     association_counts: tuple[Any, int] | None = None,  # (shared array, this worker's slot)
+    source_counts: tuple[Any, int] | None = None,  # (shared array, this worker's slot)
     accept_gate: Any = None,  # a DICOM worker's: accept only while it has room
 ) -> Server:
     """Start the C-FIND/C-ECHO server on (settings.host, settings.dicom_port) without
@@ -580,6 +622,7 @@ def start_dicom_server(
     scp = WorklistSCP(settings, index, on_query)
     scp.before_query = before_query
     scp.association_counts = association_counts
+    scp.source_counts = source_counts
     scp.accept_gate = accept_gate
     scp.limits = dataclasses.replace(scp.limits, max_pdu=int(ae.maximum_pdu_size or 0))
     LOG.info("DICOM: %s", scp.tuning.describe())

@@ -84,6 +84,12 @@ class DicomWorkers:
         self.open_associations = multiprocessing.get_context("spawn").Array(
             "i", max(1, dicom_worker_count(settings)), lock=False
         )
+        # ...and their associations from each source, in SOURCE_BUCKETS buckets per worker
+        from bridge.net.cfind import SOURCE_BUCKETS
+
+        self.source_associations = multiprocessing.get_context("spawn").Array(
+            "i", max(1, dicom_worker_count(settings)) * SOURCE_BUCKETS, lock=False
+        )
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -123,7 +129,7 @@ class DicomWorkers:
         process = spawn.Process(
             target=worker_main,
             args=(self.settings, self.socket, child_end, number, count, self.committed,
-                  self.open_associations),
+                  self.open_associations, self.source_associations),
             name=f"wlbridge-dicom-{number}",
             daemon=True,
         )  # fmt: skip
@@ -162,6 +168,8 @@ class DicomWorkers:
             process.join(5)  # reaped: no zombie left
             lived = time.monotonic() - self.started_at.get(number, 0.0)
             self.open_associations[number] = 0  # its associations died with it
+            buckets = len(self.source_associations) // len(self.open_associations)
+            self.source_associations[number * buckets : (number + 1) * buckets] = [0] * buckets
             if lived < WORKER_STABLE_AFTER:
                 delay = min(max(delay * 2, RESTART_DELAY), RESTART_DELAY_MOST)
             log.error(
@@ -441,8 +449,8 @@ def _skip_value_checks() -> None:
 
 
 def worker_main(settings: Settings, sock: socket.socket, connection: Any, number: int,
-                count: int, committed: Any = None,
-                open_associations: Any = None) -> None:  # fmt: skip
+                count: int, committed: Any = None, open_associations: Any = None,
+                source_associations: Any = None) -> None:  # fmt: skip
     """A DICOM worker process: its own index of the folder, the C-FIND/C-ECHO server on the
     shared socket, MPPS and the query log forwarded to the main process."""
     logging.basicConfig(
@@ -494,6 +502,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
         listening_socket=sock,
         before_query=sync_now,  # in the association's thread: no hand-over
         association_counts=(open_associations, number) if open_associations is not None else None,
+        source_counts=(source_associations, number) if source_associations is not None else None,
         accept_gate=AcceptGate(),
     )
 

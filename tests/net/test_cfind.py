@@ -674,3 +674,24 @@ def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_n
     late = [object() for _ in range(3)]
     assert [silent.opened(a, "10.0.0.9") for a in late] == [0] * 3
     assert set(silent.waiting) == {id(a) for a in late}
+
+
+def test_one_source_is_refused_past_max_associations_per_source(folder, caplog):
+    """In-process: a third association from one address is refused A-ASSOCIATE-RJ and logged
+    naming the setting; another address is still accepted."""
+    ae = AE(ae_title="GREEDY")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    with bridge(folder, max_associations=10, max_associations_per_source=2) as port:
+        held = [ae.associate("127.0.0.1", port, ae_title="WLBRIDGE") for _ in range(2)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            assert refused(port, calling="GREEDY")
+            other = ae.associate("127.0.0.1", port, ae_title="WLBRIDGE",
+                                 bind_address=("127.0.0.2", 0))  # fmt: skip
+            assert other.is_established
+            other.release()
+        finally:
+            for assoc in held:
+                assoc.release()
+    lines = [r.getMessage() for r in caplog.records if "per-source" in r.getMessage()]
+    assert lines and "GREEDY at 127.0.0.1" in lines[0], lines

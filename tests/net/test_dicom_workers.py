@@ -455,3 +455,36 @@ def test_a_source_holding_silent_connections_cannot_keep_others_out(tmp_path):
     assert code == 0, "".join(running.stderr_lines)
     lines = [line for line in running.stderr_lines if "connection closed at once" in line]
     assert lines and all("127.0.0.1" in line and "A-ASSOCIATE-RQ" in line for line in lines)
+
+
+def test_one_source_cannot_take_every_association_whichever_worker_accepts(tmp_path):
+    """max-associations-per-source = 3 on two workers: a fourth association from the same
+    address is refused (logged, naming the setting), wherever its first three landed, while
+    another address is still accepted; a released one makes room again."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "8",
+                           "--max-associations-per-source", "3")  # fmt: skip
+    ae = AE(ae_title="GREEDY")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    port, called = running.dicom_port, running.ae_title
+    held = []
+    try:
+        for _ in range(3):
+            held.append(ae.associate("127.0.0.1", port, ae_title=called))
+            assert held[-1].is_established
+        assert ae.associate("127.0.0.1", port, ae_title=called).is_rejected
+        other = ae.associate("127.0.0.1", port, ae_title=called, bind_address=("127.0.0.2", 0))
+        assert other.is_established
+        other.release()
+        held.pop().release()
+        again = eventually(
+            lambda: (a := ae.associate("127.0.0.1", port, ae_title=called)).is_established and a,
+            "an association once one of the three is released", timeout=10,
+        )  # fmt: skip
+        again.release()
+    finally:
+        for assoc in held:
+            assoc.release()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
+    refusals = [line for line in running.stderr_lines if "max-associations-per-source" in line]
+    assert refusals and all("GREEDY at 127.0.0.1" in line for line in refusals), refusals
