@@ -61,6 +61,9 @@ _REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation):
 # its next connections are closed as they open, until those are dropped (ACSE timeout) or speak.
 SILENT_PER_SOURCE = 10
 SILENT_AFTER = 1.0
+# ...and a process keeps at most AWAITING_REQUEST connections waiting for their request, from
+# all sources (each holds two threads and a descriptor): past it, new ones are closed at once.
+AWAITING_REQUEST = 1024
 SILENT_LOG_EVERY = 10.0  # seconds between two log lines about one source's closed connections
 # DICOM workers count each source's associations in SOURCE_BUCKETS buckets per worker (by a hash
 # of the address, the same in every process); two sources in one bucket share its count.
@@ -133,14 +136,11 @@ class WorklistSCP:
     def on_open(self, event: Any) -> None:
         assoc = event.assoc
         host = str(getattr(assoc.requestor, "address", "") or "")
-        refused = self.silent.opened(assoc, host)
+        refused, why = self.silent.opened(assoc, host)
         if refused:
             if self.silent.should_log(host):
-                LOG.warning(
-                    "DICOM peer %s: connection closed at once (%d refused so far): %d of its "
-                    "connections have sent no A-ASSOCIATE-RQ for %g s (at most %d)",
-                    host, refused, SILENT_PER_SOURCE, SILENT_AFTER, SILENT_PER_SOURCE,
-                )  # fmt: skip
+                LOG.warning("DICOM peer %s: connection closed at once (%d refused so far): %s",
+                            host, refused, why)  # fmt: skip
             close_before_request(assoc)
             return
         if self.accept_gate is not None:
@@ -202,6 +202,8 @@ class WorklistSCP:
         exist, never joined into a path."""
         assoc = event.assoc
         self.silent.requested(assoc)
+        if self.accept_gate is not None:
+            self.accept_gate.requested(assoc)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -389,10 +391,11 @@ class SilentConnections:
     one address is not refused: their requests come within milliseconds."""
 
     def __init__(self, forget_after: float, limit: int = SILENT_PER_SOURCE,
-                 silent_after: float = SILENT_AFTER,
+                 silent_after: float = SILENT_AFTER, most: int = AWAITING_REQUEST,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.forget_after = forget_after  # past the ACSE timeout: dropped by then
         self.limit = limit
+        self.most = most  # connections waiting for their request, all sources
         self.silent_after = silent_after
         self.clock = clock
         self.waiting: dict[int, tuple[str, float]] = {}  # id(association) -> (source, since)
@@ -400,9 +403,10 @@ class SilentConnections:
         self.logged: dict[str, float] = {}  # source -> when a refusal was last logged
         self.lock = threading.Lock()
 
-    def opened(self, assoc: Any, host: str) -> int:
-        """0 if `assoc`'s connection may wait for its request (and it is counted), else the
-        number of connections of `host` refused so far, this one included (close it)."""
+    def opened(self, assoc: Any, host: str) -> tuple[int, str]:
+        """(0, "") if `assoc`'s connection may wait for its request (and it is counted), else
+        the number of connections of `host` refused so far, this one included, and why (close
+        it)."""
         now = self.clock()
         with self.lock:
             self.waiting = {k: v for k, v in self.waiting.items() if now - v[1] < self.forget_after}
@@ -411,13 +415,19 @@ class SilentConnections:
                 if source == host and now - since >= self.silent_after
             )  # fmt: skip
             if silent >= self.limit:
-                if len(self.refused) >= 4096:
-                    self.refused.clear()  # never grows without bound
-                    self.logged.clear()
-                self.refused[host] = self.refused.get(host, 0) + 1
-                return self.refused[host]
-            self.waiting[id(assoc)] = (host, now)
-            return 0
+                why = f"{silent} of its connections have sent no A-ASSOCIATE-RQ for " \
+                      f"{self.silent_after:g} s (at most {self.limit})"  # fmt: skip
+            elif len(self.waiting) >= self.most:
+                why = f"{len(self.waiting)} connections (all sources) wait for their " \
+                      f"A-ASSOCIATE-RQ (at most {self.most})"  # fmt: skip
+            else:
+                self.waiting[id(assoc)] = (host, now)
+                return 0, ""
+            if len(self.refused) >= 4096:
+                self.refused.clear()  # never grows without bound
+                self.logged.clear()
+            self.refused[host] = self.refused.get(host, 0) + 1
+            return self.refused[host], why
 
     def should_log(self, host: str) -> bool:
         """True at most once every SILENT_LOG_EVERY seconds for `host`."""

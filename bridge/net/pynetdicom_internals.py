@@ -609,6 +609,20 @@ def _reactor_is_known(assoc: Any) -> bool:
 # Per association
 
 
+def peer_data_waiting(assoc: Any) -> bool:
+    """Whether the peer of `assoc` has sent bytes its upper layer has not read yet (a look at
+    the socket from any thread: nothing is read)."""
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    try:
+        if raw is None or raw.fileno() < 0:
+            return False
+        waiter = select.poll()
+        waiter.register(raw, select.POLLIN)
+        return bool(waiter.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def close_before_request(assoc: Any) -> None:
     """Close a connection that has just opened (EVT_CONN_OPEN, before its threads start),
     without waiting for its A-ASSOCIATE-RQ: its association thread, which would wait for the

@@ -657,23 +657,31 @@ def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_n
     from bridge.net.cfind import SilentConnections
 
     now = [0.0]
-    silent = SilentConnections(forget_after=35.0, limit=3, silent_after=1.0, clock=lambda: now[0])
+    silent = SilentConnections(forget_after=35.0, limit=3, silent_after=1.0, most=8,
+                               clock=lambda: now[0])  # fmt: skip
+
+    def opened(assoc: object, host: str) -> int:
+        return silent.opened(assoc, host)[0]
+
     burst = [object() for _ in range(5)]  # the associations (known by identity)
-    assert [silent.opened(a, "10.0.0.9") for a in burst] == [0] * 5  # none silent yet
+    assert [opened(a, "10.0.0.9") for a in burst] == [0] * 5  # none silent yet
     silent.requested(burst[0])  # spoke: no longer counted
     silent.closed(burst[1])  # closed: no longer counted
     now[0] = 1.5
-    assert silent.opened(object(), "10.0.0.9") == 1  # three silent for over a second
-    assert silent.opened(object(), "10.0.0.9") == 2  # counted for the log line
-    assert silent.opened(object(), "10.0.0.7") == 0  # another source is not affected
+    refused, why = silent.opened(object(), "10.0.0.9")  # three silent for over a second
+    assert refused == 1 and "3 of its connections" in why and "at most 3" in why
+    assert opened(object(), "10.0.0.9") == 2  # counted for the log line
+    assert opened(object(), "10.0.0.7") == 0  # another source is not affected
     silent.requested(burst[2])
-    assert silent.opened(object(), "10.0.0.9") == 0  # two silent now: room again
+    assert opened(object(), "10.0.0.9") == 0  # two silent now: room again
     assert silent.closed(burst[3]) == 1.5  # how long it waited without a request
     assert silent.closed(burst[0]) is None  # it sent its request
     now[0] = 40.0  # past the ACSE timeout: the silent ones have been dropped by then
-    late = [object() for _ in range(3)]
-    assert [silent.opened(a, "10.0.0.9") for a in late] == [0] * 3
+    late = [object() for _ in range(8)]
+    assert [opened(a, f"10.1.0.{n}") for n, a in enumerate(late)] == [0] * 8
     assert set(silent.waiting) == {id(a) for a in late}
+    refused, why = silent.opened(object(), "10.2.0.1")  # eight wait, from all sources
+    assert refused == 1 and "all sources" in why and "at most 8" in why
 
 
 def test_one_source_is_refused_past_max_associations_per_source(folder, caplog):

@@ -323,9 +323,11 @@ def test_the_accept_gate_has_room_until_room_connections_are_fresh():
     gate = AcceptGate(room=2, fresh_for=60)
     started = time.monotonic()
     gate.opened("a")
+    gate.requested("a")  # its A-ASSOCIATE-RQ came: it is being served
     gate.wait_for_room(longest=30)  # one fresh of two: room
     assert time.monotonic() - started < 10
     gate.opened("b")
+    gate.requested("b")
     waiter = threading.Thread(target=gate.wait_for_room, kwargs={"longest": 30})
     waiter.start()
     waiter.join(0.3)
@@ -339,6 +341,7 @@ def test_a_connection_counts_against_the_gate_for_fresh_for_seconds_at_most():
     """An idle association (or a slow peer) never keeps a worker from accepting for long."""
     gate = AcceptGate(room=1, fresh_for=0.1)
     gate.opened("idle")
+    gate.requested("idle")
     started = time.monotonic()
     gate.wait_for_room(longest=30)
     waited = time.monotonic() - started
@@ -346,6 +349,23 @@ def test_a_connection_counts_against_the_gate_for_fresh_for_seconds_at_most():
     gate.closed("never-opened")  # a connection the gate never saw (accepted before it)
     gate.closed("idle")
     gate.closed("idle")  # told twice: no harm
+
+
+def test_a_connection_that_says_nothing_stops_counting_against_the_gate_after_its_grace():
+    waiting = {"speaking": True, "silent": False}  # bytes waiting to be read, by connection
+    gate = AcceptGate(room=1, fresh_for=60, grace=0.05, has_data=waiting.__getitem__)
+    gate.opened("silent")
+    started = time.monotonic()
+    gate.wait_for_room(longest=30)  # silent past its grace: room again
+    assert 0.04 <= time.monotonic() - started < 10
+    gate.opened("speaking")  # its request is there, not read yet: it counts
+    waiter = threading.Thread(target=gate.wait_for_room, kwargs={"longest": 30})
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    waiting["speaking"] = False  # read, and the peer fell silent before a whole request
+    waiter.join(10)
+    assert not waiter.is_alive()
 
 
 def _accessions(assoc, accession: str) -> list[str]:
@@ -430,12 +450,13 @@ def test_a_source_holding_silent_connections_cannot_keep_others_out(tmp_path):
     running = start_bridge(tmp_path, "--dicom-workers", "2", "--max-associations", "4")
     port = running.dicom_port
     silent = [socket.create_connection(("127.0.0.1", port), timeout=60)
-              for _ in range(8 * SILENT_PER_SOURCE)]  # fmt: skip
+              for _ in range(2 * SILENT_PER_SOURCE)]  # fmt: skip
     try:
         closed = []
         deadline = time.monotonic() + 20  # well within the ACSE timeout (30 s)
-        while not closed and time.monotonic() < deadline:
-            readable, _, _ = select.select(silent, [], [], 1.0)
+        while not closed and time.monotonic() < deadline:  # one more until one is closed
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+            readable, _, _ = select.select(silent, [], [], 0.05)
             closed = [sock for sock in readable if sock.recv(1) == b""]
         assert closed, "no connection of the silent source was closed"
         ack = raw_send(running.mllp_port, orm(control_id="S1", accession="SILENT1"))
@@ -488,3 +509,29 @@ def test_one_source_cannot_take_every_association_whichever_worker_accepts(tmp_p
     assert code == 0, "".join(running.stderr_lines)
     refusals = [line for line in running.stderr_lines if "max-associations-per-source" in line]
     assert refusals and all("GREEDY at 127.0.0.1" in line for line in refusals), refusals
+
+
+def test_connections_that_say_nothing_from_many_addresses_do_not_hold_the_accepts(tmp_path):
+    """80 connections from 8 addresses (10 each, within SILENT_PER_SOURCE) that never send an
+    A-ASSOCIATE-RQ: a modality connecting after them is accepted at once (at 0.2 s of the
+    accept gate each, it waited 4 s in the kernel's queue)."""
+    running = start_bridge(tmp_path, "--dicom-workers", "2")
+    port = running.dicom_port
+    silent = [socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.4.{n}", 0))
+              for n in range(1, 9) for _ in range(SILENT_PER_SOURCE)]  # fmt: skip
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        ae.acse_timeout = 30
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", port, ae_title=running.ae_title,
+                             bind_address=("127.0.0.2", 0))  # fmt: skip
+        waited = time.monotonic() - started
+        assert assoc.is_established
+        assoc.release()
+        assert waited < 2.0, f"the modality waited {waited:.1f} s behind silent connections"
+    finally:
+        for sock in silent:
+            sock.close()
+        code = running.stop()
+    assert code == 0, "".join(running.stderr_lines)
