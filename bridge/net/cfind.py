@@ -34,6 +34,7 @@ from bridge.net.pynetdicom_internals import (
     Tuning,
     close_before_request,
     hang_up,
+    peer_data_waiting,
     prepare_association,
     skip_identifier_logging,
     start_server,
@@ -60,7 +61,7 @@ _REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation):
 # them (per process: each DICOM worker counts its own) silent for more than SILENT_AFTER seconds;
 # its next connections are closed as they open, until those are dropped (ACSE timeout) or speak.
 SILENT_PER_SOURCE = 10
-SILENT_AFTER = 1.0
+SILENT_AFTER = 0.25
 # ...and a process keeps at most AWAITING_REQUEST connections waiting for their request, from
 # all sources (each holds two threads and a descriptor): past it, new ones are closed at once.
 AWAITING_REQUEST = 1024
@@ -108,7 +109,9 @@ class WorklistSCP:
         # workers: (shared array of SOURCE_BUCKETS counts per worker, this worker's slot)
         self.source_counts: tuple[Any, int] | None = None
         self.accept_gate: Any = None  # a DICOM worker's AcceptGate: told of each connection
-        self.silent = SilentConnections(forget_after=settings.acse_timeout + 5.0)
+        self.silent = SilentConnections(
+            forget_after=settings.acse_timeout + 5.0, has_data=peer_data_waiting
+        )
         self.per_ae = settings.worklist_layout == "per-ae"
         self.allowed = {t.strip() for t in settings.allowed_calling_aets}
         self.hidden = tuple(s.upper() for s in settings.hidden_statuses)
@@ -384,21 +387,26 @@ class WorklistSCP:
 
 class SilentConnections:
     """The connections of one process that have not sent their A-ASSOCIATE-RQ yet, by source
-    address. A modality sends its request as soon as it connects; a source that keeps `limit`
-    connections silent for `silent_after` seconds is holding them: its next connections are
-    refused as they open (each would hold two threads and a descriptor for the ACSE timeout,
-    and, with DICOM workers, a place in a worker's accept gate). A burst of modalities behind
-    one address is not refused: their requests come within milliseconds."""
+    address. A modality sends its request as soon as it connects: a connection with no request
+    and no bytes waiting to be read (`has_data`) after `silent_after` seconds is silent. A
+    source with `limit` silent connections is holding them: its next connections are refused
+    as they open (each would hold two threads and a descriptor for the ACSE timeout). So is any
+    connection without bytes waiting once `most` wait for their request, from all sources. A
+    burst of modalities behind one address is not refused: their requests come within
+    milliseconds, and wait to be read if the process is busy."""
 
     def __init__(self, forget_after: float, limit: int = SILENT_PER_SOURCE,
                  silent_after: float = SILENT_AFTER, most: int = AWAITING_REQUEST,
+                 has_data: Callable[[Any], bool] = lambda assoc: False,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.forget_after = forget_after  # past the ACSE timeout: dropped by then
         self.limit = limit
         self.most = most  # connections waiting for their request, all sources
         self.silent_after = silent_after
+        self.has_data = has_data
         self.clock = clock
-        self.waiting: dict[int, tuple[str, float]] = {}  # id(association) -> (source, since)
+        # id(association) -> (source, since, association)
+        self.waiting: dict[int, tuple[str, float, Any]] = {}
         self.refused: dict[str, int] = {}  # source -> connections refused (for the log)
         self.logged: dict[str, float] = {}  # source -> when a refusal was last logged
         self.lock = threading.Lock()
@@ -411,17 +419,18 @@ class SilentConnections:
         with self.lock:
             self.waiting = {k: v for k, v in self.waiting.items() if now - v[1] < self.forget_after}
             silent = sum(
-                1 for source, since in self.waiting.values()
+                1 for source, since, other in self.waiting.values()
                 if source == host and now - since >= self.silent_after
+                and not self.has_data(other)
             )  # fmt: skip
             if silent >= self.limit:
                 why = f"{silent} of its connections have sent no A-ASSOCIATE-RQ for " \
                       f"{self.silent_after:g} s (at most {self.limit})"  # fmt: skip
-            elif len(self.waiting) >= self.most:
+            elif len(self.waiting) >= self.most and not self.has_data(assoc):
                 why = f"{len(self.waiting)} connections (all sources) wait for their " \
                       f"A-ASSOCIATE-RQ (at most {self.most})"  # fmt: skip
             else:
-                self.waiting[id(assoc)] = (host, now)
+                self.waiting[id(assoc)] = (host, now, assoc)
                 return 0, ""
             if len(self.refused) >= 4096:
                 self.refused.clear()  # never grows without bound

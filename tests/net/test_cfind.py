@@ -657,7 +657,9 @@ def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_n
     from bridge.net.cfind import SilentConnections
 
     now = [0.0]
+    speaking: set[int] = set()  # connections with bytes waiting to be read
     silent = SilentConnections(forget_after=35.0, limit=3, silent_after=1.0, most=8,
+                               has_data=lambda a: id(a) in speaking,
                                clock=lambda: now[0])  # fmt: skip
 
     def opened(assoc: object, host: str) -> int:
@@ -672,8 +674,10 @@ def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_n
     assert refused == 1 and "3 of its connections" in why and "at most 3" in why
     assert opened(object(), "10.0.0.9") == 2  # counted for the log line
     assert opened(object(), "10.0.0.7") == 0  # another source is not affected
-    silent.requested(burst[2])
+    speaking.add(id(burst[2]))  # its request is there, not read yet: not silent
     assert opened(object(), "10.0.0.9") == 0  # two silent now: room again
+    speaking.clear()
+    silent.requested(burst[2])
     assert silent.closed(burst[3]) == 1.5  # how long it waited without a request
     assert silent.closed(burst[0]) is None  # it sent its request
     now[0] = 40.0  # past the ACSE timeout: the silent ones have been dropped by then
@@ -682,6 +686,9 @@ def test_a_source_with_silent_connections_has_its_next_ones_refused_and_others_n
     assert set(silent.waiting) == {id(a) for a in late}
     refused, why = silent.opened(object(), "10.2.0.1")  # eight wait, from all sources
     assert refused == 1 and "all sources" in why and "at most 8" in why
+    talker = object()
+    speaking.add(id(talker))
+    assert opened(talker, "10.2.0.1") == 0  # its request is waiting: taken all the same
 
 
 def test_one_source_is_refused_past_max_associations_per_source(folder, caplog):
