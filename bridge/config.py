@@ -257,7 +257,7 @@ class Settings:
     max_associations_per_source: int = _opt(
         "concurrent DICOM associations from one address, so one source cannot take them all "
         "(0: only max-associations)",
-        default=25,
+        default=40,
     )
     acse_timeout: float = _opt("DICOM ACSE timeout, seconds", default=30.0)
     dimse_timeout: float = _opt("DICOM DIMSE timeout, seconds", default=30.0)
