@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Iterable
@@ -131,6 +132,20 @@ class Settings:
     )
     mpps_dir: Path = _opt(
         "folder where MPPS instances are kept (one DICOM file each)", default=Path("./mpps")
+    )
+    mpps_retention: float = _opt(
+        "hours a finished (COMPLETED or DISCONTINUED) MPPS instance is kept after its last "
+        "change; a sweep removes older ones",
+        default=720.0,
+    )
+    mpps_in_progress_retention: float = _opt(
+        "hours an MPPS instance left IN PROGRESS (no final N-SET) is kept after its last "
+        "change; at least mpps-retention",
+        default=2160.0,
+    )
+    mpps_max_instances: int = _opt(
+        "most MPPS instances kept; an N-CREATE beyond it is refused 0213 (resource limitation)",
+        default=100_000,
     )
     outbox_dir: Path = _opt(
         "folder of order status messages waiting for their receiver (one sub-folder each)",
@@ -789,6 +804,30 @@ def validate(settings: Settings, checks: Iterable[SettingCheck] = ()) -> None:
             fail(name, f"{getattr(settings, name)} is too small: it must be at least 1024 bytes")
     if settings.max_search_time <= 0:
         fail("max_search_time", "must be more than 0 seconds")
+    for name in ("mpps_retention", "mpps_in_progress_retention"):
+        value = getattr(settings, name)
+        if not math.isfinite(value):  # TOML's nan and inf: no bound at all
+            fail(name, f"{value} is not a number of hours; write e.g. {_dashed(name)} = 720")
+        if value <= 0:
+            fail(
+                name,
+                f"{getattr(settings, name):g} is too small: it must be more than 0 hours (an "
+                "instance is what answers a repeated N-SET or N-CREATE; 720 keeps 30 days)",
+            )
+    if settings.mpps_in_progress_retention < settings.mpps_retention:
+        fail(
+            "mpps_in_progress_retention",
+            f"{settings.mpps_in_progress_retention:g} hours is shorter than mpps-retention "
+            f"({settings.mpps_retention:g}): an instance still IN PROGRESS may yet get its final "
+            "N-SET, so it must be kept at least as long as a finished one; raise "
+            "mpps-in-progress-retention or lower mpps-retention",
+        )
+    if settings.mpps_max_instances < 1:
+        fail(
+            "mpps_max_instances",
+            f"{settings.mpps_max_instances} is too small: it must be at least 1 "
+            "(100000 suits a busy department)",
+        )
     if settings.outbox_lease < 1:
         fail("outbox_lease", "must be at least 1 second")
     for name, check in checks:  # the checks of the modules that own the values

@@ -18,6 +18,9 @@ def test_defaults_match_the_documented_ones():
     assert str(s.worklist_dir) == "worklists"
     assert s.translation_log == "./logs/translation.log"
     assert s.max_frame_size == 1024 * 1024
+    # MPPS: finished instances kept 30 days, open ones 90, at most 100,000
+    assert (s.mpps_retention, s.mpps_in_progress_retention) == (720.0, 2160.0)
+    assert s.mpps_max_instances == 100_000
 
 
 def test_file_then_command_line(tmp_path):
@@ -108,6 +111,17 @@ MISTAKES = {
     ),
     "match-not-table": ('[[station-rules]]\nmatch = "CT"\nae-titles = ["CT1"]\n', ["match"]),
     "rules-not-tables": ('station-rules = ["CT01"]\n', ["station-rules", "[[station-rules]]"]),
+    "mpps-retention-negative": ("mpps-retention = -1\n", ["mpps-retention", "more than 0"]),
+    "mpps-retention-zero": ("mpps-in-progress-retention = 0\n", ["mpps-in-progress-retention"]),
+    "mpps-retention-text": ('mpps-retention = "30d"\n', ["mpps-retention", "number", "30d"]),
+    "mpps-retention-nan": ("mpps-retention = nan\n", ["mpps-retention", "not a number of hours"]),
+    "mpps-retention-inf": ("mpps-retention = inf\n", ["mpps-retention", "not a number of hours"]),
+    "mpps-open-shorter": (
+        "mpps-retention = 720\nmpps-in-progress-retention = 24\n",
+        ["mpps-in-progress-retention", "shorter than mpps-retention", "720"],
+    ),
+    "mpps-max-zero": ("mpps-max-instances = 0\n", ["mpps-max-instances", "at least 1"]),
+    "mpps-max-float": ("mpps-max-instances = 1.5\n", ["mpps-max-instances", "whole number"]),
 }
 
 
@@ -132,6 +146,8 @@ def test_a_missing_config_file_is_named(tmp_path):
 def test_command_line_mistakes_name_the_command_line():
     with pytest.raises(ConfigError, match="the command line: ae-title"):
         load_settings(None, {"ae_title": "A" * 17})
+    with pytest.raises(ConfigError, match="the command line: mpps-retention: -5 is too small"):
+        load_settings(None, {"mpps_retention": -5.0})
 
 
 def test_networks_and_addresses_are_allowed_sources(tmp_path):
@@ -169,7 +185,9 @@ def refused(result: subprocess.CompletedProcess, *parts: str) -> str:
     return output
 
 
-@pytest.mark.parametrize("name", ["string-for-list", "hidden-cancelled", "rule-unknown-key"])
+@pytest.mark.parametrize(
+    "name", ["string-for-list", "hidden-cancelled", "rule-unknown-key", "mpps-open-shorter"]
+)
 def test_serve_stops_at_a_config_mistake_without_traceback(tmp_path, name):
     text, expected = MISTAKES[name]
     refused(serve(tmp_path, text), "site.toml", *expected)
