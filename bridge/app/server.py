@@ -18,8 +18,8 @@ import logging
 import signal
 import sys
 
+from twisted.internet import defer, task, threads
 from twisted.internet import reactor as default_reactor
-from twisted.internet import task, threads
 from twisted.internet.error import CannotListenError
 
 from bridge.config import ConfigError, Settings, check_files, dicom_worker_count, parse_sources
@@ -33,6 +33,7 @@ from bridge.net.mllp import MLLPFactory
 from bridge.net.outbox import outbox_for
 from bridge.net.tls import dicom_ssl_context, mllp_tls_options
 from bridge.ops.housekeeping import Housekeeping
+from bridge.ops.mpps_retention import MppsRetention
 from bridge.ops.translation_log import TranslationLog, query_recorder
 from bridge.storage.index import WorklistIndex
 from bridge.storage.mpps_store import mpps_store_for
@@ -42,6 +43,7 @@ from bridge.storage.store import StoreError, WorklistStore
 log = logging.getLogger("bridge.app.server")
 
 SWEEP_INTERVAL = 60.0  # seconds between removals of finished items past their retention
+MPPS_SWEEP_INTERVAL = 600.0  # seconds between removals of MPPS instances past their retention
 STORE_PING_INTERVAL = 2.0  # seconds between checks that a PostgreSQL store answers (/readyz)
 RETRY_MEMORY_PRUNE_INTERVAL = 600.0  # seconds between prunings of the shared retry memory
 # seconds a delete stays visible to the change stream: a bridge whose stream was cut for
@@ -92,7 +94,7 @@ class BridgeServer:
         self.index = WorklistIndex(settings, log=logging.getLogger("bridge.storage.index"))
         self.events = EventBus()
         self.shared_store = bool(settings.store)  # PostgreSQL, shared with other bridges
-        self._sweep_lock = self._housekeeping_lock = None
+        self._sweep_lock = self._housekeeping_lock = self._mpps_sweep_lock = None
         if self.shared_store:
             from bridge.storage.postgres import storage as pg
 
@@ -101,6 +103,9 @@ class BridgeServer:
             # one bridge at a time runs a sweep or a housekeeping round
             self._sweep_lock = pg.RoundLock(settings.store, pg.SWEEP_LOCK)
             self._housekeeping_lock = pg.RoundLock(settings.store, pg.HOUSEKEEPING_LOCK)
+            from bridge.storage.postgres.mpps import MPPS_SWEEP_LOCK
+
+            self._mpps_sweep_lock = pg.RoundLock(settings.store, MPPS_SWEEP_LOCK)
         else:
             self.store = WorklistStore(settings)  # the index follows the service's events
             self.storage = FolderStorage(settings, self.store, self.index)
@@ -131,7 +136,16 @@ class BridgeServer:
             rejected_store=rejected_store,
         )
         self.mpps_store = mpps_store_for(settings)
-        self.mpps = MPPSService(self.mpps_store, self.worklist, self.translation_log)
+        self.mpps = MPPSService(
+            self.mpps_store,
+            self.worklist,
+            self.translation_log,
+            max_instances=settings.mpps_max_instances,
+            retention_hours=settings.mpps_retention,
+        )
+        self.mpps_retention = MppsRetention(settings, self.mpps_store, self.worklist.on_writer)
+        self._mpps_sweeper: task.LoopingCall | None = None
+        self.mpps_sweeping: defer.Deferred | None = None  # the sweep under way, if any
         self.events.subscribe(PatientMerged, self.mpps.on_patient_merged)
         self.housekeeping = Housekeeping(settings, self.worklist, self.translation_log)
         self._housekeeper: task.LoopingCall | None = None
@@ -150,7 +164,8 @@ class BridgeServer:
             self._open_shared_store()
         else:
             self._open_folder()
-        instances = self.mpps_store.load()
+        instances = self.mpps_store.load()  # the folder's: expired ones removed, not read
+        self.mpps_retention.count(getattr(self.mpps_store, "removed_at_load", {}), "at start")
         if instances:
             log.info("%d MPPS instance(s) in %s", instances, self.mpps_store.folder)
         self.outbox.prepare()
@@ -214,6 +229,9 @@ class BridgeServer:
             self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(SWEEP_INTERVAL, now=True)
+        self._mpps_sweeper = task.LoopingCall(self.sweep_mpps)
+        self._mpps_sweeper.clock = self.reactor
+        self._mpps_sweeper.start(MPPS_SWEEP_INTERVAL, now=True)
         if s.housekeeping:
             self._housekeeper = task.LoopingCall(self._housekeep)
             self._housekeeper.clock = self.reactor
@@ -442,6 +460,21 @@ class BridgeServer:
         d.addErrback(lambda f: log.error("expiry sweep failed: %s", f.getErrorMessage()))
         return d  # the LoopingCall waits for it before the next round
 
+    def sweep_mpps(self):
+        """Remove MPPS instances past their retention, in a worker thread (the folder store's
+        removals in batches on this one); a Deferred of the removals by kind (None: another
+        bridge of a shared store ran this round)."""
+        d = self._round(self._mpps_sweep_lock, self.mpps_retention.sweep, lambda found: found)
+        d.addErrback(lambda f: log.error("MPPS retention sweep failed: %s", f.getErrorMessage()))
+        self.mpps_sweeping = d
+
+        def done(result):
+            if self.mpps_sweeping is d:
+                self.mpps_sweeping = None
+            return result
+
+        return d.addBoth(done)
+
     def _housekeep(self):
         """Find idle items in a worker thread (it reads files), change them on this one."""
         d = self._round(self._housekeeping_lock, self.housekeeping.find, self.housekeeping.apply)
@@ -467,7 +500,8 @@ class BridgeServer:
                 lock.release()
             return result
 
-        d = threads.deferToThread(find_if_ours)
+        # this server's reactor's pool (an in-process server may run on a reactor of its own)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), find_if_ours)
         d.addCallback(apply_found)
         d.addBoth(release)
         return d
@@ -478,6 +512,8 @@ class BridgeServer:
             self._sweeper.stop()
         if self._housekeeper is not None and self._housekeeper.running:
             self._housekeeper.stop()
+        if self._mpps_sweeper is not None and self._mpps_sweeper.running:
+            self._mpps_sweeper.stop()
         if self.shared_store:
             for loop in (self._store_pinger, self._memory_pruner, self._copies_follower):
                 if loop is not None and loop.running:

@@ -49,6 +49,7 @@ OPEN_SPS_STATUSES = ("SCHEDULED", "ARRIVED", "READY", "STARTED")  # an MPPS neve
 MAX_ATTRIBUTE_LIST_BYTES = 1024 * 1024  # an MPPS is a few kB; a peer may send any size
 MAX_SCHEDULED_STEPS = 100  # items of the Scheduled Step Attributes Sequence (a group case)
 STATUS_TAG = 0x00400252  # Performed Procedure Step Status
+FULL_LOG_INTERVAL = 60.0  # seconds between the server log's lines about a full MPPS store
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 # Attributes an N-SET may not change (PS3.4 Table F.7.2-1): the instance's identity, the
@@ -105,11 +106,21 @@ class MPPSService:
     """The MPPS SCP's logic: validation, matching, status changes, storage, the log."""
 
     def __init__(
-        self, store: MPPSStore, worklist: WorklistService, translation_log: TranslationLog
+        self,
+        store: MPPSStore,
+        worklist: WorklistService,
+        translation_log: TranslationLog,
+        max_instances: int = 0,
+        retention_hours: float = 0.0,
     ) -> None:
         self.store = store
         self.worklist = worklist
         self.translation_log = translation_log
+        self.max_instances = max_instances  # mpps-max-instances; 0: no cap
+        self.retention_hours = retention_hours  # mpps-retention, for the on-call's log line
+        self.refused_full = 0  # N-CREATEs refused because the cap was reached
+        self._full_logged_at: float | None = None
+        self._full_unlogged = 0
 
     # ---- N-CREATE
 
@@ -164,9 +175,43 @@ class MPPSService:
         if uid in self.store:
             self._refuse(result, DUPLICATE_INSTANCE, "an MPPS instance with this UID exists")
             return
+        if self.max_instances and len(self.store) >= self.max_instances:
+            # Before any change: the worklist is untouched, existing instances still take
+            # their N-SETs, and a sweep (or a higher cap) lets the modality's retry through.
+            self._refuse(
+                result,
+                RESOURCE_LIMITATION,
+                f"MPPS store full: mpps-max-instances {self.max_instances} reached",
+            )
+            self._log_full(calling)
+            return
         self._apply(uid, attributes, "STARTED", calling, result)
         self.store.put(uid, attributes)
         result.outcome = "started" if result.files else "unmatched"
+
+    def _log_full(self, calling: str) -> None:
+        """What the on-call person needs, at most once a minute (a modality that N-CREATEs
+        without end would otherwise flood the log; the translation log has every refusal)."""
+        self.refused_full += 1
+        self._full_unlogged += 1
+        now = time.monotonic()
+        if self._full_logged_at is not None and now - self._full_logged_at < FULL_LOG_INTERVAL:
+            return
+        log.error(
+            "MPPS N-CREATE refused (0213 resource limitation) %d time(s), the last from %s: "
+            "%d instances kept, mpps-max-instances = %d. Finished instances are removed "
+            "%g h after their last change (mpps-retention). If this many are expected, raise "
+            "mpps-max-instances or lower mpps-retention; otherwise find the modality creating "
+            "instances without end (translation log: type=MPPS^N-CREATE, by calling_ae). "
+            "N-SETs of kept instances and the worklist go on working.",
+            self._full_unlogged,
+            calling,
+            len(self.store),
+            self.max_instances,
+            self.retention_hours,
+        )
+        self._full_logged_at = now
+        self._full_unlogged = 0
 
     # ---- N-SET
 

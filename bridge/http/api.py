@@ -15,7 +15,7 @@ from bridge.dicom.matching import QueryError
 from bridge.http import items, logsearch, outbound
 from bridge.http.actions import ActionError
 from bridge.http.health import readiness
-from bridge.http.metrics import outbox_state, rejected_count
+from bridge.http.metrics import mpps_state, outbox_state, rejected_count
 from bridge.http.site import Context, HttpApp, json_error, json_response
 
 DEFAULT_LIMIT = 100
@@ -389,6 +389,7 @@ def status_summary(app: HttpApp, rejected: tuple[int, int] | None = None) -> dic
         "last_message": app.metrics.last_message,
         "last_query_by_calling_ae": dict(app.metrics.last_query),
         "outbox": outbox_state(server),
+        "mpps": mpps_state(server),
         "rejected": {"kept": kept, "today": today},
     }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bridge.http import items
 from bridge.storage.store import StoreError
@@ -239,6 +239,25 @@ def outbox_state(server: Any) -> dict[str, Any] | None:
     }
 
 
+def mpps_state(server: Any) -> dict[str, Any] | None:
+    """The MPPS instances kept, the cap, the retention's removals since start by kind, and the
+    N-CREATEs refused for the cap. A shared store's count is the one its last sweep read (in a
+    worker thread: a scrape never waits for the database)."""
+    mpps = getattr(server, "mpps", None)
+    retention = getattr(server, "mpps_retention", None)
+    if mpps is None or retention is None:
+        return None
+    state: dict[str, Any] = {
+        "max_instances": mpps.max_instances,
+        "refused_full": mpps.refused_full,
+        "removed": retention.totals(),
+    }
+    kept = retention.kept if getattr(server, "shared_store", False) else len(mpps.store)
+    if kept is not None:
+        state["instances"] = kept
+    return state
+
+
 class _ServerCollector:
     """Gauges read when scraped."""
 
@@ -283,6 +302,24 @@ class _ServerCollector:
         kept = rejected_kept(s)
         if kept is not None:
             yield GaugeMetricFamily("wlbridge_rejected_kept", REJECTED_KEPT_HELP, value=kept)
+        mpps = mpps_state(s)
+        if mpps is not None:
+            if "instances" in mpps:
+                yield GaugeMetricFamily(
+                    "wlbridge_mpps_instances", "MPPS instances kept (at most mpps-max-instances)",
+                    value=mpps["instances"],
+                )  # fmt: skip
+            removed = CounterMetricFamily(
+                "wlbridge_mpps_instances_removed", "MPPS instances the retention removed, by "
+                "kind (finished, in-progress, past-both: at start, unread)", labels=["kind"],
+            )  # fmt: skip
+            for kind, n in sorted(mpps["removed"].items()):
+                removed.add_metric([kind], n)
+            yield removed
+            yield CounterMetricFamily(
+                "wlbridge_mpps_refused_full", "N-CREATEs refused 0213: mpps-max-instances reached",
+                value=mpps["refused_full"],
+            )  # fmt: skip
         outbox = outbox_state(s) or {}
         receivers = outbox.get("receivers", {})
         for name, help_text, key in (

@@ -78,6 +78,14 @@ def format_status(summary: dict[str, Any]) -> str:
                 f"  {name:<16} {state.get('depth', 0)} waiting, {state.get('parked', 0)} parked, "
                 f"oldest {state.get('oldest_age', 0):.0f} s"
             )
+    mpps = summary.get("mpps")
+    if mpps is not None:
+        kept = f"{mpps['instances']} kept" if "instances" in mpps else "kept: see /metrics"
+        removed = sum((mpps.get("removed") or {}).values())
+        out.append(
+            f"mpps    {kept} (at most {mpps.get('max_instances', 0)}), {removed} removed by "
+            f"the retention, {mpps.get('refused_full', 0)} N-CREATE(s) refused: store full"
+        )
     rejected = summary.get("rejected") or {}
     out.append(f"rejected  {rejected.get('kept', 0)} kept, {rejected.get('today', 0)} today")
     return "\n".join(out)

@@ -14,6 +14,36 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from bridge.storage.store import StoreError
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step
+FINISHED = ("COMPLETED", "DISCONTINUED")  # final PPS statuses (PS3.3 C.4.14)
+# The kinds of removal a retention sweep counts (metrics, the log).
+REMOVED_FINISHED, REMOVED_IN_PROGRESS = "finished", "in-progress"
+REMOVED_UNREAD = "past-both"  # removed at start without reading: older than both retentions
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long instances are kept after their last change, in seconds: finished ones
+    (`finished`, mpps-retention) and those not finished (`in_progress`,
+    mpps-in-progress-retention, never shorter). Shared by both MPPS stores."""
+
+    finished: float
+    in_progress: float
+
+    @classmethod
+    def of(cls, settings) -> Retention:
+        return cls(settings.mpps_retention * 3600, settings.mpps_in_progress_retention * 3600)
+
+    def limit(self, status: str) -> float:
+        """Seconds an instance in `status` is kept (anything not final counts as open)."""
+        return self.finished if status in FINISHED else self.in_progress
+
+    @property
+    def longest(self) -> float:
+        return max(self.finished, self.in_progress)
+
+
+def removal_kind(status: str) -> str:
+    return REMOVED_FINISHED if status in FINISHED else REMOVED_IN_PROGRESS
 
 
 @dataclass

@@ -5,6 +5,12 @@ fsynced before the MPPS SCP answers success, so an N-SET after a restart finds w
 stored. File names are a hash of the SOP Instance UID: no peer content steers a path. The store
 is changed on the writer thread only; it keeps each instance's status and patient in memory
 (read at start) and reads the file itself when an N-SET needs it.
+
+With a retention (`Retention`: mpps-retention, mpps-in-progress-retention), instances are kept
+for a while after their last change (the file's time): `load` removes the expired ones instead
+of reading them (those past the longer retention without opening them), and the sweep
+(bridge.ops.mpps_retention) finds the others in a worker thread (`expired`) and removes them
+on the writer thread (`remove`).
 """
 
 from __future__ import annotations
@@ -13,11 +19,21 @@ import hashlib
 import itertools
 import logging
 import os
+import re
+import time
+from collections import Counter
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
-from bridge.storage.mpps_instance import MPPS_SOP_CLASS, Known, encode_instance  # noqa: F401 (re-export)
+from bridge.storage.mpps_instance import (  # noqa: F401 (re-export)
+    MPPS_SOP_CLASS,
+    REMOVED_UNREAD,
+    Known,
+    Retention,
+    encode_instance,
+    removal_kind,
+)
 from bridge.storage.mpps_instance import known_of as _known
 from bridge.storage.store import StoreError
 
@@ -25,32 +41,103 @@ log = logging.getLogger("bridge.storage.mpps_store")
 
 TEMP_PREFIX = ".wlbridge-tmp-"
 SUFFIX = ".dcm"
+_OWN_NAME = re.compile(r"[0-9a-f]{32}\.dcm")  # path_for's names: only those are removed unread
+# (uid, status, the file's time) of an instance a sweep found past its retention
+Expired = tuple[str, str, float]
 
 
 class MPPSStore:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, retention: Retention | None = None) -> None:
         self.folder = folder
+        self.retention = retention  # None: kept forever (tools that only read)
         self._known: dict[str, Known] = {}
         self._counter = itertools.count()
+        self.removed_at_load: Counter[str] = Counter()
 
-    def load(self) -> int:
+    def load(self, now: float | None = None) -> int:
         """Create the folder, drop temporary files a crash left, read every instance's status.
-        Returns the number of instances."""
+        With a retention, expired instances are removed rather than kept: a file older than
+        both retentions without reading it (a bridge stopped for months starts as fast as one
+        that swept), one older than its status's retention once read. Returns the number of
+        instances kept; `removed_at_load` counts the others by kind."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for path in self.folder.iterdir():
-            if path.name.startswith(TEMP_PREFIX):
-                path.unlink(missing_ok=True)
-                continue
-            if path.suffix != SUFFIX:
-                continue
-            try:
-                ds = dcmread(path, stop_before_pixels=True)
-                uid = str(ds.SOPInstanceUID)
-            except Exception as exc:  # another program's file, or a damaged one
-                log.warning("skipping unreadable MPPS file %s: %s", path.name, exc)
-                continue
-            self._known[uid] = _known(ds)
+        now = time.time() if now is None else now
+        retention = self.retention
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(TEMP_PREFIX):
+                    Path(entry.path).unlink(missing_ok=True)
+                    continue
+                if not name.endswith(SUFFIX):
+                    continue
+                age = 0.0
+                if retention is not None:
+                    try:
+                        age = now - entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age > retention.longest and _OWN_NAME.fullmatch(name):
+                        self._unlink(Path(entry.path), REMOVED_UNREAD)
+                        continue
+                try:
+                    ds = dcmread(entry.path, stop_before_pixels=True)
+                    uid = str(ds.SOPInstanceUID)
+                except Exception as exc:  # another program's file, or a damaged one
+                    log.warning("skipping unreadable MPPS file %s: %s", name, exc)
+                    continue
+                known = _known(ds)
+                if retention is not None and age > retention.limit(known.status):
+                    self._unlink(Path(entry.path), removal_kind(known.status))
+                    continue
+                self._known[uid] = known
         return len(self._known)
+
+    def _unlink(self, path: Path, kind: str) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # kept; the next start or sweep tries again
+            log.warning("cannot remove expired MPPS file %s: %s", path.name, exc)
+            return
+        self.removed_at_load[kind] += 1
+
+    def expired(self, retention: Retention, now: float | None = None) -> list[Expired]:
+        """The instances past their retention (by the file's time, the last change): reads
+        only, so it may run in a worker thread; `remove` then removes them."""
+        now = time.time() if now is None else now
+        found = []
+        for uid, known in self.snapshot().items():
+            try:
+                mtime = self.path_for(uid).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if now - mtime > retention.limit(known.status):
+                found.append((uid, known.status, mtime))
+        return found
+
+    def remove(self, found: list[Expired]) -> Counter[str]:
+        """On the writer thread: remove each instance `expired` found, unless it changed since
+        (an N-SET rewrote it). Returns the removals by kind (finished, in-progress)."""
+        removed: Counter[str] = Counter()
+        for uid, status, mtime in found:
+            known = self._known.get(uid)
+            if known is None or known.status != status:
+                continue
+            path = self.path_for(uid)
+            try:
+                if path.stat().st_mtime != mtime:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove expired MPPS instance %s: %s", uid, exc)
+                continue
+            del self._known[uid]
+            removed[removal_kind(status)] += 1
+        return removed
 
     def __len__(self) -> int:
         return len(self._known)
@@ -137,4 +224,4 @@ def mpps_store_for(settings):
         from bridge.storage.postgres.mpps import PostgresMPPSStore
 
         return PostgresMPPSStore(settings.store)
-    return MPPSStore(settings.mpps_dir)
+    return MPPSStore(settings.mpps_dir, Retention.of(settings))

@@ -7,27 +7,68 @@ answered 0110)."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 from pydicom import Dataset, dcmread
 
-from bridge.storage.mpps_instance import Known, encode_instance
+from bridge.storage.mpps_instance import (
+    FINISHED,
+    REMOVED_FINISHED,
+    REMOVED_IN_PROGRESS,
+    Known,
+    Retention,
+    encode_instance,
+)
 from bridge.storage.postgres.connection import Database, redacted
 
 # The class of the instances' advisory locks: two-key locks, a key space apart from the
 # worklist's one-key order locks.
 INSTANCE_LOCK_CLASS = 0x6D707073  # "mpps"
+MPPS_SWEEP_LOCK = 0x77_6C_6D_70  # "wlmp": one bridge at a time runs an MPPS retention sweep
+SWEEP_BATCH = 1000  # rows removed per transaction: short ones, beside the N-SETs' locks
 
 
 class PostgresMPPSStore:
     def __init__(self, dsn: str) -> None:
         self.db = Database(dsn)
+        self.url = dsn
         self.folder = redacted(dsn)  # where the instances are, for the log at start
+        self._sweep_db: Database | None = None  # the sweep's own connection
 
     def close(self) -> None:
         self.db.close()
+        if self._sweep_db is not None:
+            self._sweep_db.close()
+
+    def remove_expired(self, retention: Retention) -> Counter[str]:
+        """Delete the instances past their retention (by updated_at, the last change, on the
+        database's clock), in short transactions on a connection of its own, so the MPPS
+        handlers never wait behind a sweep. A row an N-SET holds is skipped (SKIP LOCKED):
+        it is being changed. Returns the removals by kind (finished, in-progress)."""
+        if self._sweep_db is None:
+            self._sweep_db = Database(self.url)
+        removed: Counter[str] = Counter()
+
+        def batch(cursor: psycopg.Cursor) -> int:
+            cursor.execute(
+                "DELETE FROM mpps_instances WHERE uid IN (SELECT uid FROM mpps_instances"
+                " WHERE CASE WHEN status = ANY(%s)"
+                " THEN updated_at < now() - make_interval(secs => %s)"
+                " ELSE updated_at < now() - make_interval(secs => %s) END"
+                " LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING status",
+                (list(FINISHED), retention.finished, retention.in_progress, SWEEP_BATCH),
+            )
+            rows = cursor.fetchall()
+            for (status,) in rows:
+                removed[REMOVED_FINISHED if status in FINISHED else REMOVED_IN_PROGRESS] += 1
+            return len(rows)
+
+        while self._sweep_db.run(batch) == SWEEP_BATCH:
+            pass
+        return removed
 
     @contextmanager
     def locked(self, uid: str) -> Iterator[None]:
