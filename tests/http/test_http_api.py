@@ -265,3 +265,28 @@ def test_outbox_and_mpps_answer_empty_lists_without_receivers_or_instances(web):
     assert web.call("GET", "/api/mpps", token=READ_TOKEN).json()["mpps"] == []
     assert web.call("POST", "/api/outbox/1/retry").status == 404
     assert web.call("GET", "/readyz", token=None).json()["checks"]["outbox"]["ok"] is True
+
+
+def test_the_mpps_count_cap_and_refusals_reach_metrics_and_status(tmp_path):
+    from tests.dicom.test_mpps import in_progress, n_create
+
+    web = start_http_bridge(tmp_path, "--mpps-max-instances", "1")
+    try:
+        bridge = web.bridge
+        assert n_create(bridge, in_progress(), "1.2.3.4.100")[0].Status == 0
+        assert n_create(bridge, in_progress(), "1.2.3.4.101")[0].Status == 0x0213
+        values = samples(web.call("GET", "/metrics", token=None).body.decode())
+        assert total(values, "wlbridge_mpps_instances") == 1
+        assert total(values, "wlbridge_mpps_refused_full_total") == 1
+        summary = web.call("GET", "/api/status", token=READ_TOKEN).json()["mpps"]
+        assert summary == {"max_instances": 1, "refused_full": 1, "removed": {}, "instances": 1}
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "status", "--url", f"http://127.0.0.1:{web.http_port}",
+             "--token-file", str(tmp_path / "reader.token")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "mpps    1 kept (at most 1)" in result.stdout
+        assert "1 N-CREATE(s) refused: store full" in result.stdout
+    finally:
+        assert web.bridge.stop() == 0
