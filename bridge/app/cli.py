@@ -328,7 +328,7 @@ def _outbox(args: argparse.Namespace) -> int:
             for e in entries:
                 line = f"{e.id}  {e.state:<7}  {e.control_id}  ORC-5={e.order_status or '?'}"
                 line += f"  accession={e.accession or '-'}  age={e.age:.0f}s"
-                line += f"  attempts={e.attempts}" if queue else ""
+                line += f"  attempts={e.attempts}"
                 print(line + (f"  {e.reason}" if e.reason else ""))
             parked = sum(e.state == "parked" for e in entries)
             print(f"{len(entries)} message(s), {parked} parked")

@@ -59,6 +59,9 @@ MAX_ACK_SIZE = 64 * 1024  # an answer larger than this is not an ACK
 POLL_INTERVAL = 2.0  # seconds between looks at the folder (for `wlbridge outbox retry`)
 SUFFIX = ".hl7"
 PARKED = "parked"
+# Beside a waiting message its delivery attempts so far, "<tries> <refusals>", so a restarted
+# bridge goes on counting toward parking (max-attempts) instead of starting again from 1.
+COUNTS = ".tries"
 # Causes reported to every receiver; "housekeeping" only to those that ask. Changes the RIS
 # itself made (cause "hl7") are never echoed back.
 REPORTED_CAUSES = ("mpps", "operator")
@@ -220,8 +223,38 @@ class OutboxFolder:
                 for path in folder.glob("*" + SUFFIX):
                     if path.stem.isdigit():
                         highest = max(highest, int(path.stem))
+                for path in folder.glob("*" + COUNTS):  # of a message sent or dropped since
+                    if not path.with_suffix(SUFFIX).exists():
+                        path.unlink(missing_ok=True)
         self._sequence = itertools.count(highest + 1)
         return removed
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Entry id -> (tries, refusals) of every waiting message that was tried before."""
+        found = {}
+        for name in self.receivers():
+            for path in (self.root / name).glob("[0-9]*" + COUNTS):
+                try:
+                    tries, refusals = (int(n) for n in path.read_text("ascii").split())
+                except (OSError, ValueError):  # gone, or torn by a crash: count afresh
+                    continue
+                found[f"{name}/{path.stem}"] = (tries, refusals)
+        return found
+
+    def write_counts(self, message: Path, tries: int, refusals: int) -> None:
+        """Not synced: a crash may lose the latest count (the message is then tried a little
+        more often before it parks), never the message."""
+        counts = message.with_suffix(COUNTS)
+        temporary = counts.with_name(f".{counts.name}.tmp")
+        try:
+            temporary.write_text(f"{tries} {refusals}\n", "ascii")
+            os.replace(temporary, counts)
+        except OSError as exc:
+            log.warning("cannot keep the attempt count of %s: %s", message.name, exc)
+
+    def forget_counts(self, entry_id: str) -> None:
+        receiver, _, sequence = entry_id.partition("/")
+        (self.root / receiver / f"{sequence}{COUNTS}").unlink(missing_ok=True)
 
     def receivers(self) -> list[str]:
         if not self.root.is_dir():
@@ -259,6 +292,10 @@ class OutboxFolder:
         return f"{receiver}/{path.stem}"
 
     def entries(self, attempts: dict[str, int] | None = None) -> list[OutboxEntry]:
+        """Every message, waiting then parked; `attempts` by entry id (else as kept beside
+        the messages)."""
+        if attempts is None:
+            attempts = {entry_id: tries for entry_id, (tries, _) in self.counts().items()}
         now = time.time()
         result = []
         for receiver in self.receivers():
@@ -334,6 +371,7 @@ class OutboxFolder:
         entry_id = self.entry_id(path)
         path.unlink(missing_ok=True)
         path.with_suffix(".reason").unlink(missing_ok=True)
+        path.with_suffix(COUNTS).unlink(missing_ok=True)
         _fsync_folder(path.parent)
         return entry_id
 
@@ -506,8 +544,8 @@ class Queued:
 
 
 class FolderQueue:
-    """The outbox folder (`outbox-dir`), for one bridge. Attempt counts live in memory: a
-    restarted bridge counts again from 1."""
+    """The outbox folder (`outbox-dir`), for one bridge. Attempt counts are kept beside the
+    messages (OutboxFolder.write_counts): a restarted bridge goes on counting."""
 
     in_thread = False  # file operations are quick: they run where they are called
     leases = False
@@ -522,7 +560,11 @@ class FolderQueue:
         return str(self.folder.root)
 
     def prepare(self, receivers: list[str]) -> int:
-        return len(self.folder.prepare(receivers))
+        removed = len(self.folder.prepare(receivers))
+        for entry_id, (tries, refusals) in self.folder.counts().items():
+            self.tries[entry_id] = tries
+            self.refusals[entry_id] = refusals
+        return removed
 
     def enqueue(self, receiver: str, build) -> tuple[str, bytes]:
         """`build(number)` -> (control ID, message, order keys); returns (entry id, message)."""
@@ -581,6 +623,7 @@ class FolderQueue:
         self.tries[message.id] = message.attempt
         if refused:
             self.refusals[message.id] = message.refusals + 1
+        self.folder.write_counts(message.handle, message.attempt, self.refusals.get(message.id, 0))
 
     def park(self, message: Queued, reason: str) -> bool:
         if not message.handle.exists():
@@ -595,6 +638,7 @@ class FolderQueue:
     def _forget(self, entry_id: str) -> None:
         self.tries.pop(entry_id, None)
         self.refusals.pop(entry_id, None)
+        self.folder.forget_counts(entry_id)
 
     # -- what `wlbridge outbox`, the API and the metrics see
 

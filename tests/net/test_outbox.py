@@ -78,6 +78,9 @@ class Running:
         return [r for r in records if all(r.get(k) == v for k, v in match.items())]
 
     def stop(self) -> None:
+        if getattr(self, "stopped", False):
+            return
+        self.stopped = True
         blockingCallFromThread(self.reactor, self.server.stop)
         self.server.translation_log.close()
 
@@ -169,6 +172,29 @@ def test_a_parked_message_holds_its_order_but_not_the_others(start, ris):
     assert summary(got) == [("ACC4", "IP"), ("ACC3", "IP"), ("ACC3", "CM")]
     assert got[1].control_id == parked_entry.control_id
     eventually(lambda: not bridge.call(bridge.outbox.list), what="the outbox emptying")
+
+
+def test_a_restarted_bridge_goes_on_counting_refusals_toward_parking(start, ris):
+    """max-attempts holds across a restart: the counts are kept beside the message, so a
+    bridge restarted every night still parks a message its receiver refuses, instead of
+    sending it again for ever."""
+    ris.answer = "AE"
+    receiver = receiver_settings(ris.port, max_attempts=3, retry_initial=2.0, retry_max=4.0)
+    first = start(receiver)
+    first.publish("ACC9", "STARTED")
+    ris.wait_for(2, accepted_only=False)  # refused twice; the third try is 4 s away
+    ris.stop()
+    first.stop()
+    [message] = OutboxFolder(first.settings.outbox_dir).pending("ris")
+    assert message.with_suffix(".tries").read_text().split() == ["2", "2"]
+    listed = OutboxFolder(first.settings.outbox_dir).entries()  # `wlbridge outbox`, no server
+    assert [(e.accession, e.attempts) for e in listed] == [("ACC9", 2)]
+    ris.start()
+    second = start(receiver)  # the same folders
+    parked = eventually(lambda: second.records(outcome="parked"), what="parking")
+    assert parked[0]["attempt"] == "3"
+    assert len(ris.received) == 3  # one more refusal, not three
+    assert not list((first.settings.outbox_dir / "ris").glob("*.tries"))
 
 
 def test_dropping_a_parked_message_releases_the_ones_it_held(start, ris):
