@@ -35,7 +35,7 @@ from bridge.net.tls import dicom_ssl_context, mllp_tls_options
 from bridge.ops.housekeeping import Housekeeping
 from bridge.ops.mpps_retention import MppsRetention
 from bridge.ops.translation_log import TranslationLog, query_recorder
-from bridge.storage.index import WorklistIndex
+from bridge.storage.index import WorklistIndex, freeze_loaded
 from bridge.storage.mpps_store import mpps_store_for
 from bridge.storage.protocol import FolderStorage, StorageChange
 from bridge.storage.store import StoreError, WorklistStore
@@ -553,5 +553,6 @@ def serve(settings: Settings) -> int:
         log.error("cannot start: %s: %s", type(exc).__name__, exc)
         return 1
     signal.signal(signal.SIGHUP, server.on_sighup)
+    freeze_loaded()  # here, not in start(): tests start and drop servers in one process
     default_reactor.run()
     return 0

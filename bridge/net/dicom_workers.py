@@ -495,7 +495,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
     from bridge.net.cfind import start_dicom_server
     from bridge.net.pynetdicom_internals import peer_data_waiting
     from bridge.net.tls import dicom_ssl_context
-    from bridge.storage.index import WorklistIndex
+    from bridge.storage.index import WorklistIndex, freeze_loaded
 
     # The association limit is the whole server's: the workers count their open associations
     # in one shared array (without it, as before, each takes its share).
@@ -545,6 +545,7 @@ def worker_main(settings: Settings, sock: socket.socket, connection: Any, number
             log.warning("the main process is gone: DICOM worker %d stops", number)
             reactor.stop()
 
+    freeze_loaded()
     link.notify("ready")
     checker = task.LoopingCall(check_parent)
     checker.start(PARENT_CHECK_INTERVAL, now=False)

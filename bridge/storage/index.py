@@ -196,6 +196,16 @@ def _real_root(root: str) -> str:
     return os.path.realpath(root)
 
 
+def freeze_loaded() -> None:
+    """Once a serving process has loaded its index: move every object it holds now out of the
+    cyclic collector's sight. A full collection otherwise walks every record (tens of ms at
+    10,000 items, every thread of the process stopped): under 20 querying modalities on
+    2 cores, query p99 105-146 ms and max 182-215 ms without, 84-102 and 107-122 ms with.
+    Records replaced later are still freed (by reference counting: they hold no cycles)."""
+    gc.collect()
+    gc.freeze()
+
+
 def read_records(
     paths: list[str], root: str | None = None
 ) -> list[tuple[str, Record | None, Signature | None, str | None]]:
